@@ -1,0 +1,246 @@
+"""Simulated guest workloads: deterministic, seeded page writers.
+
+A workload decides which guest pages a vCPU writes next and what it writes;
+the vCPU runner (``memory.kvm.sim_vcpu``) first runs the simulated MMU fault
+path for the batch (``SimKVM.vcpu_write``) and only then lets the workload
+store into guest RAM, which is the order real hardware follows: the write
+fault is resolved (spte writable, page logged) before the store retires.
+
+Workloads (``--workload NAME[,rate=PAGES_PER_S][,seed=N]``):
+
+``idle``     writes nothing.
+``ab``       QEMU's migration test guest: byte 0 of every page in
+             [1 MiB, end) is incremented in ascending order, forever (after
+             zeroing them once, as the boot block does).  Checked with
+             :func:`check_guests_ram`, QEMU's rule.
+``random``   uniformly random pages; each write stores a fresh sequence
+             number in the page's first 8 bytes.
+``hotset``   skewed: 90 % of the writes go to a hot 10 % of the pages.
+
+All are vectorised: one batch of N pages is a handful of numpy operations.
+State (cursor, pass value, RNG state) is JSON-able, so it migrates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ._ramblock import TARGET_PAGE_SIZE
+
+#: QEMU's test guest works on [1 MiB, end) of RAM.
+AB_START = 1 << 20
+
+WORKLOADS = ("idle", "ab", "random", "hotset")
+
+
+class Workload:
+    """Base class.  ``pages`` is the RAM as ``(npages, 4096)`` uint8 (gfn = index + gfn_base)."""
+
+    name = "workload"
+
+    def __init__(self, pages: np.ndarray, *, seed: int = 0, gfn_base: int = 0) -> None:
+        self.pages = pages
+        self.npages = pages.shape[0]
+        self.gfn_base = gfn_base
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.pages_written = 0
+
+    def boot(self, mmu: Callable[[np.ndarray], None]) -> None:
+        """Whatever the guest does once at boot (before migration starts)."""
+
+    def next_pages(self, n: int) -> np.ndarray:
+        """Page indices (relative to ``pages``) of the next ``n`` writes."""
+        raise NotImplementedError
+
+    def store(self, idx: np.ndarray) -> None:
+        """Store into the pages (the MMU already made them writable)."""
+        raise NotImplementedError
+
+    def step(self, n: int, mmu: Callable[[np.ndarray], None]) -> int:
+        """Run ``n`` page writes: fault path for the batch, then the stores."""
+        if n <= 0:
+            return 0
+        idx = self.next_pages(n)
+        if idx.size == 0:
+            return 0
+        mmu(idx + self.gfn_base)
+        self.store(idx)
+        self.pages_written += int(idx.size)
+        return int(idx.size)
+
+    # -- migration of the workload's own state (vCPU "registers") ----------
+    def get_state(self) -> dict:
+        return {"name": self.name, "rng": self.rng.bit_generator.state, "pages_written": self.pages_written}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"workload state is for {state.get('name')!r}, not {self.name!r}")
+        self.rng.bit_generator.state = state["rng"]
+        self.pages_written = int(state.get("pages_written", 0))
+
+
+class IdleWorkload(Workload):
+    name = "idle"
+
+    def next_pages(self, n: int) -> np.ndarray:
+        return np.empty(0, dtype=np.int64)
+
+    def store(self, idx: np.ndarray) -> None:  # pragma: no cover - never called
+        pass
+
+
+class ABWorkload(Workload):
+    """QEMU's a-b-bootblock: increment byte 0 of each page of [1 MiB, end)."""
+
+    name = "ab"
+
+    def __init__(self, pages: np.ndarray, *, seed: int = 0, gfn_base: int = 0) -> None:
+        super().__init__(pages, seed=seed, gfn_base=gfn_base)
+        self.first = AB_START // TARGET_PAGE_SIZE
+        if self.npages <= self.first:
+            raise ValueError("the ab workload needs more than 1 MiB of RAM")
+        self.cursor = self.first  # next page to increment
+        self.passes = 0  # completed passes
+
+    def boot(self, mmu: Callable[[np.ndarray], None]) -> None:
+        idx = np.arange(self.first, self.npages, dtype=np.int64)
+        mmu(idx + self.gfn_base)
+        self.pages[self.first:, 0] = 0
+
+    def next_pages(self, n: int) -> np.ndarray:
+        span = self.npages - self.first
+        n = min(n, span)  # never wrap onto the same page twice in one batch
+        start = self.cursor - self.first
+        idx = (np.arange(start, start + n, dtype=np.int64) % span) + self.first
+        return idx
+
+    def store(self, idx: np.ndarray) -> None:
+        # idx is one or two ascending runs (a wrap): slice stores, no fancy index.
+        first, last = int(idx[0]), int(idx[-1])
+        if last >= first:
+            self.pages[first:last + 1, 0] += 1
+        else:
+            self.pages[first:, 0] += 1
+            self.pages[self.first:last + 1, 0] += 1
+        end = last + 1
+        if end >= self.npages or last < first:
+            self.passes += 1
+        self.cursor = self.first if end >= self.npages else end
+
+    def get_state(self) -> dict:
+        return super().get_state() | {"cursor": self.cursor, "passes": self.passes}
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self.cursor = int(state["cursor"])
+        self.passes = int(state["passes"])
+
+
+class RandomWorkload(Workload):
+    """Uniformly random pages; stores a sequence number (never repeats)."""
+
+    name = "random"
+
+    def __init__(self, pages: np.ndarray, *, seed: int = 0, gfn_base: int = 0) -> None:
+        super().__init__(pages, seed=seed, gfn_base=gfn_base)
+        self.seq = 0
+        self._words = pages.view(np.uint64)  # (npages, 512)
+
+    def next_pages(self, n: int) -> np.ndarray:
+        return self._pick(n)
+
+    def _pick(self, n: int) -> np.ndarray:
+        return self.rng.integers(0, self.npages, size=n, dtype=np.int64)
+
+    def store(self, idx: np.ndarray) -> None:
+        # Duplicate pages in one batch: numpy keeps the last assignment, fine.
+        self._words[idx, 0] = np.arange(self.seq + 1, self.seq + 1 + idx.size, dtype=np.uint64)
+        self.seq += int(idx.size)
+
+    def get_state(self) -> dict:
+        return super().get_state() | {"seq": self.seq}
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self.seq = int(state["seq"])
+
+
+class HotsetWorkload(RandomWorkload):
+    """90 % of the writes hit a hot set of 10 % of the pages."""
+
+    name = "hotset"
+    hot_fraction = 0.10
+    hot_probability = 0.90
+
+    def _pick(self, n: int) -> np.ndarray:
+        hot = max(1, int(self.npages * self.hot_fraction))
+        in_hot = self.rng.random(n) < self.hot_probability
+        idx = self.rng.integers(0, self.npages, size=n, dtype=np.int64)
+        idx[in_hot] = self.rng.integers(0, hot, size=int(in_hot.sum()), dtype=np.int64)
+        return idx
+
+
+_CLASSES = {"idle": IdleWorkload, "ab": ABWorkload, "random": RandomWorkload, "hotset": HotsetWorkload}
+
+
+def parse_workload(spec: str) -> tuple[str, dict]:
+    """``NAME[,rate=PAGES_PER_S][,seed=N]`` -> (name, options)."""
+    name, *opts = spec.split(",")
+    if name not in _CLASSES:
+        raise ValueError(f"unknown workload {name!r} (choose from {', '.join(WORKLOADS)})")
+    options: dict = {}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if not sep:
+            raise ValueError(f"workload option {opt!r} is not KEY=VALUE")
+        if key == "rate":
+            options["rate"] = float(value)
+            if options["rate"] <= 0:
+                raise ValueError("workload rate must be > 0 pages/s")
+        elif key == "seed":
+            options["seed"] = int(value)
+        else:
+            raise ValueError(f"unknown workload option {key!r} (rate, seed)")
+    return name, options
+
+
+def make_workload(name: str, pages: np.ndarray, *, seed: int = 0, gfn_base: int = 0) -> Workload:
+    try:
+        cls = _CLASSES[name]
+    except KeyError:
+        raise ValueError(f"unknown workload {name!r}") from None
+    return cls(pages, seed=seed, gfn_base=gfn_base)
+
+
+def check_guests_ram(ram: np.ndarray, start: int = AB_START, end: int | None = None,
+                     page_size: int = TARGET_PAGE_SIZE) -> int:
+    """QEMU's ``check_guests_ram`` for the a-b test guest, vectorised.
+
+    ``ram`` is guest memory as uint8 (guest-physical address = index).  Every
+    page's byte 0 in [start, end) must equal the previous page's, except for
+    a single step down by one (mod 256): the pass the guest was in the middle
+    of.  Returns the number of bad pages (QEMU asserts 0).  Equivalent to
+    QEMU's loop: after a mismatch ``last`` is *not* updated, so each byte is
+    compared with the last accepted value.
+    """
+    end = ram.size if end is None else end
+    b = ram[start:end:page_size].astype(np.int16)
+    if b.size == 0:
+        return 0
+    first = int(b[0])
+    # Accepted values are `first` before the edge and first-1 after it.  The
+    # edge is the first page whose byte is (first - 1) mod 256.
+    down = (first - 1) % 256
+    is_first = b[1:] == first
+    is_down = b[1:] == down
+    if down == first:  # pragma: no cover - impossible mod 256
+        return 0
+    edge_hits = np.flatnonzero(is_down)
+    if edge_hits.size == 0:
+        return int((~is_first).sum())
+    edge = int(edge_hits[0])
+    bad_before = int((~is_first[:edge]).sum())
+    bad_after = int((~is_down[edge + 1:]).sum())
+    return bad_before + bad_after
