@@ -1,0 +1,170 @@
+"""Machine construction: RAM, the memory API, KVM (simulated or real), vCPUs.
+
+``--accel`` syntax, in QEMU's spirit::
+
+    sim[,write-protect-all=on|off][,manual-protect=on|off][,pml=on|off]
+    kvm[,dirty-log=bitmap|clear|ring][,dirty-ring-size=N]
+    auto                      # kvm where /dev/kvm is usable, else sim
+
+Everything the engine needs from a machine is here: ``ms`` (the memory
+system), ``ram_blocks()``, ``vcpus`` (the controller) and ``kvm_listener``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from memory import RAMBlock
+
+SIZE_RE = re.compile(r"^(\d+)([KMGT]?)(i?B?)?$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``512M``, ``1G``, ``4096`` (bytes) -> bytes, as QEMU's ``-m``-ish sizes."""
+    m = SIZE_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"invalid size {text!r} (use e.g. 256M, 1G)")
+    value = int(m.group(1))
+    unit = m.group(2).upper()
+    if unit == "" and not m.group(3):
+        # QEMU's -m without a suffix means MiB
+        unit = "M"
+    return value << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[unit]
+
+
+def _onoff(key: str, value: str) -> bool:
+    if value in ("on", "yes", "true"):
+        return True
+    if value in ("off", "no", "false"):
+        return False
+    raise ValueError(f"accel property {key!r} expects on|off, not {value!r}")
+
+
+@dataclass
+class AccelConfig:
+    kind: str = "sim"  # sim | kvm
+    write_protect_all: bool | None = None  # sim: None = use it when KVM offers it
+    manual_protect: bool | None = None
+    pml: bool = False
+    dirty_log: str = "bitmap"  # kvm: bitmap | clear | ring
+    dirty_ring_size: int = 4096
+
+    def describe(self) -> str:
+        if self.kind == "sim":
+            parts = ["sim"]
+            if self.write_protect_all is not None:
+                parts.append(f"write-protect-all={'on' if self.write_protect_all else 'off'}")
+            if self.manual_protect is not None:
+                parts.append(f"manual-protect={'on' if self.manual_protect else 'off'}")
+            if self.pml:
+                parts.append("pml=on")
+            return ",".join(parts)
+        out = f"kvm,dirty-log={self.dirty_log}"
+        return out + (f",dirty-ring-size={self.dirty_ring_size}" if self.dirty_log == "ring" else "")
+
+
+def parse_accel(spec: str) -> AccelConfig:
+    kind, *props = spec.split(",")
+    if kind == "auto":
+        from memory.kvm import kvm_usable
+
+        ok, _why = kvm_usable()
+        kind = "kvm" if ok else "sim"
+    if kind not in ("sim", "kvm"):
+        raise ValueError(f"unknown accelerator {kind!r} (sim, kvm, auto)")
+    cfg = AccelConfig(kind=kind)
+    allowed = {"sim": {"write-protect-all", "manual-protect", "pml"},
+               "kvm": {"dirty-log", "dirty-ring-size"}}[kind]
+    for prop in props:
+        key, sep, value = prop.partition("=")
+        if not sep or key not in allowed:
+            raise ValueError(f"invalid property {prop!r} for accel {kind!r} (allowed: {', '.join(sorted(allowed))})")
+        if key == "write-protect-all":
+            cfg.write_protect_all = _onoff(key, value)
+        elif key == "manual-protect":
+            cfg.manual_protect = _onoff(key, value)
+        elif key == "pml":
+            cfg.pml = _onoff(key, value)
+        elif key == "dirty-log":
+            if value not in ("bitmap", "clear", "ring"):
+                raise ValueError(f"dirty-log must be bitmap, clear or ring, not {value!r}")
+            cfg.dirty_log = value
+        elif key == "dirty-ring-size":
+            n = int(value)
+            if n < 64 or n & (n - 1):
+                raise ValueError(f"dirty-ring-size must be a power of two >= 64, not {value!r}")
+            cfg.dirty_ring_size = n
+    if cfg.write_protect_all and cfg.manual_protect:
+        raise ValueError("write-protect-all=on and manual-protect=on exclude each other")
+    return cfg
+
+
+class Machine:
+    """RAM ("pc.ram" at guest-physical 0), the memory API and KVM."""
+
+    RAM_IDSTR = "pc.ram"
+
+    def __init__(self, *, memory_bytes: int, accel: AccelConfig, workload: str = "idle",
+                 workload_opts: dict | None = None, prefault: bool = False,
+                 serial_path: str | None = None) -> None:
+        from memory import MemorySystem
+        from memory.kvm import KVMMemoryListener
+
+        self.accel = accel
+        self.memory_bytes = memory_bytes
+        self.workload_name = workload
+        self.workload_opts = dict(workload_opts or {})
+        self.ms = MemorySystem()
+        self.ram_mr = self.ms.memory_region_init_ram(self.RAM_IDSTR, memory_bytes)
+        self.ram_block: RAMBlock = self.ram_mr.ram_block
+        if prefault:
+            self.ram_block.prefault()
+        if accel.kind == "sim":
+            self._init_sim()
+        else:
+            self._init_kvm(serial_path)
+        self.kvm_listener = KVMMemoryListener(
+            self.ms, self.kvm, write_protect_all=self._wp_all, manual_protect=self._manual,
+            **self._listener_extra)
+        self.ms.memory_listener_register(self.kvm_listener, self.ms.address_space_memory)
+        self.ms.memory_region_transaction_begin()
+        self.ms.system_memory.add_subregion(0, self.ram_mr)
+        self.ms.memory_region_transaction_commit()
+
+    def _init_sim(self) -> None:
+        from memory.kvm import SimKVM
+        from memory.kvm.sim_vcpu import SimVCPUs
+        from memory.workloads import make_workload
+
+        a = self.accel
+        self.kvm = SimKVM(pml=a.pml)
+        self._wp_all = a.write_protect_all
+        self._manual = a.manual_protect
+        self._listener_extra = {}
+        wl = make_workload(self.workload_name, self.ram_block.pages,
+                           seed=self.workload_opts.get("seed", 0))
+        self.vcpus = SimVCPUs(self.kvm, wl, rate=self.workload_opts.get("rate"))
+
+    def _init_kvm(self, serial_path: str | None) -> None:
+        from memory.kvm import RealKVM, RealVCPUs, load_guest_image
+
+        a = self.accel
+        self.kvm = RealKVM()
+        if a.dirty_log == "ring":
+            self.kvm.enable_dirty_ring(a.dirty_ring_size)
+        self._wp_all = False
+        self._manual = a.dirty_log == "clear"
+        self._listener_extra = {"dirty_ring": a.dirty_log == "ring"}
+        program = self.workload_name if self.workload_name in ("ab", "selftest") else "ab"
+        entry = load_guest_image(self.ram_block, program)
+        self.vcpus = RealVCPUs(self.kvm, entry, serial_path=serial_path)
+
+    def ram_blocks(self):
+        return [(self.ram_block, self.ram_mr)]
+
+    def boot(self) -> None:
+        """Boot-time guest work (source only; a destination gets memory by migration)."""
+        boot = getattr(self.vcpus, "boot", None)
+        if boot is not None:
+            boot()

@@ -1,0 +1,418 @@
+"""One VM process: machine, vCPUs, migration state, and its QMP commands.
+
+The command handlers use QEMU's names, arguments, replies and error
+wording (qapi/migration.json, qapi/misc.json, monitor/qmp-cmds.c).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import trio
+
+from memory import GLOBAL_DIRTY_DIRTY_RATE, TARGET_PAGE_SIZE
+
+from ._engine import IncomingMigration, OutgoingMigration
+from ._machine import AccelConfig, Machine
+from ._params import MigrationCapabilities, MigrationParameters
+from ._status import DESTINATION_TRANSITIONS, SOURCE_TRANSITIONS, MigrationState
+from ._status import MigrationStatus as S
+from .errors import QMPError
+
+
+def _generic(desc: str) -> QMPError:
+    return QMPError("GenericError", desc)
+
+
+class VM:
+    """A source or destination VM process."""
+
+    def __init__(self, *, memory_bytes: int, accel: AccelConfig, workload: str = "idle",
+                 workload_opts: dict | None = None, incoming: str | None = None,
+                 start_paused: bool = False, serial_path: str | None = None,
+                 label: str = "") -> None:
+        self.incoming_uri = incoming
+        self.is_destination = incoming is not None
+        self.machine = Machine(memory_bytes=memory_bytes, accel=accel, workload=workload,
+                               workload_opts=workload_opts, prefault=self.is_destination,
+                               serial_path=serial_path)
+        self.ms = self.machine.ms
+        self.vcpus = self.machine.vcpus
+        self.kvm_listener = self.machine.kvm_listener
+        self.params = MigrationParameters()
+        self.caps = MigrationCapabilities()
+        self.label = label or accel.describe()
+        self.state = MigrationState(DESTINATION_TRANSITIONS if self.is_destination else SOURCE_TRANSITIONS,
+                                    on_change=self._on_migration_state)
+        self.autostart = not start_paused
+        self.runstate = "inmigrate" if self.is_destination else ("prelaunch" if start_paused else "running")
+        self.outgoing: OutgoingMigration | None = None
+        self.incoming: IncomingMigration | None = None
+        self.last_outgoing: OutgoingMigration | None = None
+        self.server = None  # QMPServer, set by run()
+        self.quit = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.dirty_rate: dict = {"status": "unstarted"}
+        self.events_log: list = []
+
+    # -- plumbing -------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        print(f"migrator[{self.label}]: {msg}", file=sys.stderr, flush=True)
+
+    def emit_event(self, name: str, data: dict | None = None) -> None:
+        if self.server is not None:
+            self.server.emit_event(name, data)
+
+    def _on_migration_state(self, status: S) -> None:
+        if self.caps.events:
+            self.emit_event("MIGRATION", {"status": status.value})
+
+    def set_runstate(self, state: str) -> None:
+        self.runstate = state
+
+    def describe_setup(self) -> dict:
+        return {
+            "memory-bytes": self.machine.memory_bytes,
+            "page-size": TARGET_PAGE_SIZE,
+            "accel": self.machine.accel.describe(),
+            "workload": self.machine.workload_name,
+            "parameters": self.params.to_qmp(),
+            "capabilities": self.caps.to_qmp_dict(),
+        }
+
+    def ram_blocks(self):
+        return self.machine.ram_blocks()
+
+    def kvm_listener_stats(self) -> dict:
+        return self.kvm_listener.statistics()
+
+    async def vm_stop(self, runstate: str = "paused") -> None:
+        was_running = self.vcpus.running
+        await self.vcpus.vm_stop()
+        self.runstate = runstate
+        if was_running:
+            self.emit_event("STOP")
+
+    async def vm_start(self) -> None:
+        await self.vcpus.vm_start()
+        self.runstate = "running"
+        self.emit_event("RESUME")
+
+    # -- lifetime -------------------------------------------------------------
+    async def run(self, *, qmp_path: str | None = None, qmp_tcp: tuple[str, int] | None = None,
+                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from ._server import QMPServer
+
+        self.server = QMPServer(self.commands(), name=self.label)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.vcpus.run)
+            if qmp_path is not None:
+                await nursery.start(self.server.serve_unix, qmp_path)
+            if qmp_tcp is not None:
+                await nursery.start(self.server.serve_tcp, *qmp_tcp)
+            if self.is_destination:
+                if self.incoming_uri != "defer":
+                    await self._start_incoming(self.incoming_uri)
+            else:
+                self.machine.boot()
+                if self.autostart:
+                    await self.vm_start()
+            task_status.started()
+            await self.server_quit()
+            self.emit_event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+            await trio.sleep(0.05)  # let the event and the quit reply drain
+            nursery.cancel_scope.cancel()
+
+    async def server_quit(self) -> None:
+        await self.quit.wait()
+
+    async def _start_incoming(self, uri: str) -> None:
+        self.incoming = IncomingMigration(self, uri)
+
+        async def runner(task_status=trio.TASK_STATUS_IGNORED):
+            try:
+                await self.incoming.run(task_status=task_status)
+            except Exception as exc:  # listening failed: already FAILED, reported
+                self.log(str(exc))
+
+        await self._nursery.start(runner)
+        if self.incoming.error_desc and self.state.status is S.FAILED:
+            raise _generic(self.incoming.error_desc)
+
+    # -- QMP commands ---------------------------------------------------------
+    def commands(self):
+        from ._commands import CommandTable
+
+        table = CommandTable()
+        reg = table.register
+        reg("query-status", self.qmp_query_status)
+        reg("stop", self.qmp_stop)
+        reg("cont", self.qmp_cont)
+        reg("quit", self.qmp_quit)
+        reg("migrate", self.qmp_migrate, args={"uri": str, "detach?": bool, "resume?": bool, "blk?": bool, "inc?": bool})
+        reg("migrate-incoming", self.qmp_migrate_incoming, args={"uri": str, "exit-on-error?": bool})
+        reg("migrate_cancel", self.qmp_migrate_cancel)
+        reg("query-migrate", self.qmp_query_migrate)
+        reg("migrate-set-parameters", self.qmp_migrate_set_parameters, args="**")
+        reg("query-migrate-parameters", self.qmp_query_migrate_parameters)
+        reg("migrate-set-capabilities", self.qmp_migrate_set_capabilities, args={"capabilities": list})
+        reg("query-migrate-capabilities", self.qmp_query_migrate_capabilities)
+        reg("pmemsave", self.qmp_pmemsave, args={"val": int, "size": int, "filename": str, "cpu-index?": int})
+        reg("calc-dirty-rate", self.qmp_calc_dirty_rate,
+            args={"calc-time": int, "calc-time-unit?": str, "sample-pages?": int, "mode?": str})
+        reg("query-dirty-rate", self.qmp_query_dirty_rate, args={"calc-time-unit?": str})
+        reg("x-query-migration-history", self.qmp_x_query_migration_history)
+        reg("x-query-accel-stats", self.qmp_x_query_accel_stats)
+        return table
+
+    async def qmp_query_status(self) -> dict:
+        return {"running": self.vcpus.running, "singlestep": False, "status": self.runstate}
+
+    async def qmp_stop(self) -> dict:
+        if self.runstate == "inmigrate":
+            # QEMU: stop during incoming migration just drops autostart
+            self.autostart = False
+            return {}
+        if self.vcpus.running:
+            await self.vm_stop("paused")
+        return {}
+
+    async def qmp_cont(self) -> dict:
+        if self.runstate == "inmigrate":
+            if self.state.status is S.COMPLETED:
+                pass
+            else:
+                self.autostart = True
+                return {}
+        if self.state.status in (S.SETUP, S.ACTIVE, S.DEVICE) and self.runstate == "finish-migrate":
+            raise _generic("Migration is not finished yet")
+        if not self.vcpus.running:
+            await self.vm_start()
+        return {}
+
+    async def qmp_quit(self) -> dict:
+        self.quit.set()
+        return {}
+
+    def _migration_running(self) -> bool:
+        return self.state.running
+
+    async def qmp_migrate(self, uri: str, detach: bool = True, resume: bool = False,
+                          blk: bool = False, inc: bool = False) -> dict:
+        from transport import parse_uri
+
+        if resume:
+            raise _generic("Cannot resume if there is no paused migration")
+        if blk or inc:
+            raise _generic("Block migration is not supported by migrator")
+        if self.is_destination and self.state.status is not S.COMPLETED:
+            raise _generic("Guest is waiting for an incoming migration")
+        if self._migration_running():
+            raise _generic("There's a migration process in progress")
+        try:
+            parse_uri(uri)
+        except ValueError as exc:
+            raise _generic(str(exc)) from None
+        if self.is_destination:
+            # a completed destination becomes a source for the next hop
+            self.is_destination = False
+            self.state = MigrationState(SOURCE_TRANSITIONS, on_change=self._on_migration_state)
+        mig = OutgoingMigration(self, uri)
+        self.outgoing = mig
+        self.last_outgoing = mig
+        self._nursery.start_soon(mig.run)
+        return {}
+
+    async def qmp_migrate_incoming(self, uri: str, exit_on_error: bool = True) -> dict:
+        from transport import parse_uri
+
+        if not self.is_destination:
+            raise _generic("'-incoming' was not specified on the command line")
+        if self.incoming_uri != "defer" or self.incoming is not None:
+            raise _generic("The incoming migration has already been started")
+        try:
+            parse_uri(uri)
+        except ValueError as exc:
+            raise _generic(str(exc)) from None
+        await self._start_incoming(uri)
+        return {}
+
+    async def qmp_migrate_cancel(self) -> dict:
+        if self.outgoing is not None:
+            self.outgoing.cancel()
+        return {}
+
+    async def qmp_query_migrate(self) -> dict:
+        status = self.state.status
+        if status is S.NONE:
+            return {}
+        if self.is_destination or (self.outgoing is None and self.incoming is not None):
+            info: dict = {"status": status.value}
+            inc = self.incoming
+            if status is S.COMPLETED and inc is not None and inc.counters.total_time_ms is not None:
+                info["total-time"] = inc.counters.total_time_ms
+            if status is S.FAILED and inc is not None and inc.error_desc:
+                info["error-desc"] = inc.error_desc
+            return info
+        mig = self.outgoing
+        c = mig.counters
+        info = {"status": status.value}
+        now = time.perf_counter_ns()
+        if status in (S.SETUP,):
+            return info | {"total-time": (now - c.start_ns) // 1_000_000}
+        if status in (S.ACTIVE, S.DEVICE, S.CANCELLING, S.COMPLETED):
+            total = c.total_time_ms if c.total_time_ms is not None else (now - c.start_ns) // 1_000_000
+            info["total-time"] = total
+            if c.setup_time_ms is not None:
+                info["setup-time"] = c.setup_time_ms
+            ram = {
+                "transferred": c.transferred,
+                "total": mig.ram.total_pages * TARGET_PAGE_SIZE if mig.ram else 0,
+                "duplicate": c.duplicate,
+                "normal": c.normal,
+                "normal-bytes": c.normal * TARGET_PAGE_SIZE,
+                "mbps": c.mbps,
+                "dirty-sync-count": c.dirty_sync_count,
+                "page-size": TARGET_PAGE_SIZE,
+                "pages-per-second": int(c.pages_per_second),
+                "precopy-bytes": c.precopy_bytes,
+                "downtime-bytes": c.downtime_bytes,
+                "postcopy-bytes": 0,
+                "multifd-bytes": 0,
+                "postcopy-requests": 0,
+                "dirty-sync-missed-zero-copy": 0,
+            }
+            if status is S.COMPLETED:
+                info["downtime"] = c.downtime_ms or 0
+                if c.total_time_ms and c.setup_time_ms is not None and c.total_time_ms > c.setup_time_ms:
+                    ram["mbps"] = c.transferred * 8 / (c.total_time_ms - c.setup_time_ms) / 1000
+            else:
+                info["expected-downtime"] = c.expected_downtime_ms
+                ram["remaining"] = mig.ram.pending_bytes if mig.ram else 0
+                ram["dirty-pages-rate"] = c.dirty_pages_rate
+            info["ram"] = ram
+            if c.cpu_throttle_percentage and status is not S.COMPLETED:
+                info["cpu-throttle-percentage"] = c.cpu_throttle_percentage
+        if status is S.FAILED and c.error_desc:
+            info["error-desc"] = c.error_desc
+        return info
+
+    async def qmp_migrate_set_parameters(self, **kwargs) -> dict:
+        if self._migration_running():
+            # QEMU allows changing some parameters live; we allow all but the
+            # bitmap shift, which shapes state already built.
+            if "x-clear-bitmap-shift" in kwargs:
+                raise _generic("Parameter 'x-clear-bitmap-shift' cannot be changed during migration")
+        self.params.apply_qmp(kwargs)
+        return {}
+
+    async def qmp_query_migrate_parameters(self) -> dict:
+        return self.params.to_qmp()
+
+    async def qmp_migrate_set_capabilities(self, capabilities: list) -> dict:
+        if self._migration_running():
+            raise _generic("There's a migration process in progress")
+        self.caps.apply_qmp(capabilities)
+        return {}
+
+    async def qmp_query_migrate_capabilities(self) -> list:
+        return self.caps.to_qmp()
+
+    async def qmp_pmemsave(self, val: int, size: int, filename: str, cpu_index: int | None = None) -> dict:
+        if val < 0 or size < 0:
+            raise _generic("Parameter 'val' and 'size' must be non-negative")
+        ram = self.machine.ram_block.host
+        end = val + size
+        in_ram_end = min(end, ram.size)
+
+        def write() -> None:
+            with open(filename, "wb") as f:
+                if val < in_ram_end:
+                    f.write(memoryview(ram[val:in_ram_end]))
+                tail = end - max(val, in_ram_end)
+                while tail > 0:  # beyond RAM: unassigned memory reads as zero here
+                    n = min(tail, 1 << 20)
+                    f.write(bytes(n))
+                    tail -= n
+
+        try:
+            await trio.to_thread.run_sync(write)
+        except OSError as exc:
+            raise _generic(f"Could not open '{filename}': {exc.strerror}") from None
+        return {}
+
+    async def qmp_calc_dirty_rate(self, calc_time: int, calc_time_unit: str = "second",
+                                  sample_pages: int = 512, mode: str = "page-sampling") -> dict:
+        if self.dirty_rate.get("status") == "measuring":
+            raise _generic("the dirty rate is already being measured.")
+        if calc_time_unit not in ("second", "millisecond"):
+            raise _generic(f"Parameter 'calc-time-unit' does not accept value '{calc_time_unit}'")
+        if mode not in ("page-sampling", "dirty-bitmap", "dirty-ring"):
+            raise _generic(f"Parameter 'mode' does not accept value '{mode}'")
+        seconds = calc_time / (1000.0 if calc_time_unit == "millisecond" else 1.0)
+        if not 0 < seconds <= 60:
+            raise _generic("Parameter 'calc-time' is out of range[1, 60].")
+        if mode == "dirty-ring" and not getattr(self.kvm_listener, "dirty_ring", False):
+            raise _generic("mode dirty-ring is not enabled, use other method instead.")
+        if self._migration_running():
+            raise _generic("Dirty rate measurement is not supported during migration")
+        self.dirty_rate = {"status": "measuring", "start-time": int(time.time()),
+                           "calc-time": calc_time, "calc-time-unit": calc_time_unit,
+                           "sample-pages": sample_pages, "mode": mode}
+        self._nursery.start_soon(self._measure_dirty_rate, seconds)
+        return {}
+
+    async def _measure_dirty_rate(self, seconds: float) -> None:
+        """Exact dirty rate from the dirty log (every dirty page counted once).
+
+        Like QEMU's dirty-bitmap mode: start DIRTY_RATE tracking, sync and
+        discard, clear-protect (manual protect), wait, sync again and count
+        the pages fetched in between.  Not sampled, whatever ``mode`` says.
+        """
+        ms = self.ms
+        ms.memory_global_dirty_log_start(GLOBAL_DIRTY_DIRTY_RATE)
+        try:
+            ms.memory_global_dirty_log_sync(False)
+            ms.memory_region_clear_dirty_bitmap(self.machine.ram_mr, 0, self.machine.memory_bytes)
+            before = self.kvm_listener.statistics().get("pages_fetched", 0)
+            t0 = time.perf_counter()
+            await trio.sleep(seconds)
+            ms.memory_global_dirty_log_sync(False)
+            elapsed = time.perf_counter() - t0
+            pages = self.kvm_listener.statistics().get("pages_fetched", 0) - before
+        finally:
+            ms.memory_global_dirty_log_stop(GLOBAL_DIRTY_DIRTY_RATE)
+        mib_per_s = pages * TARGET_PAGE_SIZE / (1 << 20) / elapsed
+        self.dirty_rate.update(status="measured", **{"dirty-rate": int(round(mib_per_s)),
+                                                     "x-dirty-pages": int(pages)})
+
+    async def qmp_query_dirty_rate(self, calc_time_unit: str | None = None) -> dict:
+        out = dict(self.dirty_rate)
+        out.setdefault("status", "unstarted")
+        return out
+
+    async def qmp_x_query_migration_history(self) -> dict:
+        mig = self.last_outgoing
+        if mig is None:
+            raise _generic("No outgoing migration has run in this VM")
+        return mig.counters.history.to_json()
+
+    async def qmp_x_query_accel_stats(self) -> dict:
+        stats = {"kvm": self.machine.kvm.statistics(), "listener": self.kvm_listener.statistics(),
+                 "vcpus": self.vcpus.statistics()}
+        return _jsonable(stats)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    return obj
