@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ._history import DowntimeBreakdown, IterationRecord, MigrationHistory
+from .errors import MigratorError
 from ._plots import DOWNTIME_PARTS, MIB, PLOTS, PlotRun, page_size_bytes, parameter, \
     render_plots, thresholds_bytes
 
@@ -68,8 +69,8 @@ HOW_TO_READ = (
 )
 
 
-class ReportInputError(ValueError):
-    """A history file that cannot be reported on.
+class ReportInputError(MigratorError, ValueError):
+    """A history file that cannot be reported on (a :class:`MigratorError`).
 
     Attributes:
         path: the offending file.

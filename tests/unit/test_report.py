@@ -438,3 +438,14 @@ def test_cli_help(capsys):
     assert report_main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "HISTORY.json" in out and "--out DIR" in out
+
+
+def test_importing_the_report_does_not_import_matplotlib():
+    # matplotlib costs seconds cold; only rendering may import it.
+    import subprocess
+    import sys
+
+    code = ("import sys, migrator._report, migrator._plots; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
