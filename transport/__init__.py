@@ -1,1 +1,110 @@
-"""transport."""
+"""QEMU's migration stream for RAM, as a sans-IO codec, plus trio channels.
+
+* :class:`StreamEncoder` / :class:`StreamDecoder`: the savevm v3 format
+  (header, configuration, sections with footers, the ``"ram"`` section's
+  records, our ``"migrator-vcpus"`` device section, EOF).  No I/O.
+* :func:`open_channel`, :func:`listen_channel`, :func:`serve_once`: move the
+  bytes over ``tcp:``, ``unix:`` or ``file:`` URIs with trio.
+* :class:`RateLimiter`: QEMU's max-bandwidth accounting in 100 ms windows.
+"""
+
+from ._decoder import ConnectionClosed, StreamDecoder
+from ._encoder import EncodedPages, StreamEncoder
+from ._events import (
+    NEED_DATA,
+    Configuration,
+    DeviceState,
+    EndOfStream,
+    Event,
+    RamEOS,
+    RamMemSize,
+    RamPages,
+    RamZeroPages,
+    SectionEnd,
+    SectionFooter,
+    SectionFull,
+    SectionPart,
+    SectionStart,
+    StreamHeader,
+    VMDescription,
+)
+from ._ratelimit import RateLimiter, RateLimiterStatistics
+from ._wire import (
+    QEMU_VM_FILE_MAGIC,
+    QEMU_VM_FILE_VERSION,
+    RAM_SECTION_IDSTR,
+    RAM_SECTION_INSTANCE,
+    RAM_SECTION_VERSION,
+    TARGET_PAGE_SIZE,
+    VCPU_SECTION_IDSTR,
+    VCPU_SECTION_INSTANCE,
+    VCPU_SECTION_VERSION,
+)
+from .channel import (
+    Channel,
+    ChannelListener,
+    FileAddress,
+    TcpAddress,
+    UnixAddress,
+    listen_channel,
+    open_channel,
+    parse_uri,
+    serve_once,
+)
+from .errors import (
+    BadURIError,
+    ChannelError,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    TransportError,
+)
+
+__all__ = [
+    "NEED_DATA",
+    "QEMU_VM_FILE_MAGIC",
+    "QEMU_VM_FILE_VERSION",
+    "RAM_SECTION_IDSTR",
+    "RAM_SECTION_INSTANCE",
+    "RAM_SECTION_VERSION",
+    "TARGET_PAGE_SIZE",
+    "VCPU_SECTION_IDSTR",
+    "VCPU_SECTION_INSTANCE",
+    "VCPU_SECTION_VERSION",
+    "BadURIError",
+    "Channel",
+    "ChannelError",
+    "ChannelListener",
+    "Configuration",
+    "ConnectionClosed",
+    "DeviceState",
+    "EncodedPages",
+    "EndOfStream",
+    "Event",
+    "FileAddress",
+    "LocalProtocolError",
+    "ProtocolError",
+    "RamEOS",
+    "RamMemSize",
+    "RamPages",
+    "RamZeroPages",
+    "RateLimiter",
+    "RateLimiterStatistics",
+    "RemoteProtocolError",
+    "SectionEnd",
+    "SectionFooter",
+    "SectionFull",
+    "SectionPart",
+    "SectionStart",
+    "StreamDecoder",
+    "StreamEncoder",
+    "StreamHeader",
+    "TcpAddress",
+    "TransportError",
+    "UnixAddress",
+    "VMDescription",
+    "listen_channel",
+    "open_channel",
+    "parse_uri",
+    "serve_once",
+]
