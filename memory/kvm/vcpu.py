@@ -580,6 +580,45 @@ _EXIT_NAMES = {v: k[len("KVM_EXIT_"):].lower() for k, v in vars(K).items() if k.
                and isinstance(v, int) and k not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")}
 
 
+class GuestPageWriter:
+    """Guest writes to pages of the host's choosing, for tests of the dirty log
+    on real KVM (the counterpart of the simulated KVM's ``vcpu_write``).
+
+    Loads the ``pages`` program into ``low`` (the host view of guest-physical
+    [0, 1 MiB), which must be mapped by some memslot) and runs vCPU
+    ``vcpu_id`` synchronously in the calling thread: :meth:`write` makes the
+    guest increment byte 0 of each listed page, then waits for its hlt.
+    """
+
+    def __init__(self, vm: RealKVM, low, *, vcpu_id: int = 0) -> None:
+        self.vm = vm
+        self.low = getattr(low, "host", low)
+        entry = load_guest_image(self.low, "pages")
+        self.ctrl = Ctrl(self.low)
+        self.vcpu = RealVCPU(vm, vcpu_id)
+        self.vcpu.apply_entry(entry)
+        self.list = self.low[LAYOUT["LIST_GPA"] : LAYOUT["DATA_START"]].view(np.uint64)
+        self.exits: Counter = Counter()
+
+    def write(self, gfns) -> None:
+        gfns = np.asarray(gfns, dtype=np.uint64)
+        if len(gfns) > len(self.list):
+            raise ValueError(f"at most {len(self.list)} pages per write")
+        self.list[: len(gfns)] = gfns << np.uint64(12)
+        self.ctrl["list_count"] = len(gfns)
+        while True:
+            reason = self.vcpu.run_once()
+            self.exits[reason] += 1
+            if reason == K.KVM_EXIT_HLT:
+                return
+            if reason == K.KVM_EXIT_DIRTY_RING_FULL:
+                self.vm.reap_into_stash()
+            elif reason != K.KVM_EXIT_INTR:
+                regs = self.vcpu.get_regs()
+                raise VCPUError(f"unexpected exit {reason}", vcpu_id=self.vcpu.vcpu_id, exit_reason=reason,
+                                rip=regs.rip)
+
+
 class RealMachine:
     """A complete test machine: VM, guest image in the RAM block, vCPU 0.
 
@@ -643,4 +682,4 @@ class RealMachine:
         self.close()
 
 
-__all__ = ["RealVCPU", "RealVCPUs", "RealMachine", "VCPUError", "install_kick_handler"]
+__all__ = ["RealVCPU", "RealVCPUs", "RealMachine", "GuestPageWriter", "VCPUError", "install_kick_handler"]

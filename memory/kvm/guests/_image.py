@@ -46,7 +46,7 @@ def _parse_layout(path: Path) -> dict[str, int]:
 LAYOUT: dict[str, int] = _parse_layout(GUESTS_DIR / "layout.inc")
 
 
-PROGRAMS = ("ab", "selftest")
+PROGRAMS = ("ab", "selftest", "pages")
 PAGE_SIZE = 4096
 TSS_SIZE = 104
 IOPB_SIZE = 8192
@@ -154,8 +154,8 @@ def load_guest_image(ram, program: str, **ctrl: int) -> GuestEntry:
     """
     host = _host_view(ram)
     size = len(host)
-    if size < LAYOUT["DATA_START"] + PAGE_SIZE:
-        raise ValueError(f"guest RAM too small: {size} bytes (need > {LAYOUT['DATA_START']:#x})")
+    if size < LAYOUT["DATA_START"]:
+        raise ValueError(f"guest RAM too small: {size} bytes (need >= {LAYOUT['DATA_START']:#x})")
     if size > PAGE_SIZE * 512 * 512 * LAYOUT["PD_COUNT"]:
         raise ValueError("guest RAM above 4 GiB is not mapped by the test guests")
     code = program_bytes(program)
@@ -201,7 +201,9 @@ def load_guest_image(ram, program: str, **ctrl: int) -> GuestEntry:
         if key not in LAYOUT:
             raise ValueError(f"unknown control field {name!r}")
         q[LAYOUT[key] // 8] = value
-    if not (LAYOUT["DATA_START"] <= fields["start"] < fields["end"] <= size) or fields["start"] % PAGE_SIZE:
+    if program != "pages" and (
+        not (LAYOUT["DATA_START"] <= fields["start"] < fields["end"] <= size) or fields["start"] % PAGE_SIZE
+    ):
         raise ValueError(f"bad data range [{fields['start']:#x}, {fields['end']:#x})")
 
     user_data = Segment(LAYOUT["USER_DS"], type=3, dpl=3, db=1)

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 GUESTS_DIR = Path(__file__).resolve().parent
-PROGRAMS = ("ab", "selftest")
+PROGRAMS = ("ab", "selftest", "pages")
 
 
 def toolchain_available() -> bool:
