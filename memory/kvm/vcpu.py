@@ -172,7 +172,9 @@ class RealVCPU:
         m = K.kvm_msrs_1(nmsrs=1)
         m.entries[0].index = index
         m.entries[0].data = value
-        return fcntl.ioctl(self.fd, K.KVM_SET_MSRS, bytes(m)) == 1
+        # a mutable buffer makes fcntl.ioctl return the ioctl's result (the
+        # number of MSRs processed) instead of a copy of the buffer
+        return fcntl.ioctl(self.fd, K.KVM_SET_MSRS, bytearray(bytes(m)), True) == 1
 
     def set_cpuid2(self, cpuid: bytes) -> None:
         # > 1024 bytes: must be a mutable buffer (passed by pointer, GIL held)
