@@ -19,8 +19,9 @@ checks happen before an ioctl, because the kernel would *not* fail:
   write-protect anyway; we raise ``EINVAL`` (what a kernel validating the
   field would return) so a caller can never believe it got a
   non-protecting fetch.
-* bitmaps and host views that are too small raise ``ValueError``: the kernel
-  would write past the buffer (or map foreign memory), not fail.
+* bitmaps and host views that are too small raise ``OSError(EFAULT)`` (as
+  the simulated KVM does): the real kernel would write past the buffer (or
+  map foreign memory) instead of failing.
 """
 
 from __future__ import annotations
@@ -242,10 +243,8 @@ class RealKVM:
         if region.memory_size:
             host = region.host
             if host is None or not host.flags.c_contiguous or host.nbytes < region.memory_size:
-                raise ValueError(
-                    f"slot {region.slot}: host view must be a contiguous buffer of at least "
-                    f"{region.memory_size} bytes"
-                )
+                raise OSError(errno.EFAULT, f"slot {region.slot}: host view must be a contiguous buffer of "
+                              f"at least {region.memory_size} bytes")
         r = K.kvm_userspace_memory_region(
             slot=region.slot, flags=region.flags, guest_phys_addr=region.guest_phys_addr,
             memory_size=region.memory_size, userspace_addr=region.userspace_addr,
@@ -264,8 +263,8 @@ class RealKVM:
     def _check_bitmap(bitmap: np.ndarray, nbits: int, what: str) -> None:
         words = (nbits + 63) // 64
         if bitmap.dtype != np.uint64 or not bitmap.flags.c_contiguous or bitmap.size < words:
-            raise ValueError(f"{what}: need a contiguous uint64 bitmap of >= {words} words, got "
-                             f"{bitmap.dtype} x {bitmap.size}")
+            raise OSError(errno.EFAULT, f"{what}: need a contiguous uint64 bitmap of >= {words} words, got "
+                          f"{bitmap.dtype} x {bitmap.size}")
 
     def get_dirty_log(self, slot: int, bitmap: np.ndarray, flags: int = 0) -> None:
         """``KVM_GET_DIRTY_LOG``: copy the slot's bitmap into ``bitmap`` and, unless
@@ -277,7 +276,7 @@ class RealKVM:
         s = self._slots.get(slot)
         if s is not None:
             if not bitmap.flags.writeable:
-                raise ValueError("bitmap is read-only")
+                raise OSError(errno.EFAULT, "bitmap is read-only")
             self._check_bitmap(bitmap, s.npages, "KVM_GET_DIRTY_LOG")
         else:
             bitmap = np.zeros(1, np.uint64)  # the kernel answers ENOENT before writing
