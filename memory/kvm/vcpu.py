@@ -460,7 +460,8 @@ class RealVCPUs:
         ratio = pct / (100 - pct)
         t0 = time.perf_counter_ns()
         with self._cond:
-            self._cond.wait_for(lambda: ctl.stop_pending or self._quit, timeout=ratio * THROTTLE_TIMESLICE_S)
+            self._cond.wait_for(lambda: ctl.stop_pending or self._quit or not self.running,
+                                timeout=ratio * THROTTLE_TIMESLICE_S)
         self._stats["throttle_sleep_ns"] += time.perf_counter_ns() - t0
 
     def _handle_io(self, ctl: _Ctl, vcpu: RealVCPU) -> None:
