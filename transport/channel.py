@@ -157,10 +157,23 @@ def _translate(what: str) -> Iterator[None]:
     except ChannelError:
         raise
     except OSError as exc:
-        code = exc.errno if exc.errno is not None else errno.EIO
-        raise ChannelError(code, f"{what}: {exc.strerror or exc}") from exc
+        code, detail = exc.errno, exc.strerror or str(exc)
+        if code is None:  # trio.open_tcp_stream: the per-address errors are the cause
+            inner = _first_oserror(exc.__cause__)
+            if inner is not None:
+                code, detail = inner.errno, f"{detail}: {inner.strerror or inner}"
+        raise ChannelError(code if code is not None else errno.EIO, f"{what}: {detail}") from exc
     except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
         raise ChannelError(errno.EPIPE, f"{what}: {exc}") from exc
+
+
+def _first_oserror(exc: BaseException | None) -> OSError | None:
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            if (found := _first_oserror(sub)) is not None:
+                return found
+        return None
+    return exc if isinstance(exc, OSError) and exc.errno is not None else None
 
 
 def _as_bytes_views(buffers: Sequence[Any]) -> list[memoryview]:
