@@ -2,8 +2,9 @@
 
 from ._backend import KvmVM, UserMemoryRegion
 from . import linux_kvm
+from .simulated import SimKVM
 
-__all__ = ["KvmVM", "UserMemoryRegion", "linux_kvm"]
+__all__ = ["KvmVM", "SimKVM", "UserMemoryRegion", "linux_kvm"]
 
 # real KVM (/dev/kvm): VM, vCPUs, test machine
 from .real import RealKVM, kvm_usable  # noqa: E402

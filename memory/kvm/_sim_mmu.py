@@ -1,0 +1,511 @@
+"""The simulated x86-64 direct-map MMU behind :class:`memory.kvm.SimKVM`.
+
+The kernel facts and the ordering rules this code relies on are written up
+at the top of :mod:`memory.kvm.simulated`; this module is the data structure
+and its vectorised operations.
+
+Layout
+======
+
+A direct-map (TDP-like) 4-level table: level 4 is the root (PML4), level 1
+holds the leaf sptes (one per 4 KiB gfn).  Every table has 512 entries
+(``KVM_MMU_SP_ENTRY_NR``).  An entry at level ``L`` is identified by
+``gfn >> 9*(L-1)`` (its *entry id*), the table that holds it by
+``gfn >> 9*L`` (its *table id*); the child table of an upper entry has the
+entry's id as table id, so the direct map needs no pointers.
+
+Tables exist lazily, as ``kvm_mmu_get_page`` creates them on faults.  Per
+level, :class:`_Level` keeps the tables as rows of a ``(rows, 512)`` uint8
+array (one byte per spte), a sorted directory ``ids -> row`` and, per table,
+the two fields the 2017 series adds to ``struct kvm_mmu_page``:
+``possiable_writable_sptes`` (a counter, :attr:`_Level.pwc`) and
+``mmu_write_protect_all_gen`` (:attr:`_Level.gen`).  The per-entry
+``possible_writable_spte_bitmap`` is bit 4 of each spte byte.  Memory cost:
+about one byte per mapped gfn (plus 1/512 of that per upper level).
+
+Every spte store goes through :meth:`_Mmu.spte_write`, which keeps the
+possible-writable bitmap and counter in step with the entries, as
+``mmu_log_possible_writable_spte`` does in every ``mmu_spte_*`` helper of
+patch 2/7.  The one exception is :meth:`_Mmu.load_tables`, which updates
+whole tables at once and maintains both itself.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
+
+#: entries per table (KVM_MMU_SP_ENTRY_NR) and its log2
+SPTE_ENT_SHIFT = 9
+SPTE_ENT_NR = 1 << SPTE_ENT_SHIFT
+#: PT64_ROOT_LEVEL: a 4-level (48-bit) direct map
+ROOT_LEVEL = 4
+#: MAXPHYADDR reported by KVM_GET_SUPPORTED_CPUID on this host (reference/kvm.md);
+#: kvm_mmu_max_gfn() = 2**(46-12) - 1.
+MAXPHYADDR = 46
+MAX_GFN = (1 << (MAXPHYADDR - 12)) - 1
+
+# --- spte bits: one byte per entry ----------------------------------------
+#: shadow_present_mask
+SPTE_PRESENT = np.uint8(0x01)
+#: PT_WRITABLE_MASK
+SPTE_WRITABLE = np.uint8(0x02)
+#: SPTE_HOST_WRITEABLE | SPTE_MMU_WRITEABLE: the spte may be made writable
+#: locklessly by fast_page_fault (spte_can_locklessly_be_made_writable).
+#: Only leaves carry it.
+SPTE_MMU_WRITABLE = np.uint8(0x04)
+#: shadow_dirty_mask, the D bit that PML hardware sets (leaves only)
+SPTE_DIRTY = np.uint8(0x08)
+#: this entry's bit in sp->possible_writable_spte_bitmap (patch 2/7)
+SPTE_POSSIBLY_WRITABLE = np.uint8(0x10)
+
+_NOT_W = np.uint8(0xFF ^ 0x02)
+_NOT_D = np.uint8(0xFF ^ 0x08)
+_NOT_W_PW = np.uint8(0xFF ^ 0x12)
+_NOT_PW = np.uint8(0xFF ^ 0x10)
+_W_OR_MMUW = np.uint8(0x06)
+_ZERO = np.uint8(0)
+#: an upper entry as link_shadow_page() creates it: present and writable
+UPPER_LINK = np.uint8(0x01 | 0x02)
+
+# --- kvm->arch.mmu_write_protect_all_indicator (patch 3/7) -----------------
+WP_ALL_ENABLE_BIT = 63
+WP_ALL_ENABLE_MASK = 1 << WP_ALL_ENABLE_BIT
+WP_ALL_GEN_MASK = WP_ALL_ENABLE_MASK - 1
+
+_EMPTY_I64 = np.empty(0, dtype=np.int64)
+
+
+def is_write_protect_all_enabled(indicator: int) -> bool:
+    return bool(indicator & WP_ALL_ENABLE_MASK)
+
+
+def get_write_protect_all_gen(indicator: int) -> int:
+    return indicator & WP_ALL_GEN_MASK
+
+
+def run_starts(a: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Start index of each run of equal values in ``a`` (sorted or grouped)."""
+    if a.size == 0:
+        return _EMPTY_I64
+    d = np.flatnonzero(a[1:] != a[:-1])
+    out = np.empty(d.size + 1, dtype=np.int64)
+    out[0] = 0
+    np.add(d, 1, out=out[1:])
+    return out
+
+
+def run_lengths(starts: NDArray[np.int64], n: int) -> NDArray[np.int64]:
+    ends = np.empty_like(starts)
+    ends[:-1] = starts[1:]
+    if starts.size:
+        ends[-1] = n
+    return ends - starts
+
+
+class _Level:
+    """All tables of one level: rows of 512 one-byte sptes + per-table fields."""
+
+    __slots__ = ("level", "shift", "ids", "rows_of", "ent", "gen", "pwc", "tid", "n")
+
+    def __init__(self, level: int, capacity: int = 4) -> None:
+        self.level = level
+        #: entry id = gfn >> shift; table id = gfn >> (shift + 9)
+        self.shift = SPTE_ENT_SHIFT * (level - 1)
+        self.ids: NDArray[np.int64] = np.empty(0, dtype=np.int64)  # sorted table ids
+        self.rows_of: NDArray[np.int64] = np.empty(0, dtype=np.int64)  # row of ids[i]
+        self.ent: NDArray[np.uint8] = np.zeros((capacity, SPTE_ENT_NR), dtype=np.uint8)
+        self.gen: NDArray[np.int64] = np.zeros(capacity, dtype=np.int64)
+        self.pwc: NDArray[np.int64] = np.zeros(capacity, dtype=np.int64)
+        self.tid: NDArray[np.int64] = np.zeros(capacity, dtype=np.int64)
+        self.n = 0
+
+    @property
+    def flat(self) -> NDArray[np.uint8]:
+        """All entries as one array; entry ``row*512 + index``.  A view."""
+        return self.ent.reshape(-1)
+
+    def lookup(self, tids: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Rows of the tables ``tids`` (-1 where the table does not exist)."""
+        ids = self.ids
+        if ids.size == 0:
+            return np.full(tids.shape, -1, dtype=np.int64)
+        pos = np.searchsorted(ids, tids)
+        np.minimum(pos, ids.size - 1, out=pos)
+        hit = ids[pos] == tids
+        rows = self.rows_of[pos]
+        if not hit.all():
+            rows = np.where(hit, rows, -1)
+        return rows
+
+    def create(self, tids: NDArray[np.int64], gen: int) -> NDArray[np.int64]:
+        """kvm_mmu_get_page() for tables that do not exist: empty, ``gen``.
+
+        ``tids`` must be sorted, unique and absent.
+        """
+        k = int(tids.size)
+        need = self.n + k
+        if need > self.gen.size:
+            cap = max(need, 2 * self.gen.size)
+            ent = np.zeros((cap, SPTE_ENT_NR), dtype=np.uint8)
+            ent[: self.n] = self.ent[: self.n]
+            self.ent = ent
+            for name in ("gen", "pwc", "tid"):
+                old = getattr(self, name)
+                new = np.zeros(cap, dtype=old.dtype)
+                new[: self.n] = old[: self.n]
+                setattr(self, name, new)
+        rows = np.arange(self.n, need, dtype=np.int64)
+        # rows past n are never used before (tables are never freed): all zero
+        self.gen[rows] = gen
+        self.pwc[rows] = 0
+        self.tid[rows] = tids
+        pos = np.searchsorted(self.ids, tids)
+        self.ids = np.insert(self.ids, pos, tids)
+        self.rows_of = np.insert(self.rows_of, pos, rows)
+        self.n = need
+        return rows
+
+
+class WalkResult:
+    """What the vectorised walk of a batch found (per unique page, sorted)."""
+
+    __slots__ = ("leaf_index", "slow", "flushes", "upper_slow_faults")
+
+    def __init__(self, leaf_index, slow, flushes, upper_slow_faults) -> None:  # noqa: ANN001
+        #: flat index of each page's leaf spte in level 1
+        self.leaf_index: NDArray[np.int64] = leaf_index
+        #: pages whose fault took the slow path because of an upper entry
+        #: (missing or read-only), or None if none did
+        self.slow: NDArray[np.bool_] | None = slow
+        #: faults that flushed the TLB because a table load protected sptes
+        self.flushes: int = flushes
+        self.upper_slow_faults: int = upper_slow_faults
+
+
+class Mmu:
+    """The tables of one address space (one direct-map root, shared by vCPUs)."""
+
+    def __init__(self, stats: dict[str, int], gen: int) -> None:
+        self.stats = stats
+        self.levels: list[_Level] = [_Level(0)] + [_Level(lv) for lv in range(1, ROOT_LEVEL + 1)]
+        # mmu_alloc_direct_roots(): the root exists from the start, with the
+        # current write-protect-all generation (kvm_mmu_get_page).
+        self.levels[ROOT_LEVEL].create(np.zeros(1, dtype=np.int64), gen)
+
+    # ------------------------------------------------------------------
+    # spte stores
+    # ------------------------------------------------------------------
+    def spte_write(
+        self,
+        level: int,
+        flat_idx: NDArray[np.int64],
+        new: NDArray[np.uint8],
+        old: NDArray[np.uint8] | None = None,
+    ) -> None:
+        """Store ``new`` sptes and log their possible-writable state.
+
+        mmu_spte_set / mmu_spte_update / mmu_spte_clear_* +
+        mmu_log_possible_writable_spte (patch 2/7): an spte is *possibly
+        writable* if present and (writable or locklessly made writable).
+        ``flat_idx`` must be unique.
+        """
+        if flat_idx.size == 0:
+            return
+        lev = self.levels[level]
+        flat = lev.flat
+        if old is None:
+            old = flat[flat_idx]
+        new_pw = ((new & SPTE_PRESENT) != 0) & ((new & _W_OR_MMUW) != 0)
+        new = np.where(new_pw, new | SPTE_POSSIBLY_WRITABLE, new & _NOT_PW)
+        flat[flat_idx] = new
+        old_pw = (old & SPTE_POSSIBLY_WRITABLE) != 0
+        changed = old_pw != new_pw
+        if changed.any():
+            rows = flat_idx[changed] >> SPTE_ENT_SHIFT
+            delta = np.where(new_pw[changed], 1, -1)
+            np.add.at(lev.pwc, rows, delta)
+
+    # ------------------------------------------------------------------
+    # write-protect-all: mmu_load_shadow_page (patch 3/7)
+    # ------------------------------------------------------------------
+    def load_tables(self, level: int, rows: NDArray[np.int64], indicator: int) -> NDArray[np.int64]:
+        """mmu_load_shadow_page() on the tables ``rows`` of ``level``.
+
+        If write-protect-all is enabled and a table's generation is stale,
+        make every possibly-writable entry read-only (upper entries lose W
+        and so stop being possibly writable; leaves lose W but keep
+        mmu-writable, so they stay possibly writable and the fast page fault
+        can fix them), then set the table's generation.  Like the patch, a
+        table with no possibly-writable entry is left alone, generation
+        included.  Returns the number of sptes protected per table (a
+        non-zero count means the fault must flush the TLB).
+        """
+        out = np.zeros(rows.size, dtype=np.int64)
+        if rows.size == 0 or not is_write_protect_all_enabled(indicator):
+            return out
+        gen = get_write_protect_all_gen(indicator)
+        lev = self.levels[level]
+        sel = (lev.gen[rows] != gen) & (lev.pwc[rows] > 0)
+        if not sel.any():
+            return out
+        r = rows[sel]
+        blk = lev.ent[r]
+        if level == 1:
+            # spte_write_protect(sptep, pt_protect=false): drop W only
+            m = (blk & SPTE_WRITABLE) != 0
+            blk = np.where(m, blk & _NOT_W, blk)
+            cnt = m.sum(axis=1)
+        else:
+            # mmu_spte_update_no_track(sptep, spte & ~PT_WRITABLE_MASK)
+            m = (blk & SPTE_POSSIBLY_WRITABLE) != 0
+            blk = np.where(m, blk & _NOT_W_PW, blk)
+            cnt = m.sum(axis=1)
+            lev.pwc[r] -= cnt
+        lev.ent[r] = blk
+        lev.gen[r] = gen
+        out[sel] = cnt
+        self.stats["sptes_write_protected"] += int(cnt.sum())
+        return out
+
+    def load_root(self, indicator: int) -> int:
+        """mmu_alloc_direct_roots() -> mmu_load_shadow_page(root)."""
+        return int(self.load_tables(ROOT_LEVEL, np.zeros(1, dtype=np.int64), indicator)[0])
+
+    # ------------------------------------------------------------------
+    # the fault path, vectorised over a batch
+    # ------------------------------------------------------------------
+    def walk(
+        self,
+        u: NDArray[np.int64],
+        first: NDArray[np.int64] | None,
+        write: bool,
+        indicator: int,
+    ) -> WalkResult:
+        """Walk the upper levels for the sorted unique pages ``u``.
+
+        ``first[i]`` is the position of ``u[i]``'s first occurrence in the
+        batch (None: the batch was ``u`` itself).  Level by level, top-down,
+        over the unique entries on the batch's paths:
+
+        * a missing entry: create the child table (current generation,
+          empty) and link it writable (link_shadow_page);
+        * on a write, a read-only entry: handle_readonly_upper_spte:
+          mmu_load_shadow_page(child) first, THEN make the entry writable.
+          Reads leave read-only entries alone.
+
+        The result is what feeding the pages one at a time would give: a
+        table is loaded when its parent entry is first made writable, which
+        is before any page of the batch reaches its entries, so a load never
+        undoes an earlier page's work.  Which fault pays for a push-down is
+        attributed to the first page of the batch (in batch order) through
+        the entry.
+        """
+        n = int(u.size)
+        gen = get_write_protect_all_gen(indicator)
+        # group bottom-up (cheap: each level is 512x smaller), walk top-down
+        e2_all = u >> SPTE_ENT_SHIFT
+        s2 = run_starts(e2_all)
+        e2 = e2_all[s2]
+        f2 = s2 if first is None else np.minimum.reduceat(first, s2)
+        e3_all = e2 >> SPTE_ENT_SHIFT
+        s3 = run_starts(e3_all)
+        e3 = e3_all[s3]
+        f3 = np.minimum.reduceat(f2, s3)
+        e4_all = e3 >> SPTE_ENT_SHIFT
+        s4 = run_starts(e4_all)
+        e4 = e4_all[s4]
+        f4 = np.minimum.reduceat(f3, s4)
+
+        slow_firsts: list[NDArray[np.int64]] = []
+        flush_firsts: list[NDArray[np.int64]] = []
+        for level, e, f in ((4, e4, f4), (3, e3, f3), (2, e2, f2)):
+            lev = self.levels[level]
+            rows = lev.lookup(e >> SPTE_ENT_SHIFT)
+            flat_idx = rows * SPTE_ENT_NR + (e & (SPTE_ENT_NR - 1))
+            fl = lev.flat[flat_idx]
+            miss = (fl & SPTE_PRESENT) == 0
+            if miss.any():
+                self.levels[level - 1].create(e[miss], gen)
+                self.spte_write(level, flat_idx[miss], np.full(int(miss.sum()), UPPER_LINK), fl[miss])
+                self.stats["tables_created"] += int(miss.sum())
+                slow_firsts.append(f[miss])
+            if write:
+                ro = ~miss & ((fl & SPTE_WRITABLE) == 0)
+                if ro.any():
+                    # handle_readonly_upper_spte: protect the child BEFORE
+                    # making this entry writable (rule 6 in simulated.py)
+                    child_rows = self.levels[level - 1].lookup(e[ro])
+                    protected = self.load_tables(level - 1, child_rows, indicator)
+                    self.spte_write(level, flat_idx[ro], fl[ro] | SPTE_WRITABLE, fl[ro])
+                    self.stats["faults_push_down"] += int(ro.sum())
+                    fr = f[ro]
+                    slow_firsts.append(fr)
+                    flush_firsts.append(fr[protected > 0])
+        rows1 = self.levels[1].lookup(e2)
+        leaf_index = np.repeat(rows1 * SPTE_ENT_NR, run_lengths(s2, n)) + (u & (SPTE_ENT_NR - 1))
+
+        slow = None
+        upper_slow = 0
+        flushes = 0
+        if slow_firsts:
+            sf = np.unique(np.concatenate(slow_firsts))
+            upper_slow = int(sf.size)
+            slow = np.zeros(n, dtype=np.bool_)
+            if first is None:
+                slow[sf] = True
+            else:
+                inv = np.empty(int(first.max()) + 1, dtype=np.int64)
+                inv[first] = np.arange(n, dtype=np.int64)
+                slow[inv[sf]] = True
+            if flush_firsts:
+                flushes = int(np.unique(np.concatenate(flush_firsts)).size)
+        return WalkResult(leaf_index, slow, flushes, upper_slow)
+
+    # ------------------------------------------------------------------
+    # leaves by gfn (rmap walks)
+    # ------------------------------------------------------------------
+    def leaf_index(self, gfns: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Flat level-1 index of the leaves of sorted ``gfns`` (-1: no table)."""
+        n = int(gfns.size)
+        if n == 0:
+            return _EMPTY_I64
+        t = gfns >> SPTE_ENT_SHIFT
+        s = run_starts(t)
+        rows = self.levels[1].lookup(t[s])
+        rows_rep = np.repeat(rows, run_lengths(s, n))
+        idx = rows_rep * SPTE_ENT_NR + (gfns & (SPTE_ENT_NR - 1))
+        return np.where(rows_rep < 0, -1, idx)
+
+    def protect_leaves(self, leaf_idx: NDArray[np.int64]) -> int:
+        """spte_write_protect(pt_protect=false) on leaves: W off, mmu-writable kept."""
+        if leaf_idx.size == 0:
+            return 0
+        flat = self.levels[1].flat
+        f = flat[leaf_idx]
+        m = (f & SPTE_WRITABLE) != 0
+        if not m.any():
+            return 0
+        sel = leaf_idx[m]
+        fm = f[m]
+        self.spte_write(1, sel, fm & _NOT_W, fm)
+        n = int(sel.size)
+        self.stats["sptes_write_protected"] += n
+        return n
+
+    def clear_dirty_leaves(self, leaf_idx: NDArray[np.int64]) -> int:
+        """spte_clear_dirty (PML): D off, the spte stays writable."""
+        if leaf_idx.size == 0:
+            return 0
+        flat = self.levels[1].flat
+        f = flat[leaf_idx]
+        m = (f & SPTE_DIRTY) != 0
+        if not m.any():
+            return 0
+        sel = leaf_idx[m]
+        fm = f[m]
+        self.spte_write(1, sel, fm & _NOT_D, fm)
+        n = int(sel.size)
+        self.stats["sptes_dirty_cleared"] += n
+        return n
+
+    def zap_leaves(self, leaf_idx: NDArray[np.int64]) -> int:
+        """drop_spte(): clear the leaves (the caller then drops the rmap)."""
+        if leaf_idx.size == 0:
+            return 0
+        self.spte_write(1, leaf_idx, np.zeros(leaf_idx.size, dtype=np.uint8))
+        n = int(leaf_idx.size)
+        self.stats["sptes_zapped"] += n
+        return n
+
+    def upper_flags(self, gfns: NDArray[np.int64]) -> list[NDArray[np.uint8]]:
+        """Flags of the level 4, 3 and 2 entries on the paths of ``gfns`` (0: missing)."""
+        out = []
+        for level in (4, 3, 2):
+            lev = self.levels[level]
+            e = gfns >> lev.shift
+            rows = lev.lookup(e >> SPTE_ENT_SHIFT)
+            idx = rows * SPTE_ENT_NR + (e & (SPTE_ENT_NR - 1))
+            fl = np.where(rows >= 0, lev.flat[np.maximum(idx, 0)], _ZERO).astype(np.uint8)
+            out.append(fl)
+        return out
+
+    def path_writable(self, gfns: NDArray[np.int64]) -> NDArray[np.bool_]:
+        """Every upper entry on the path is present and writable."""
+        ok = np.ones(gfns.shape, dtype=np.bool_)
+        for fl in self.upper_flags(gfns):
+            ok &= (fl & UPPER_LINK) == UPPER_LINK
+        return ok
+
+    # ------------------------------------------------------------------
+    # introspection
+    # ------------------------------------------------------------------
+    def present_leaves(self) -> tuple[NDArray[np.int64], NDArray[np.uint8]]:
+        """(sorted gfns, flags) of every present leaf."""
+        lev = self.levels[1]
+        ent = lev.ent[: lev.n]
+        r, c = np.nonzero(ent & SPTE_PRESENT)
+        gfns = lev.tid[r] * SPTE_ENT_NR + c
+        flags = ent[r, c]
+        order = np.argsort(gfns, kind="stable")
+        return gfns[order], flags[order]
+
+    def snapshot(self) -> dict[int, tuple[NDArray[np.int64], NDArray[np.uint8], NDArray[np.int64], NDArray[np.int64]]]:
+        """Canonical state per level: (table ids, entries, gens, counters), by table id."""
+        out = {}
+        for level in range(1, ROOT_LEVEL + 1):
+            lev = self.levels[level]
+            rows = lev.rows_of
+            out[level] = (lev.ids.copy(), lev.ent[rows].copy(), lev.gen[rows].copy(), lev.pwc[rows].copy())
+        return out
+
+    def check(self) -> None:
+        """Structural invariants of the tables (AssertionError with evidence)."""
+        for level in range(1, ROOT_LEVEL + 1):
+            lev = self.levels[level]
+            n = lev.n
+            ent = lev.ent[:n]
+            tid = lev.tid[:n]
+            if not np.array_equal(lev.ids, np.sort(tid)) or not np.array_equal(lev.tid[lev.rows_of], lev.ids):
+                raise AssertionError(f"level {level}: table directory inconsistent")
+            p = (ent & SPTE_PRESENT) != 0
+            w = (ent & SPTE_WRITABLE) != 0
+            mw = (ent & SPTE_MMU_WRITABLE) != 0
+            d = (ent & SPTE_DIRTY) != 0
+            pw = (ent & SPTE_POSSIBLY_WRITABLE) != 0
+            bad = (w | mw | d | pw) & ~p
+            if bad.any():
+                r, c = np.argwhere(bad)[0]
+                raise AssertionError(f"level {level} table {tid[r]:#x} entry {c}: bits {ent[r, c]:#x} on a non-present spte")
+            if level == 1:
+                bad = w & ~mw
+                if bad.any():
+                    r, c = np.argwhere(bad)[0]
+                    raise AssertionError(f"leaf gfn {tid[r] * 512 + c:#x}: writable but not mmu-writable ({ent[r, c]:#x})")
+            elif (mw | d).any():
+                r, c = np.argwhere(mw | d)[0]
+                raise AssertionError(f"level {level} table {tid[r]:#x} entry {c}: leaf-only bits on an upper entry")
+            expect = p & (w | mw)
+            if not np.array_equal(expect, pw):
+                r, c = np.argwhere(expect != pw)[0]
+                raise AssertionError(
+                    f"level {level} table {tid[r]:#x} entry {c}: possible_writable bit {bool(pw[r, c])} "
+                    f"but spte {ent[r, c]:#x} is {'possibly' if expect[r, c] else 'not'} writable"
+                )
+            counts = pw.sum(axis=1)
+            if not np.array_equal(counts, lev.pwc[:n]):
+                r = int(np.flatnonzero(counts != lev.pwc[:n])[0])
+                raise AssertionError(
+                    f"level {level} table {tid[r]:#x}: possiable_writable_sptes={lev.pwc[r]} but bitmap has {counts[r]}"
+                )
+            if level > 1:
+                r, c = np.nonzero(p)
+                children = np.sort(tid[r] * SPTE_ENT_NR + c)
+                if not np.array_equal(children, self.levels[level - 1].ids):
+                    raise AssertionError(f"level {level}: present entries do not match the level {level - 1} tables")
+        if self.levels[ROOT_LEVEL].n != 1:
+            raise AssertionError("more than one root")

@@ -1,0 +1,203 @@
+"""Step-wise model of one write fault and one KVM_GET_DIRTY_LOG.
+
+Each generator performs the same operations as the vectorised paths of
+:class:`memory.kvm.simulated.SimKVM` (the same spte, rmap and bitmap
+primitives), one atomic action per ``next()``, and yields a :class:`SimStep`
+describing the action just done.  A test can then run a fault and a GET
+under every interleaving of their steps (tests/unit/test_sim_ordering.py).
+
+The model deliberately does not enforce mmu_lock between the two: GET's
+rmap walk may interleave with the mapping path, as in the 2013 lockless
+write protection.  That is the strongest setting for the ordering rules;
+with the lock, the possible interleavings are a subset.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import linux_kvm as K
+from ._sim_mmu import (
+    SPTE_MMU_WRITABLE,
+    SPTE_PRESENT,
+    SPTE_WRITABLE,
+    UPPER_LINK,
+    get_write_protect_all_gen,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from numpy.typing import NDArray
+
+    from .simulated import SimKVM, _MemSlot
+
+#: the correct order and the two broken ones the ordering rules forbid
+ORDERS = ("spte_first", "dirty_first", "dirty_before_rmap")
+
+_MAP_WRITABLE = np.uint8(int(SPTE_PRESENT | SPTE_WRITABLE | SPTE_MMU_WRITABLE))
+
+
+@dataclass(frozen=True, slots=True)
+class SimStep:
+    """One atomic action: who did it, what, and on which gfns."""
+
+    actor: str
+    action: str
+    gfns: tuple[int, ...] = ()
+
+
+def write_fault_steps(kvm: SimKVM, gfn: int, vcpu: int, order: str, value: int | None) -> Iterator[SimStep]:
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
+    if kvm.pml:
+        raise ValueError("the step model covers write-protection logging, not PML")
+    kvm._check_vcpu(vcpu, 0)
+    gfn = int(gfn)
+    ((ms, _, _),) = kvm._resolve(0, np.array([gfn], dtype=np.int64), write=True)
+    return _write_fault(kvm, ms, gfn, vcpu, order, value)
+
+
+def _leaf(kvm: SimKVM, g: NDArray[np.int64]) -> tuple[int, int]:
+    mmu = kvm._mmus[0]
+    li = int(mmu.leaf_index(g)[0])
+    return li, (int(mmu.levels[1].flat[li]) if li >= 0 else 0)
+
+
+def _write_fault(kvm: SimKVM, ms: _MemSlot, gfn: int, vcpu: int, order: str, value: int | None) -> Iterator[SimStep]:
+    actor = f"vcpu{vcpu}"
+    mmu = kvm._mmus[0]
+    stats = kvm._stats
+    g = np.array([gfn], dtype=np.int64)
+    idx = np.array([gfn - ms.base_gfn], dtype=np.int64)
+    one = (gfn,)
+
+    def mark() -> SimStep:
+        if ms.dirty is not None:
+            kvm._mark_dirty(ms, idx)
+        return SimStep(actor, "mark_dirty", one)
+
+    def set_writable(li: int, f: int) -> None:
+        mmu.spte_write(1, np.array([li]), np.array([f | int(SPTE_WRITABLE)], dtype=np.uint8))
+
+    while True:
+        if kvm._reload[vcpu, 0]:
+            kvm._enter_guest(vcpu, 0)
+            yield SimStep(actor, "load_root", one)
+        uppers = [int(fl[0]) for fl in mmu.upper_flags(g)]
+        slow = any(fl & int(UPPER_LINK) != int(UPPER_LINK) for fl in uppers)
+        li, f = _leaf(kvm, g)
+        present = bool(f & int(SPTE_PRESENT))
+        if not slow and present and f & int(SPTE_WRITABLE):
+            pass  # spurious fault (stale TLB): nothing to fix
+        elif not slow and present and f & int(SPTE_MMU_WRITABLE):
+            # fast_page_fault: cmpxchg W in, then mark_page_dirty (rule 1)
+            stats["faults_fast"] += 1
+            if order == "dirty_first":
+                yield mark()
+            li, f = _leaf(kvm, g)
+            made = bool(f & int(SPTE_PRESENT)) and not f & int(SPTE_WRITABLE)
+            if made:
+                set_writable(li, f)
+            yield SimStep(actor, "fast_set_writable" if made else "fast_cmpxchg_failed", one)
+            if made and order != "dirty_first":
+                yield mark()
+        else:
+            # the slow path (__direct_map under mmu_lock)
+            stats["faults_map"] += 1
+            stats["mmu_lock_acquisitions"] += 1
+            indicator = kvm._indicator
+            for level in (4, 3, 2):
+                lev = mmu.levels[level]
+                e = gfn >> lev.shift
+                row = int(lev.lookup(np.array([e >> 9]))[0])
+                fi = np.array([row * 512 + (e & 511)])
+                fl = int(lev.flat[fi[0]])
+                child = mmu.levels[level - 1]
+                if not fl & int(SPTE_PRESENT):
+                    child.create(np.array([e]), get_write_protect_all_gen(indicator))
+                    mmu.spte_write(level, fi, np.array([UPPER_LINK]))
+                    stats["tables_created"] += 1
+                    yield SimStep(actor, f"link_table_l{level}", one)
+                elif not fl & int(SPTE_WRITABLE):
+                    # rule 6: protect the child, then make this entry writable
+                    if mmu.load_tables(level - 1, child.lookup(np.array([e])), indicator).any():
+                        stats["tlb_flushes"] += 1
+                    mmu.spte_write(level, fi, np.array([fl | int(SPTE_WRITABLE)], dtype=np.uint8))
+                    stats["faults_push_down"] += 1
+                    yield SimStep(actor, f"push_down_l{level}", one)
+            li, f = _leaf(kvm, g)
+            if not f & int(SPTE_PRESENT):
+                # map: rule 2 (rmap before dirty) and rule 1 (spte before dirty)
+                if order == "dirty_before_rmap":
+                    yield mark()
+                ms.rmap[idx] = True
+                yield SimStep(actor, "rmap_add", one)
+                if order == "dirty_first":
+                    yield mark()
+                mmu.spte_write(1, np.array([li]), np.array([_MAP_WRITABLE]))
+                yield SimStep(actor, "set_spte", one)
+                if order == "spte_first":
+                    yield mark()
+            else:
+                # a present leaf fixed after a push-down: rule 1 only
+                if order == "dirty_first":
+                    yield mark()
+                set_writable(li, int(mmu.levels[1].flat[li]))
+                yield SimStep(actor, "set_spte", one)
+                if order != "dirty_first":
+                    yield mark()
+        # the store retires only through a writable translation; a pending
+        # reload that will protect the root is served before the guest runs
+        li, f = _leaf(kvm, g)
+        if f & int(SPTE_WRITABLE) and mmu.path_writable(g)[0] and not kvm._vcpu_root_protected(vcpu, 0):
+            page = ms.pages[gfn - ms.base_gfn]
+            page[0] = (int(page[0]) + 1) & 0xFF if value is None else value
+            yield SimStep(actor, "store", one)
+            return
+        yield SimStep(actor, "store_faulted", one)
+
+
+def get_dirty_log_steps(kvm: SimKVM, slot: int, bitmap: NDArray[np.uint64], flags: int) -> Iterator[SimStep]:
+    if flags & ~K.KVM_DIRTY_LOG_WITHOUT_WRITE_PROTECT or (flags and kvm.pml):
+        raise OSError(errno.EINVAL, f"KVM_GET_DIRTY_LOG: bad flags {flags:#x}")
+    ms = kvm._logged_slot(slot)
+    kvm._check_buffer(bitmap, ms.nwords, "KVM_GET_DIRTY_LOG", exact=True)
+    return _get_dirty_log(kvm, ms, bitmap, flags)
+
+
+def _get_dirty_log(kvm: SimKVM, ms: _MemSlot, bitmap: NDArray[np.uint64], flags: int) -> Iterator[SimStep]:
+    actor = "get_dirty_log"
+    mmu = kvm._mmus[ms.as_id]
+    kvm._stats["dirty_log_calls"] += 1
+    words = ms.dirty
+    buf = np.zeros(words.size, dtype=np.uint64)  # dirty_bitmap_buffer
+    if kvm._manual:
+        np.copyto(buf, words)
+        yield SimStep(actor, "copy_bitmap")
+    else:
+        write_protect = not flags
+        flush = False
+        for i in range(words.size):
+            mask = int(words[i])  # mask = xchg(&dirty_bitmap[i], 0)
+            words[i] = 0
+            buf[i] = mask
+            pages = np.flatnonzero(np.unpackbits(np.array([mask], dtype=np.uint64).view(np.uint8), bitorder="little"))
+            pages = (i << 6) + pages
+            yield SimStep(actor, "xchg", tuple(int(p) + ms.base_gfn for p in pages))
+            if write_protect and mask:
+                flush = True
+                pages = pages[ms.rmap[pages]]  # walk the rmap (rule 3)
+                mmu.protect_leaves(mmu.leaf_index(ms.base_gfn + pages))
+                yield SimStep(actor, "write_protect", tuple(int(p) + ms.base_gfn for p in pages))
+        if not write_protect:
+            ms.snapshot_at = kvm._wp_all_epoch
+        if flush:
+            kvm._stats["tlb_flushes"] += 1
+            yield SimStep(actor, "flush_tlbs")
+    np.copyto(bitmap, buf)
+    yield SimStep(actor, "copy_to_user")
