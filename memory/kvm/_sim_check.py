@@ -82,7 +82,7 @@ def state(kvm: SimKVM) -> dict[str, Any]:
             for k, s in sorted(kvm._slots.items())
         },
         "indicator": kvm._indicator,
-        "reload": kvm._reload.copy(),
+        "reload": list(kvm._reload),
     }
 
 

@@ -85,7 +85,7 @@ def _write_fault(kvm: SimKVM, ms: _MemSlot, gfn: int, vcpu: int, order: str, val
         mmu.spte_write(1, np.array([li]), np.array([f | int(SPTE_WRITABLE)], dtype=np.uint8))
 
     while True:
-        if kvm._reload[vcpu, 0]:
+        if kvm._reload[vcpu] & 1:
             kvm._enter_guest(vcpu, 0)
             yield SimStep(actor, "load_root", one)
         uppers = [int(fl[0]) for fl in mmu.upper_flags(g)]

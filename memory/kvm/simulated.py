@@ -90,10 +90,15 @@ these rules:
    writable leaves that nothing logs.
 7. Zapping clears the spte BEFORE dropping it from the rmap (drop_spte).
 
-How this simulation realises them.  Guest accesses come in vectorised
-batches (:meth:`SimKVM.vcpu_write`): one pass per level over the unique
-entries of the batch, then the leaves with numpy, each phase in the rule
-order (rmap for every new leaf, then every spte, then every dirty bit).
+How this simulation realises them.  The tables live in :mod:`._sim_mmu`
+(one byte per spte, possible-writable bitmaps and counters, generations),
+memslots with their rmap and bitmap in :mod:`._sim_memslot`.  Guest
+accesses come in vectorised batches (:meth:`SimKVM.vcpu_write`): one pass
+per level over the unique entries of the batch, then the leaves with numpy,
+each phase in the rule order (rmap for every new leaf, then every spte,
+then every dirty bit); the result equals feeding the pages one at a time,
+fault counts included.  :meth:`SimKVM._check_invariants` (:mod:`._sim_check`)
+checks the structures and the invariant above at rest.
 Python runs one thing at a time, so ``mmu_lock`` is accounted for
 (acquisitions, hold time) rather than enforced.  The interleavings the
 rules guard against are explored by a step-wise model
@@ -117,7 +122,6 @@ from __future__ import annotations
 
 import errno
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -128,7 +132,6 @@ from ._sim_mmu import (
     MAX_GFN,
     SPTE_DIRTY,
     SPTE_MMU_WRITABLE,
-    SPTE_POSSIBLY_WRITABLE,
     SPTE_PRESENT,
     SPTE_WRITABLE,
     WP_ALL_ENABLE_MASK,
@@ -138,7 +141,12 @@ from ._sim_mmu import (
     is_write_protect_all_enabled,
     run_starts,
 )
-from . import _sim_check, _sim_steps
+from . import _sim_check, _sim_memslot, _sim_steps
+from ._sim_memslot import MemSlot as _MemSlot
+from ._sim_memslot import as_gfns as _as_gfns
+from ._sim_memslot import bitmap_pages as _bitmap_pages
+from ._sim_memslot import err as _err
+from ._sim_memslot import unique_first as _unique_first
 from ._sim_check import SpteInfo
 
 if TYPE_CHECKING:
@@ -153,6 +161,7 @@ __all__ = ["SimKVM", "SpteInfo"]
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 KVM_ADDRESS_SPACE_NUM = 2
+_ALL_ROOTS = (1 << KVM_ADDRESS_SPACE_NUM) - 1
 _VALID_MEM_FLAGS = K.KVM_MEM_LOG_DIRTY_PAGES | K.KVM_MEM_READONLY
 #: pages per chunk when walking large bitmaps (bounds temporaries)
 _CHUNK_WORDS = 1 << 14
@@ -179,61 +188,7 @@ STAT_NAMES = (
 _MAP_WRITABLE = np.uint8(int(SPTE_PRESENT | SPTE_WRITABLE | SPTE_MMU_WRITABLE))
 _MAP_READONLY_MW = np.uint8(int(SPTE_PRESENT | SPTE_MMU_WRITABLE))
 _ONE64 = np.uint64(1)
-
-
-def _err(code: int, msg: str) -> OSError:
-    return OSError(code, f"{errno.errorcode.get(code, code)}: {msg}")
-
-
-class _MemSlot:
-    """struct kvm_memory_slot (+ its per-slot rmap, as on x86)."""
-
-    __slots__ = ("as_id", "id", "base_gfn", "npages", "flags", "userspace_addr", "pages", "dirty", "rmap", "snapshot_at")
-
-    def __init__(self, as_id: int, id_: int, base_gfn: int, npages: int, flags: int, hva: int, pages) -> None:  # noqa: ANN001
-        self.as_id = as_id
-        self.id = id_
-        self.base_gfn = base_gfn
-        self.npages = npages
-        self.flags = flags
-        self.userspace_addr = hva
-        #: (npages, 4096) uint8 view of the host memory, or None
-        self.pages: NDArray[np.uint8] | None = pages
-        #: memslot->dirty_bitmap (uint64 words) or None when not logging
-        self.dirty: NDArray[np.uint64] | None = None
-        #: memslot->arch.rmap: whether the page's leaf spte is in the rmap
-        self.rmap: NDArray[np.bool_] = np.zeros(npages, dtype=np.bool_)
-        #: write_protect_all(True) count at the last GET without write protect
-        self.snapshot_at = -1
-
-    @property
-    def nwords(self) -> int:
-        return (self.npages + 63) >> 6
-
-    @property
-    def logging(self) -> bool:
-        return self.dirty is not None
-
-
-def _as_gfns(gfns) -> NDArray[np.int64]:  # noqa: ANN001
-    g = np.asarray(gfns)
-    if g.dtype.kind not in "iu":
-        raise TypeError(f"gfns must be integers, not {g.dtype}")
-    return g.astype(np.int64, copy=False).reshape(-1)
-
-
-def _unique_first(g: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64] | None]:
-    """Sorted unique gfns and each one's first position in the batch (None: identity)."""
-    if g.size == 1 or bool((g[1:] > g[:-1]).all()):
-        return g, None
-    u, first = np.unique(g, return_index=True)
-    return u, first.astype(np.int64, copy=False)
-
-
-def _bitmap_pages(words: NDArray[np.uint64], word_idx: NDArray[np.int64]) -> NDArray[np.int64]:
-    """Page indices of the set bits of ``words[word_idx]`` (little-endian bit order)."""
-    pos = np.flatnonzero(np.unpackbits(words[word_idx].view(np.uint8), bitorder="little"))
-    return (word_idx[pos >> 6] << 6) + (pos & 63)
+_U64 = np.dtype(np.uint64)
 
 
 class SimKVM:
@@ -265,8 +220,8 @@ class SimKVM:
         #: number of write_protect_all(True) calls (for snapshot bookkeeping)
         self._wp_all_epoch = 0
         self._mmus = [Mmu(self._stats, 0) for _ in range(KVM_ADDRESS_SPACE_NUM)]
-        #: KVM_REQ_MMU_RELOAD per (vcpu, address space)
-        self._reload = np.zeros((self.nr_vcpus, KVM_ADDRESS_SPACE_NUM), dtype=np.bool_)
+        #: KVM_REQ_MMU_RELOAD per vCPU: bit ``as_id`` set = that root must be reloaded
+        self._reload: list[int] = [0] * self.nr_vcpus
         self._slots: dict[int, _MemSlot] = {}
         self._layout: list[tuple[NDArray[np.int64], NDArray[np.int64], list[_MemSlot]]] = [
             (np.empty(0, np.int64), np.empty(0, np.int64), []) for _ in range(KVM_ADDRESS_SPACE_NUM)
@@ -371,61 +326,19 @@ class SimKVM:
         if old is None:
             ms = _MemSlot(as_id, id_, base, npages, 0, hva, pages)
             self._slots[slot] = ms
-            self._apply_flags(ms, flags)
+            _sim_memslot.apply_flags(self, ms, flags)
             self._rebuild_layout(as_id)
         elif base != old.base_gfn:
             # KVM_MR_MOVE: the old mappings go, the dirty bitmap stays
-            self._zap_slot(old)
+            _sim_memslot.zap_slot(self, old)
             old.base_gfn = base
-            self._apply_flags(old, flags)
+            _sim_memslot.apply_flags(self, old, flags)
             self._rebuild_layout(as_id)
         else:
-            self._apply_flags(old, flags)
-
-    def _apply_flags(self, ms: _MemSlot, flags: int) -> None:
-        """kvm_prepare_memory_region's bitmap + kvm_mmu_slot_apply_flags."""
-        was_logging = ms.logging
-        ms.flags = flags
-        if not flags & K.KVM_MEM_LOG_DIRTY_PAGES:
-            ms.dirty = None
-            return
-        if was_logging:
-            return
-        ms.dirty = np.zeros(ms.nwords, dtype=np.uint64)
-        if self._manual & K.KVM_DIRTY_LOG_INITIALLY_SET:
-            # all ones, and nothing write-protected until CLEARed
-            ms.dirty.fill(np.uint64(0xFFFFFFFFFFFFFFFF))
-            if ms.npages & 63:
-                ms.dirty[-1] = np.uint64((1 << (ms.npages & 63)) - 1)
-            return
-        # kvm_mmu_slot_remove_write_access (or, with PML,
-        # kvm_mmu_slot_leaf_clear_dirty) on every leaf through the rmap
-        pages = np.flatnonzero(ms.rmap)
-        if pages.size == 0:
-            return
-        t0 = time.perf_counter_ns()
-        mmu = self._mmus[ms.as_id]
-        leaves = mmu.leaf_index(ms.base_gfn + pages)
-        n = mmu.clear_dirty_leaves(leaves) if self.pml else mmu.protect_leaves(leaves)
-        self._unlock(t0)
-        if n:
-            self._stats["tlb_flushes"] += 1
-
-    def _zap_slot(self, ms: _MemSlot) -> None:
-        """kvm_arch_flush_shadow_memslot: drop every leaf of the slot."""
-        pages = np.flatnonzero(ms.rmap)
-        if pages.size == 0:
-            return
-        t0 = time.perf_counter_ns()
-        mmu = self._mmus[ms.as_id]
-        # rule 7: clear the spte, then drop it from the rmap
-        mmu.zap_leaves(mmu.leaf_index(ms.base_gfn + pages))
-        ms.rmap[pages] = False
-        self._unlock(t0)
-        self._stats["tlb_flushes"] += 1
+            _sim_memslot.apply_flags(self, old, flags)
 
     def _delete_slot(self, ms: _MemSlot) -> None:
-        self._zap_slot(ms)
+        _sim_memslot.zap_slot(self, ms)
         del self._slots[ms.id | ms.as_id << 16]
         self._rebuild_layout(ms.as_id)
 
@@ -526,9 +439,10 @@ class SimKVM:
 
     def _enter_guest(self, vcpu: int, as_id: int) -> None:
         """vcpu_enter_guest: a pending KVM_REQ_MMU_RELOAD loads the root."""
-        if not self._reload[vcpu, as_id]:
+        bit = 1 << as_id
+        if not self._reload[vcpu] & bit:
             return
-        self._reload[vcpu, as_id] = False
+        self._reload[vcpu] &= ~bit
         self._stats["root_reloads"] += 1
         t0 = time.perf_counter_ns()
         protected = self._mmus[as_id].load_root(self._indicator)
@@ -666,11 +580,22 @@ class SimKVM:
             OSError(ENOENT): no such slot, or the slot does not log.
             OSError(EFAULT): ``bitmap`` has the wrong type or size.
         """
-        if flags & ~K.KVM_DIRTY_LOG_WITHOUT_WRITE_PROTECT or (flags and self.pml):
+        # The common case is checked first with as little work as possible
+        # (the fast protocol's GET is O(1) Python + one bitmap copy); the
+        # errno for the rest comes from the full checks.
+        if flags and (flags != K.KVM_DIRTY_LOG_WITHOUT_WRITE_PROTECT or self.pml):
             raise _err(errno.EINVAL, f"KVM_GET_DIRTY_LOG: bad flags {flags:#x}")
-        ms = self._logged_slot(slot)
+        ms = self._slots.get(slot)
+        if ms is None or ms.dirty is None:
+            ms = self._logged_slot(slot)
         words = ms.dirty
-        self._check_buffer(bitmap, words.size, "KVM_GET_DIRTY_LOG", exact=True)
+        if (
+            type(bitmap) is not np.ndarray
+            or bitmap.shape != words.shape
+            or bitmap.dtype != _U64
+            or not bitmap.flags.c_contiguous
+        ):
+            self._check_buffer(bitmap, words.size, "KVM_GET_DIRTY_LOG", exact=True)
         self._stats["dirty_log_calls"] += 1
         if self._manual:
             np.copyto(bitmap, words)
@@ -771,7 +696,7 @@ class SimKVM:
         if enable:
             gen = (gen + 1) & WP_ALL_GEN_MASK
             self._indicator = WP_ALL_ENABLE_MASK | gen
-            self._reload.fill(True)  # kvm_reload_remote_mmus
+            self._reload = [_ALL_ROOTS] * self.nr_vcpus  # kvm_reload_remote_mmus
             self._wp_all_epoch += 1
         else:
             self._indicator = gen
@@ -808,7 +733,7 @@ class SimKVM:
         will protect: for it, the whole address space is read-only.  (Only
         per vCPU: after a vCPU reloaded a root with nothing to protect, the
         patch leaves the root's generation stale, and that vCPU runs on.)"""
-        return bool(self._reload[vcpu, as_id]) and self._root_reload_protects(as_id)
+        return bool(self._reload[vcpu] >> as_id & 1) and self._root_reload_protects(as_id)
 
     def _root_protected_for_all(self, as_id: int) -> bool:
         return all(self._vcpu_root_protected(v, as_id) for v in range(self.nr_vcpus))
