@@ -18,7 +18,8 @@ buffered ``raise`` mode), zero-checked there while it is hot in cache (a
 first-word prefilter, then a full OR-reduce of the candidates), and only the
 non-zero pages are copied on, cache to cache, into the data column of the
 reused record staging buffer, whose header column is written as one big-endian
-``uint64`` view.  Zero pages never reach the staging buffer: they become
+``uint64`` view.  A chunk of consecutive pages needs no gather: it is checked
+and copied straight from guest RAM.  Zero pages never reach the staging buffer: they become
 9-byte ZERO records.
 
 Within one call the ZERO records come first and the PAGE records after them:
@@ -295,17 +296,23 @@ class StreamEncoder:
         for s in range(0, n, self._chunk):
             ci = idx[s : s + self._chunk]
             m = ci.size
-            scratch = self._scratch[:m]
-            np.take(block_pages, ci, axis=0, out=scratch, mode="clip")  # the one read of guest RAM
-            zmask = self._zero_mask(scratch) if detect_zero else None
+            first_page = int(ci[0])
+            if m > 1 and (np.diff(ci) == 1).all():
+                # A run of consecutive pages (the bulk pass, dense dirty
+                # ranges): read it in place, no gather.
+                src = block_pages[first_page : first_page + m]
+            else:
+                src = self._scratch[:m]
+                np.take(block_pages, ci, axis=0, out=src, mode="clip")  # the one read of guest RAM
+            zmask = self._zero_mask(src) if detect_zero else None
             if zmask is None or not zmask.any():
-                data_col[k : k + m] = scratch
+                data_col[k : k + m] = src
                 sent_idx.append(ci)
                 k += m
             else:
                 keep = ~zmask
                 nz = int(np.count_nonzero(keep))
-                data_col[k : k + nz] = scratch[keep]
+                data_col[k : k + nz] = src[keep]
                 sent_idx.append(ci[keep])
                 zero_idx.append(ci[zmask])
                 k += nz
