@@ -11,6 +11,8 @@ Facts these tests pin down (QEMU 7.2.22, Debian 12):
 * A RAM-only stream (header, configuration, the ``"ram"`` section with
   footers, EOF) is accepted; QEMU then prints "Expected vmdescription
   section, but got 0" (it does not fail) and runs the guest.
+* MEM_SIZE must list blocks QEMU has ("Unknown ramblock") with exactly its
+  ``used_length`` ("Size mismatch": ``-M none``'s block is not resizable).
 * Our ``migrator-vcpus`` section makes QEMU fail ("Unknown savevm section or
   instance 'migrator-vcpus' 0"): hence the ``x-ram-only`` capability.
 * QEMU's own stream starts a PART section with ``PAGE|CONTINUE`` when the
@@ -166,22 +168,32 @@ async def test_qemu_loads_our_ram_stream(tmp_path):
     assert b"Expected vmdescription section" in stderr  # harmless: no VMDESCRIPTION after EOF
 
 
+def _setup_only(blocks: list[tuple[str, int]]) -> list[list[bytes]]:
+    enc = StreamEncoder()
+    head = [enc.header(), enc.configuration(MACHINE), enc.section_start(2, "ram", 0, 4)]
+    return [head, [enc.ram_mem_size(blocks), enc.eos(), enc.section_footer(2), enc.eof()]]
+
+
+_ONE_PAGE = np.zeros((NPAGES, PS), dtype=np.uint8)
+_ONE_PAGE[7] = 1
+
+
 @pytest.mark.parametrize(
-    ("machine", "device", "message"),
+    ("pieces", "message"),
     [
-        ("pc", None, b"Machine type received is 'pc' and local is 'none'"),
-        (MACHINE, b"vcpu-state", b"Unknown savevm section or instance 'migrator-vcpus' 0"),
+        (lambda: _stream_pieces(_ONE_PAGE, "pc"), b"Machine type received is 'pc' and local is 'none'"),
+        (lambda: _stream_pieces(_ONE_PAGE, device=b"vcpu"), b"Unknown savevm section or instance 'migrator-vcpus' 0"),
+        (lambda: _setup_only([(BLOCK, NPAGES * PS // 2)]), b"Size mismatch: ram: 0x2000000 != 0x4000000"),
+        (lambda: _setup_only([(BLOCK, NPAGES * PS), ("pc.ram", PS)]), b'Unknown ramblock "pc.ram"'),
     ],
-    ids=["wrong-machine-name", "our-device-section"],
+    ids=["wrong-machine-name", "our-device-section", "block-size-mismatch", "unknown-block"],
 )
-async def test_qemu_rejects(tmp_path, machine, device, message):
-    guest = np.zeros((NPAGES, PS), dtype=np.uint8)
-    guest[7] = 1
+async def test_qemu_rejects(tmp_path, pieces, message):
     path = tmp_path / "stream.bin"
     with trio.fail_after(60):
         chan = await open_channel(f"file:{path}")
         async with chan:
-            for buffers in _stream_pieces(guest, machine, device):
+            for buffers in pieces():
                 await chan.send_all(buffers)
         proc = await _start_qemu(["-incoming", f"exec:cat {path}"])
         with trio.move_on_after(30):
