@@ -65,10 +65,14 @@ SPTE_POSSIBLY_WRITABLE = np.uint8(0x10)
 
 _NOT_W = np.uint8(0xFF ^ 0x02)
 _NOT_D = np.uint8(0xFF ^ 0x08)
-_NOT_W_PW = np.uint8(0xFF ^ 0x12)
 _NOT_PW = np.uint8(0xFF ^ 0x10)
 _W_OR_MMUW = np.uint8(0x06)
 _ZERO = np.uint8(0)
+# the same bits in all 8 bytes of a uint64 (8 sptes at a time)
+_W8 = np.uint64(0x0202020202020202)
+_NOT_W8 = ~_W8
+_PW8 = np.uint64(0x1010101010101010)
+_NOT_W_PW8 = ~np.uint64(0x1212121212121212)
 #: an upper entry as link_shadow_page() creates it: present and writable
 UPPER_LINK = np.uint8(0x01 | 0x02)
 
@@ -255,16 +259,20 @@ class Mmu:
             return out
         r = rows[sel]
         blk = lev.ent[r]
+        # 8 sptes per uint64.  W implies possibly writable, so dropping W
+        # from every entry of the table is the kernel's walk over the set
+        # bits of possible_writable_spte_bitmap, done as one AND.
+        b64 = blk.view(np.uint64)
         if level == 1:
-            # spte_write_protect(sptep, pt_protect=false): drop W only
-            m = (blk & SPTE_WRITABLE) != 0
-            blk = np.where(m, blk & _NOT_W, blk)
-            cnt = m.sum(axis=1)
+            # spte_write_protect(sptep, pt_protect=false): drop W only; the
+            # leaf stays mmu-writable, hence possibly writable
+            cnt = np.bitwise_count(b64 & _W8).sum(axis=1, dtype=np.int64)
+            np.bitwise_and(b64, _NOT_W8, out=b64)
         else:
-            # mmu_spte_update_no_track(sptep, spte & ~PT_WRITABLE_MASK)
-            m = (blk & SPTE_POSSIBLY_WRITABLE) != 0
-            blk = np.where(m, blk & _NOT_W_PW, blk)
-            cnt = m.sum(axis=1)
+            # mmu_spte_update_no_track(sptep, spte & ~PT_WRITABLE_MASK): an
+            # upper entry is possibly writable iff writable; both bits go
+            cnt = np.bitwise_count(b64 & _PW8).sum(axis=1, dtype=np.int64)
+            np.bitwise_and(b64, _NOT_W_PW8, out=b64)
             lev.pwc[r] -= cnt
         lev.ent[r] = blk
         lev.gen[r] = gen
