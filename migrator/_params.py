@@ -264,9 +264,7 @@ class MigrationParameters:
 
 #: Argument schema of ``migrate-set-capabilities``.
 SET_CAPABILITIES_ARGS: Final[dict[str, Any]] = {
-    "capabilities": [
-        {"capability": Enum(MIGRATION_CAPABILITIES, "MigrationCapability"), "state": bool}
-    ],
+    "capabilities": [{"capability": Enum(MIGRATION_CAPABILITIES, "MigrationCapability"), "state": bool}],
 }
 
 

@@ -269,7 +269,9 @@ class _JSONSplitter:
     backslash escapes the next byte.  A top-level scalar (``1``, ``true``, a
     bare word) ends at whitespace or a structural character; a top-level
     string ends at its closing quote.  Scanning resumes where it stopped, so
-    feeding one byte at a time costs O(1) per byte.
+    feeding one byte at a time costs O(1) per byte, and consumed bytes are
+    dropped once per :meth:`feed`, so a large pipelined batch is not copied
+    once per value.
 
     All JSON structural characters are ASCII, and UTF-8 never uses ASCII bytes
     inside a multi-byte sequence, so scanning bytes is safe.
@@ -280,11 +282,12 @@ class _JSONSplitter:
         self._max_bytes = max_bytes
         self._max_depth = max_depth
         self._eof = False
+        self._start = 0  # first byte of the current value (or where the next may begin)
         self._reset()
 
     def _reset(self) -> None:
         self._kind: str | None = None  # None | "container" | "string" | "bare"
-        self._pos = 0  # scan position, relative to the value's first byte (buf[0])
+        self._pos = self._start  # scan position
         self._depth = 0
         self._in_string = False
         self._dropped = 0  # bytes of an over-long value already discarded
@@ -294,38 +297,48 @@ class _JSONSplitter:
     def eof(self) -> bool:
         return self._eof
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held in memory (for tests of the size limit)."""
+        return len(self._buf)
+
     def feed(self, data: bytes) -> None:
         if not data:
             self._eof = True
-        else:
-            self._buf += data
+            return
+        if self._start:
+            del self._buf[: self._start]
+            self._pos -= self._start
+            self._start = 0
+        self._buf += data
 
     def next_value(self) -> bytes | _Fault | None:
         """The next delimited value, a fault, or None if more data is needed."""
         buf = self._buf
         if self._kind is None:
-            m = _NON_WS.search(buf)
+            m = _NON_WS.search(buf, self._start)
             if m is None:
-                buf.clear()
+                self._start = self._pos = len(buf)
                 return None
-            del buf[: m.start()]
-            first = buf[0]
+            self._start = m.start()
+            first = buf[self._start]
             if first in _OPENERS:
-                self._kind, self._depth, self._pos = "container", 1, 1
+                self._kind, self._depth, self._pos = "container", 1, self._start + 1
             elif first == _QUOTE:
-                self._kind, self._in_string, self._pos = "string", True, 1
+                self._kind, self._in_string, self._pos = "string", True, self._start + 1
             elif first in _STRAY_STRUCTURAL:
                 # json-streamer hands the lone token to the parser, which wants a value.
-                del buf[:1]
+                self._start = self._pos = self._start + 1
                 return _Fault("JSON parse error, expecting value")
             else:
-                self._kind, self._pos = "bare", 0
+                self._kind, self._pos = "bare", self._start
 
         if self._kind == "bare":
             m = _BARE_END.search(buf, self._pos)
             if m is None and not self._eof:
                 self._pos = len(buf)
-                return self._need_data()
+                self._bound_memory()
+                return None
             return self._take(len(buf) if m is None else m.start())
 
         while True:
@@ -333,12 +346,14 @@ class _JSONSplitter:
                 m = _STRING_SPECIAL.search(buf, self._pos)
                 if m is None:
                     self._pos = len(buf)
-                    return self._need_data()
+                    self._bound_memory()
+                    return None
                 at = m.start()
                 if buf[at] == _BACKSLASH:
                     if at + 1 >= len(buf):  # the escaped byte has not arrived yet
                         self._pos = at
-                        return self._need_data()
+                        self._bound_memory()
+                        return None
                     self._pos = at + 2
                     continue
                 self._pos = at + 1
@@ -349,7 +364,8 @@ class _JSONSplitter:
             m = _CONTAINER_SPECIAL.search(buf, self._pos)
             if m is None:
                 self._pos = len(buf)
-                return self._need_data()
+                self._bound_memory()
+                return None
             at = m.start()
             self._pos = at + 1
             ch = buf[at]
@@ -364,22 +380,21 @@ class _JSONSplitter:
                 if self._depth == 0:
                     return self._take(self._pos)
 
-    def _need_data(self) -> None:
-        # Bound memory: once a value is over the limit, keep scanning it to find
-        # its end but drop what was scanned.  It is reported when it ends.
-        # Everything before the scan position has been scanned already (a
-        # pending backslash sits *at* the position, so it is kept).
-        if self._dropped + self._pos > self._max_bytes:
-            del self._buf[: self._pos]
-            self._dropped += self._pos
-            self._pos = 0
-        return None
+    def _bound_memory(self) -> None:
+        # Once a value is over the limit, keep scanning it to find its end but
+        # let feed() drop what was scanned; it is reported when it ends.
+        # Everything before the scan position has been scanned (a pending
+        # backslash sits *at* the position, so it is kept).
+        scanned = self._pos - self._start
+        if self._dropped + scanned > self._max_bytes:
+            self._dropped += scanned
+            self._start = self._pos
 
     def _take(self, end: int) -> bytes | _Fault:
-        size = self._dropped + end
+        size = self._dropped + end - self._start
         too_deep = self._too_deep
-        value = bytes(self._buf[:end])
-        del self._buf[:end]
+        value = bytes(self._buf[self._start : end])
+        self._start = end
         self._reset()
         if size > self._max_bytes:
             return _Fault("JSON token size limit exceeded")
@@ -506,7 +521,7 @@ class QMPConnection:
 
     # -- input -------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Buffer bytes from the peer; ``b""`` signals EOF.
 
         Raises:

@@ -3,6 +3,7 @@
 Hierarchy::
 
     MigratorError                 root of every error this package raises
+    ├── MigrationError            a migration failed (its error-desc)
     ├── QMPError                  becomes a QMP error reply {"error": {"class", "desc"}}
     │   └── StateError            a command was issued in the wrong migration state
     └── LocalProtocolError        misuse of the sans-IO QMP connection (our bug, not the peer's)
@@ -22,6 +23,7 @@ from typing import Any
 __all__ = [
     "ErrorClass",
     "LocalProtocolError",
+    "MigrationError",
     "MigratorError",
     "QMPError",
     "StateError",
@@ -105,4 +107,11 @@ class LocalProtocolError(MigratorError):
 
     For example: reading requests before the greeting was sent, feeding data
     after EOF, or replying with a value that cannot be encoded as JSON.
+    """
+
+
+class MigrationError(MigratorError):
+    """A migration failed (bad incoming stream content, peer went away, ...).
+
+    The message is what ``query-migrate`` reports as ``error-desc``.
     """

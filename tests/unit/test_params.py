@@ -69,7 +69,9 @@ class Harness:
         return reply.value
 
     async def set_params(self, **arguments):
-        return await self.qmp("migrate-set-parameters", **{k.replace("_", "-"): v for k, v in arguments.items()})
+        return await self.qmp(
+            "migrate-set-parameters", **{k.replace("_", "-"): v for k, v in arguments.items()}
+        )
 
 
 @pytest.fixture
@@ -86,10 +88,30 @@ async def test_defaults_match_qemu(h):
 # (wire name, min, max, QEMU's description of the valid range).  The C field
 # name in the message uses underscores, except where QEMU itself does not.
 RANGES = [
-    ("throttle-trigger-threshold", 1, 100, "Parameter 'throttle_trigger_threshold' expects an integer in the range of 1 to 100"),
-    ("cpu-throttle-initial", 1, 99, "Parameter 'cpu_throttle_initial' expects an integer in the range of 1 to 99"),
-    ("cpu-throttle-increment", 1, 99, "Parameter 'cpu_throttle_increment' expects an integer in the range of 1 to 99"),
-    ("downtime-limit", 0, 2_000_000, "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms"),
+    (
+        "throttle-trigger-threshold",
+        1,
+        100,
+        "Parameter 'throttle_trigger_threshold' expects an integer in the range of 1 to 100",
+    ),
+    (
+        "cpu-throttle-initial",
+        1,
+        99,
+        "Parameter 'cpu_throttle_initial' expects an integer in the range of 1 to 99",
+    ),
+    (
+        "cpu-throttle-increment",
+        1,
+        99,
+        "Parameter 'cpu_throttle_increment' expects an integer in the range of 1 to 99",
+    ),
+    (
+        "downtime-limit",
+        0,
+        2_000_000,
+        "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms",
+    ),
     ("multifd-channels", 1, 255, "Parameter 'multifd_channels' expects a value between 1 and 255"),
     ("multifd-zlib-level", 0, 9, "Parameter 'multifd_zlib_level' expects a value between 0 and 9"),
     ("multifd-qatzip-level", 1, 9, "Parameter 'multifd_qatzip_level' expects a value between 1 and 9"),
@@ -98,10 +120,25 @@ RANGES = [
     ("announce-max", 0, 100000, "Parameter 'announce_max' expects a value between 0 and 100000"),
     ("announce-rounds", 0, 1000, "Parameter 'announce_rounds' expects a value between 0 and 1000"),
     ("announce-step", 1, 10000, "Parameter 'announce_step' expects a value between 0 and 10000"),
-    ("x-vcpu-dirty-limit-period", 1, 1000, "Parameter 'x-vcpu-dirty-limit-period' expects a value between 1 and 1000"),
-    ("x-clear-bitmap-shift", 6, 31, "Parameter 'x_clear_bitmap_shift' expects an integer in the range of 6 to 31"),
+    (
+        "x-vcpu-dirty-limit-period",
+        1,
+        1000,
+        "Parameter 'x-vcpu-dirty-limit-period' expects a value between 1 and 1000",
+    ),
+    (
+        "x-clear-bitmap-shift",
+        6,
+        31,
+        "Parameter 'x_clear_bitmap_shift' expects an integer in the range of 6 to 31",
+    ),
     # max-cpu-throttle's lower bound is cpu-throttle-initial (20 by default)
-    ("max-cpu-throttle", 20, 99, "Parameter 'max_cpu_throttle' expects an integer in the range of cpu_throttle_initial to 99"),
+    (
+        "max-cpu-throttle",
+        20,
+        99,
+        "Parameter 'max_cpu_throttle' expects an integer in the range of cpu_throttle_initial to 99",
+    ),
 ]
 
 # Values just outside a range that the QAPI type refuses before the range
@@ -129,7 +166,10 @@ async def test_every_range_boundary(h, name, lo, hi, desc):
 
 
 async def test_negative_uint64_wraps_and_hits_the_range_check(h):
-    with pytest.raises(QMPError, match=r"^Parameter 'downtime_limit' expects an integer in the range of 0 to \(2000 \* 1000\) ms$"):
+    with pytest.raises(
+        QMPError,
+        match=r"^Parameter 'downtime_limit' expects an integer in the range of 0 to \(2000 \* 1000\) ms$",
+    ):
         await h.set_params(downtime_limit=-1)
     # size members accept it: SIZE_MAX is the (unreachable) limit, as in QEMU.
     await h.set_params(max_bandwidth=-1)
@@ -149,9 +189,16 @@ async def test_set_is_atomic_and_checked_on_the_merged_parameters(h):
 
 
 async def test_query_after_set(h):
-    await h.set_params(max_bandwidth=3_000_000, downtime_limit=1, avail_switchover_bandwidth=10**9,
-                       cpu_throttle_tailslow=True, multifd_compression="zlib", mode="cpr-reboot",
-                       tls_creds="tls0", xbzrle_cache_size=4096)
+    await h.set_params(
+        max_bandwidth=3_000_000,
+        downtime_limit=1,
+        avail_switchover_bandwidth=10**9,
+        cpu_throttle_tailslow=True,
+        multifd_compression="zlib",
+        mode="cpr-reboot",
+        tls_creds="tls0",
+        xbzrle_cache_size=4096,
+    )
     got = await h.qmp("query-migrate-parameters")
     assert got == {
         **QEMU_DEFAULTS,
@@ -172,13 +219,22 @@ async def test_query_after_set(h):
 @pytest.mark.parametrize(
     ("arguments", "desc"),
     [
-        ({"xbzrle-cache-size": 4095}, "Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size"),
-        ({"xbzrle-cache-size": 3 * 4096}, "Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size"),
+        (
+            {"xbzrle-cache-size": 4095},
+            "Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size",
+        ),
+        (
+            {"xbzrle-cache-size": 3 * 4096},
+            "Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size",
+        ),
         ({"vcpu-dirty-limit": 0}, "Parameter 'vcpu_dirty_limit' must be greater than 1 MB/s"),
         ({"cpu-throttle-initial": 256}, "Parameter 'cpu-throttle-initial' expects uint8_t"),
         ({"downtime-limit": "300"}, "Parameter 'downtime-limit' expects uint64"),
         ({"downtime-limit": 300.0}, "Parameter 'downtime-limit' expects uint64"),
-        ({"cpu-throttle-tailslow": 1}, "Invalid parameter type for 'cpu-throttle-tailslow', expected: boolean"),
+        (
+            {"cpu-throttle-tailslow": 1},
+            "Invalid parameter type for 'cpu-throttle-tailslow', expected: boolean",
+        ),
         ({"multifd-compression": "lz4"}, "Parameter 'multifd-compression' does not accept value 'lz4'"),
         ({"tls-creds": 1}, "Invalid parameter type for 'tls-creds', expected: StrOrNull"),
         ({"block-bitmap-mapping": []}, "Parameter 'block-bitmap-mapping' is unexpected"),
@@ -214,11 +270,14 @@ async def test_capabilities_default_off_in_enum_order(h):
 
 
 async def test_set_then_query_capabilities(h):
-    await h.qmp("migrate-set-capabilities", capabilities=[
-        {"capability": "events", "state": True},
-        {"capability": "auto-converge", "state": True},
-        {"capability": "xbzrle", "state": False},  # unsupported but off: fine
-    ])
+    await h.qmp(
+        "migrate-set-capabilities",
+        capabilities=[
+            {"capability": "events", "state": True},
+            {"capability": "auto-converge", "state": True},
+            {"capability": "xbzrle", "state": False},  # unsupported but off: fine
+        ],
+    )
     on = {k for k, v in caps_dict(await h.qmp("query-migrate-capabilities")).items() if v}
     assert on == {"events", "auto-converge"}
     assert h.options.capabilities["events"] and not h.options.capabilities["x-ram-only"]
@@ -229,10 +288,13 @@ async def test_set_then_query_capabilities(h):
 
 async def test_enabling_an_unsupported_capability_changes_nothing(h):
     with pytest.raises(QMPError, match="^Capability 'multifd' is not supported by this migrator$"):
-        await h.qmp("migrate-set-capabilities", capabilities=[
-            {"capability": "events", "state": True},
-            {"capability": "multifd", "state": True},
-        ])
+        await h.qmp(
+            "migrate-set-capabilities",
+            capabilities=[
+                {"capability": "events", "state": True},
+                {"capability": "multifd", "state": True},
+            ],
+        )
     assert not any(caps_dict(await h.qmp("query-migrate-capabilities")).values())
 
 
