@@ -207,8 +207,14 @@ class Channel(ABC):
     async def send_all(self, buffers: Sequence[Any]) -> None:
         """Write every byte of ``buffers`` (bytes-like objects), in order.
 
+        The buffers must stay unchanged until this returns (the encoder's
+        staging buffers do, until its next ``ram_pages`` call).
+
         Raises:
             ChannelError: the write failed; how much was written is unknown.
+
+        If cancelled, part of the buffers may have been written: the stream is
+        then unusable and the channel should be closed.
         """
 
     @abstractmethod
