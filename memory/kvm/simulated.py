@@ -38,8 +38,12 @@ The series (patches 2, 3, 5, 6 matter here):
   path cannot fix, so the slow path runs ``handle_readonly_upper_spte``:
   load the child table (protecting its entries), THEN make the upper entry
   writable, one level per step down to the leaf.  Tables created meanwhile
-  get the current generation (they are empty).  Disabling only clears the
-  enable bit.
+  get the current generation (they are empty).  A table with no
+  possibly-writable entry is skipped with its generation left stale, so
+  after one vCPU loaded an empty root the others still reload it later:
+  whether a page is protected by a pending reload is per vCPU.  Disabling
+  only clears the enable bit: stale tables stop being protected when
+  loaded, so pages that relied on it are no longer tracked.
 * 5/7 ``KVM_DIRTY_LOG_WITHOUT_WRITE_PROTECT``: GET only snapshots and
   clears the bitmap.  Userspace (Paolo, 2017-05-03) does 1) GET without
   write protect for every slot, 2) ``KVM_WRITE_PROTECT_ALL_MEM``, 3) only
@@ -113,7 +117,8 @@ split); one MMU per address space, guest accesses default to as 0;
 KVM_CLEAR_DIRTY_LOG requires manual protect (EINVAL otherwise) and
 enabling manual protect requires the ENABLE bit, as the project's contract
 says (mainline accepts both); GET without write protect takes no
-``mmu_lock``; no dirty ring.  Writes to a KVM_MEM_READONLY slot, to a slot
+``mmu_lock``; no dirty ring; not thread-safe (one caller at a time, as
+trio code is).  Writes to a KVM_MEM_READONLY slot, to a slot
 without host memory, or outside every slot raise EFAULT (real KVM exits to
 userspace with KVM_EXIT_MMIO for the first).
 """
