@@ -62,6 +62,11 @@ DEVICE_SECTION_VERSION = 1
 MACHINE_NAME = "migrator-sim"
 
 
+def _has_return_path(uri: str) -> bool:
+    """Sockets carry a return path (QEMU's MIG_RP_MSG_SHUT); files do not."""
+    return uri.startswith(("tcp:", "unix:"))
+
+
 @dataclass
 class MigrationCounters:
     """What ``query-migrate`` reports (QEMU's MigrationStats, ram part)."""
@@ -191,12 +196,16 @@ class OutgoingMigration:
         vm.state.goto(S.ACTIVE)
 
     # -- dirty sync (migration_bitmap_sync) ---------------------------------
+    def _protect_ns(self) -> int:
+        """Re-protection time so far: WP-all ioctls (fast path) and CLEARs (manual)."""
+        st = self.vm.kvm_listener_stats()
+        return st["write_protect_time_ns"] + st["clear_time_ns"]
+
     def _sync(self, *, first: bool = False, last_stage: bool = False) -> None:
         vm, c, ram = self.vm, self.counters, self.ram
         self._close_iteration_record()
-        before = vm.kvm_listener_stats()
+        self._last_wp_ns_before_sync = self._protect_ns()
         result = ram.bitmap_sync(last_stage)
-        after = vm.kvm_listener_stats()
         c.dirty_sync_count = ram.dirty_sync_count
         c.dirty_bytes_last_sync = ram.pending_bytes
         now = time.perf_counter_ns()
@@ -220,7 +229,6 @@ class OutgoingMigration:
             dirty_rate_pages_per_s=float(c.dirty_pages_rate),
             expected_downtime_ms=(ram.pending_bytes / bw_ms) if bw_ms else 0.0,
             sync_time_ms=result.sync_ns / 1e6,
-            write_protect_time_ms=(after.get("write_protect_ns", 0) - before.get("write_protect_ns", 0)) / 1e6,
             throttle_pct=vm.vcpus.throttle_pct if hasattr(vm.vcpus, "throttle_pct") else c.cpu_throttle_percentage,
             final=last_stage,
         )
@@ -235,6 +243,8 @@ class OutgoingMigration:
             return
         c = self.counters
         rec.bytes = c.transferred - self._iter_bytes0
+        # protection of this iteration: in the sync (WP-all) plus lazy CLEARs while sending
+        rec.write_protect_time_ms = (self._protect_ns() - self._last_wp_ns_before_sync) / 1e6
         rec.duration_ms = (time.perf_counter_ns() - self._iter_start_ns) / 1e6
         self._iteration_record = None
 
@@ -376,7 +386,7 @@ class OutgoingMigration:
         await self._send(enc.eof())
         t4 = time.perf_counter_ns()
         bd.device_state_ms = (t4 - t3) / 1e6
-        if self._chan.has_return_path and not self.caps.x_ram_only:
+        if _has_return_path(self.uri) and not self.caps.x_ram_only:
             await self._wait_return_path()
         t5 = time.perf_counter_ns()
         bd.destination_resume_ms = (t5 - t4) / 1e6
@@ -495,7 +505,7 @@ class IncomingMigration:
                         pass
 
     async def _ack(self, chan, status: int) -> None:
-        if not chan.has_return_path:
+        if not _has_return_path(self.uri):
             return
         try:
             await chan.send_all([struct.pack(RP_SHUT_FMT, RP_MSG_SHUT, 4, status)])
@@ -504,7 +514,7 @@ class IncomingMigration:
 
     async def _receive(self, chan) -> bytes | None:
         """Receive the whole stream; returns the device state (or None)."""
-        from transport import (NEED_DATA, Configuration, DeviceState, EndOfStream, RamEOS,
+        from transport import (NEED_DATA, Configuration, ConnectionClosed, DeviceState, EndOfStream, RamEOS,
                                RamMemSize, RamPages, RamZeroPages, SectionEnd, SectionFooter,
                                SectionFull, SectionPart, SectionStart, StreamDecoder, StreamHeader)
 
@@ -554,6 +564,8 @@ class IncomingMigration:
                 if current is None or current[0] != "device":
                     raise MigrationError("device state outside a device section")
                 device_state = event.data
+            elif isinstance(event, ConnectionClosed):
+                raise MigrationError("the source closed the stream before its end")
             elif isinstance(event, EndOfStream):
                 if not ram_complete:
                     raise MigrationError("stream ended before the final RAM section")

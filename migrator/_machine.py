@@ -109,7 +109,7 @@ class Machine:
                  workload_opts: dict | None = None, prefault: bool = False,
                  serial_path: str | None = None) -> None:
         from memory import MemorySystem
-        from memory.kvm import KVMMemoryListener
+        from memory.kvm._listener import KVMMemoryListener
 
         self.accel = accel
         self.memory_bytes = memory_bytes

@@ -6,6 +6,7 @@ wording (qapi/migration.json, qapi/misc.json, monitor/qmp-cmds.c).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -16,7 +17,7 @@ from memory import GLOBAL_DIRTY_DIRTY_RATE, TARGET_PAGE_SIZE
 
 from ._engine import IncomingMigration, OutgoingMigration
 from ._machine import AccelConfig, Machine
-from ._params import MigrationCapabilities, MigrationParameters
+from ._params import MigrationOptions
 from ._status import DESTINATION_TRANSITIONS, SOURCE_TRANSITIONS, MigrationState
 from ._status import MigrationStatus as S
 from .errors import QMPError
@@ -41,8 +42,9 @@ class VM:
         self.ms = self.machine.ms
         self.vcpus = self.machine.vcpus
         self.kvm_listener = self.machine.kvm_listener
-        self.params = MigrationParameters()
-        self.caps = MigrationCapabilities()
+        # Like QEMU, only the *outgoing* migration's state restricts option
+        # changes; the incoming side (MigrationIncomingState) does not.
+        self.options = MigrationOptions(status=lambda: S.NONE if self.is_destination else self.state.status)
         self.label = label or accel.describe()
         self.state = MigrationState(DESTINATION_TRANSITIONS if self.is_destination else SOURCE_TRANSITIONS,
                                     on_change=self._on_migration_state)
@@ -52,12 +54,20 @@ class VM:
         self.incoming: IncomingMigration | None = None
         self.last_outgoing: OutgoingMigration | None = None
         self.server = None  # QMPServer, set by run()
-        self.quit = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.dirty_rate: dict = {"status": "unstarted"}
         self.events_log: list = []
 
     # -- plumbing -------------------------------------------------------------
+    @property
+    def params(self):
+        """Current MigrationParameters (replaced, never mutated, on set)."""
+        return self.options.parameters
+
+    @property
+    def caps(self) -> "_Caps":
+        return _Caps(self.options.capabilities)
+
     def log(self, msg: str) -> None:
         print(f"migrator[{self.label}]: {msg}", file=sys.stderr, flush=True)
 
@@ -79,14 +89,14 @@ class VM:
             "accel": self.machine.accel.describe(),
             "workload": self.machine.workload_name,
             "parameters": self.params.to_qmp(),
-            "capabilities": self.caps.to_qmp_dict(),
+            "capabilities": sorted(self.options.capabilities.enabled),
         }
 
     def ram_blocks(self):
         return self.machine.ram_blocks()
 
     def kvm_listener_stats(self) -> dict:
-        return self.kvm_listener.statistics()
+        return dataclasses.asdict(self.kvm_listener.statistics())
 
     async def vm_stop(self, runstate: str = "paused") -> None:
         was_running = self.vcpus.running
@@ -121,13 +131,8 @@ class VM:
                 if self.autostart:
                     await self.vm_start()
             task_status.started()
-            await self.server_quit()
-            self.emit_event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
-            await trio.sleep(0.05)  # let the event and the quit reply drain
+            await self.server.quit_requested.wait()
             nursery.cancel_scope.cancel()
-
-    async def server_quit(self) -> None:
-        await self.quit.wait()
 
     async def _start_incoming(self, uri: str) -> None:
         self.incoming = IncomingMigration(self, uri)
@@ -146,26 +151,22 @@ class VM:
     def commands(self):
         from ._commands import CommandTable
 
-        table = CommandTable()
-        reg = table.register
-        reg("query-status", self.qmp_query_status)
-        reg("stop", self.qmp_stop)
-        reg("cont", self.qmp_cont)
-        reg("quit", self.qmp_quit)
-        reg("migrate", self.qmp_migrate, args={"uri": str, "detach?": bool, "resume?": bool, "blk?": bool, "inc?": bool})
-        reg("migrate-incoming", self.qmp_migrate_incoming, args={"uri": str, "exit-on-error?": bool})
-        reg("migrate_cancel", self.qmp_migrate_cancel)
-        reg("query-migrate", self.qmp_query_migrate)
-        reg("migrate-set-parameters", self.qmp_migrate_set_parameters, args="**")
-        reg("query-migrate-parameters", self.qmp_query_migrate_parameters)
-        reg("migrate-set-capabilities", self.qmp_migrate_set_capabilities, args={"capabilities": list})
-        reg("query-migrate-capabilities", self.qmp_query_migrate_capabilities)
-        reg("pmemsave", self.qmp_pmemsave, args={"val": int, "size": int, "filename": str, "cpu-index?": int})
-        reg("calc-dirty-rate", self.qmp_calc_dirty_rate,
-            args={"calc-time": int, "calc-time-unit?": str, "sample-pages?": int, "mode?": str})
-        reg("query-dirty-rate", self.qmp_query_dirty_rate, args={"calc-time-unit?": str})
-        reg("x-query-migration-history", self.qmp_x_query_migration_history)
-        reg("x-query-accel-stats", self.qmp_x_query_accel_stats)
+        table = CommandTable.from_objects(self.options)
+        add = table.add
+        add("query-status", self.qmp_query_status)
+        add("stop", self.qmp_stop)
+        add("cont", self.qmp_cont)
+        add("migrate", self.qmp_migrate, args={"uri": str, "*detach": bool, "*resume": bool,
+                                                "*blk": bool, "*inc": bool})
+        add("migrate-incoming", self.qmp_migrate_incoming, args={"uri": str, "*exit-on-error": bool})
+        add("migrate_cancel", self.qmp_migrate_cancel)
+        add("query-migrate", self.qmp_query_migrate)
+        add("pmemsave", self.qmp_pmemsave, args={"val": int, "size": int, "filename": str, "*cpu-index": int})
+        add("calc-dirty-rate", self.qmp_calc_dirty_rate,
+            args={"calc-time": int, "*calc-time-unit": str, "*sample-pages": int, "*mode": str})
+        add("query-dirty-rate", self.qmp_query_dirty_rate, args={"*calc-time-unit": str})
+        add("x-query-migration-history", self.qmp_x_query_migration_history)
+        add("x-query-accel-stats", self.qmp_x_query_accel_stats)
         return table
 
     async def qmp_query_status(self) -> dict:
@@ -191,10 +192,6 @@ class VM:
             raise _generic("Migration is not finished yet")
         if not self.vcpus.running:
             await self.vm_start()
-        return {}
-
-    async def qmp_quit(self) -> dict:
-        self.quit.set()
         return {}
 
     def _migration_running(self) -> bool:
@@ -300,27 +297,6 @@ class VM:
             info["error-desc"] = c.error_desc
         return info
 
-    async def qmp_migrate_set_parameters(self, **kwargs) -> dict:
-        if self._migration_running():
-            # QEMU allows changing some parameters live; we allow all but the
-            # bitmap shift, which shapes state already built.
-            if "x-clear-bitmap-shift" in kwargs:
-                raise _generic("Parameter 'x-clear-bitmap-shift' cannot be changed during migration")
-        self.params.apply_qmp(kwargs)
-        return {}
-
-    async def qmp_query_migrate_parameters(self) -> dict:
-        return self.params.to_qmp()
-
-    async def qmp_migrate_set_capabilities(self, capabilities: list) -> dict:
-        if self._migration_running():
-            raise _generic("There's a migration process in progress")
-        self.caps.apply_qmp(capabilities)
-        return {}
-
-    async def qmp_query_migrate_capabilities(self) -> list:
-        return self.caps.to_qmp()
-
     async def qmp_pmemsave(self, val: int, size: int, filename: str, cpu_index: int | None = None) -> dict:
         if val < 0 or size < 0:
             raise _generic("Parameter 'val' and 'size' must be non-negative")
@@ -377,12 +353,12 @@ class VM:
         try:
             ms.memory_global_dirty_log_sync(False)
             ms.memory_region_clear_dirty_bitmap(self.machine.ram_mr, 0, self.machine.memory_bytes)
-            before = self.kvm_listener.statistics().get("pages_fetched", 0)
+            before = self.kvm_listener.statistics().pages_fetched
             t0 = time.perf_counter()
             await trio.sleep(seconds)
             ms.memory_global_dirty_log_sync(False)
             elapsed = time.perf_counter() - t0
-            pages = self.kvm_listener.statistics().get("pages_fetched", 0) - before
+            pages = self.kvm_listener.statistics().pages_fetched - before
         finally:
             ms.memory_global_dirty_log_stop(GLOBAL_DIRTY_DIRTY_RATE)
         mib_per_s = pages * TARGET_PAGE_SIZE / (1 << 20) / elapsed
@@ -401,7 +377,7 @@ class VM:
         return mig.counters.history.to_json()
 
     async def qmp_x_query_accel_stats(self) -> dict:
-        stats = {"kvm": self.machine.kvm.statistics(), "listener": self.kvm_listener.statistics(),
+        stats = {"kvm": self.machine.kvm.statistics(), "listener": self.kvm_listener_stats(),
                  "vcpus": self.vcpus.statistics()}
         return _jsonable(stats)
 
@@ -416,3 +392,12 @@ def _jsonable(obj):
     if isinstance(obj, (np.floating,)):
         return float(obj)
     return obj
+
+
+class _Caps:
+    """Attribute view of the enabled capabilities for the engine."""
+
+    def __init__(self, caps) -> None:
+        self.events = caps["events"]
+        self.auto_converge = caps["auto-converge"]
+        self.x_ram_only = caps["x-ram-only"]

@@ -113,7 +113,16 @@ class SimVCPUs:
         state = json.loads(data)
         if state.get("kind") != "sim":
             raise ValueError(f"vCPU state is for a {state.get('kind')!r} accelerator, not sim")
-        self.workload.set_state(state["workload"])
+        wl_state = state["workload"]
+        if wl_state.get("name") != self.workload.name:
+            # The guest's program comes with its state, as a real guest's
+            # code comes with its RAM: the destination need not know it.
+            from ..workloads import make_workload
+
+            self.workload = make_workload(wl_state["name"], self.workload.pages,
+                                          gfn_base=self.workload.gfn_base)
+        self.workload.set_state(wl_state)
+        self.rate = state.get("rate")
         self._booted = True
 
     def statistics(self) -> dict:
