@@ -24,6 +24,8 @@ TARGET_PAGE_BITS = 12
 TARGET_PAGE_SIZE = 1 << TARGET_PAGE_BITS
 #: ram_addr alignment of blocks: one uint64 bitmap word of pages.
 RAM_ADDR_ALIGN = 64 * TARGET_PAGE_SIZE
+#: Python < 3.12 does not export MAP_NORESERVE; this is the Linux value.
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
 def _align_up(value: int, align: int) -> int:
@@ -52,7 +54,7 @@ class RAMBlock:
         self.used_length = size_bytes
         self.max_length = size_bytes
         self.page_size = TARGET_PAGE_SIZE
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
         self._mmap = mmap.mmap(-1, size_bytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.host = np.frombuffer(self._mmap, dtype=np.uint8)
         self.pages = self.host.reshape(-1, TARGET_PAGE_SIZE)

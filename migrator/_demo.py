@@ -31,7 +31,8 @@ from qemu.qmp import QMPClient
 
 def add_demo_arguments(p, size, accel, workload) -> None:
     p.add_argument("--memory", "-m", type=size, default="256M", help="guest RAM (default 256M)")
-    p.add_argument("--workload", default="ab", help="guest workload (default ab) [,rate=PAGES_PER_S]")
+    p.add_argument("--workload", default="ab,rate=20000",
+                   help="guest workload NAME[,rate=PAGES_PER_S] (default ab,rate=20000: 80 MB/s of writes)")
     p.add_argument("--accel", default="sim", help="accelerator for both sides (default sim)")
     p.add_argument("--transport", choices=("unix", "tcp", "file"), default="tcp",
                    help="migration channel (default tcp on loopback)")
@@ -41,7 +42,7 @@ def add_demo_arguments(p, size, accel, workload) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object (query-migrate, history, ram_match)")
     p.add_argument("--quiet", action="store_true", help="no progress, only the summary")
     p.add_argument("--report", metavar="DIR", help="write a convergence report of this migration to DIR")
-    p.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
+    p.add_argument("--timeout", type=float, default=120.0, help="cancel the migration after this many seconds")
     p._demo_validators = (size, accel, workload)  # noqa: SLF001
 
 
@@ -127,7 +128,7 @@ async def run_demo(args) -> dict:
         uri = f"unix:{os.path.join(tmp, 'migration.sock')}"
     else:
         uri = f"file:{os.path.join(tmp, 'migration.stream')}"
-    mem = str(args.memory)
+    mem = f"{args.memory}B"  # bytes (a bare number would mean MiB, as in QEMU)
     base = [sys.executable, "-m", "migrator", "run", "--accel", args.accel, "--memory", mem]
     logs = {}
     procs = {}
