@@ -46,9 +46,12 @@ already fetched stay safe.  The per-region syncs below do not call it: the
 listener must make its own fetches safe there (see memory/kvm/_listener.py).
 
 The draft also calls the hook with ``False`` after each ``log_stop`` of the
-topology update.  We do so only when no global dirty tracking remains: a
-display turning its VGA log off in the middle of a migration must not switch
-the kernel's lazy write protection off under migration's feet.
+topology update; so does this core.  Switching the kernel's lazy protection
+off is only safe once *no* slot logs any more (a display turning VGA off in
+the middle of a migration, or migration ending while a display still logs,
+must not disable it): the KVM listener, which knows its slots' flags, defers
+the request to its ``commit`` and issues ``KVM_WRITE_PROTECT_ALL_MEM(0)`` only
+if no logged slot is left (see memory/kvm/_listener.py).
 """
 
 from __future__ import annotations
@@ -262,8 +265,8 @@ class MemorySystem:
                     if frold.dirty_log_mask & ~frnew.dirty_log_mask:
                         for listener in rev:
                             listener.log_stop(section, frold.dirty_log_mask, frnew.dirty_log_mask)
-                        if self._write_protect_all_fn is not None and not self.global_dirty_tracking:
-                            self._write_protect_all_fn(False)
+                        if self._write_protect_all_fn is not None:
+                            self._write_protect_all_fn(False)  # the draft's placement
                 iold += 1
                 inew += 1
             else:

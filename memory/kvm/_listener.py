@@ -53,6 +53,14 @@ write-protects the page again.  Hence the one rule every mode obeys:
   page is in our snapshot and will be read only after the protection, so it
   is not lost (Paolo's reading of the series).
 
+  ``KVM_WRITE_PROTECT_ALL_MEM(0)`` only clears the enable bit: tables the lazy
+  protection has not reached yet are then never protected, so their pages
+  stay writable and unlogged.  The draft issued it after every ``log_stop``;
+  a display switching VGA logging off mid-migration (or migration ending
+  while a display still logs) would lose writes.  Rule kept here: the
+  memory core's ``False`` request is deferred to ``commit`` and issued only
+  if no slot of this listener still logs dirty pages.
+
 Per-region syncs in write-protect-all mode (Paolo's open question)
 ==================================================================
 
@@ -216,6 +224,7 @@ class KVMListenerStatistics:
     last_sync_time_ns: int
     last_sync_pages: int
     write_protect_all_calls: int
+    write_protect_off_calls: int
     write_protect_time_ns: int
     last_write_protect_time_ns: int
     clear_dirty_log_calls: int
@@ -301,11 +310,15 @@ class KVMMemoryListener(MemoryListener):
         self._transaction_del: list[MemoryRegionSection] = []
         # Pages were fetched WITHOUT_WRITE_PROTECT and not yet re-protected.
         self._wp_pending = False
+        # write_protect_all(False) requested during the current topology update.
+        self._wp_off_requested = False
+        self._in_transaction = False
         self._sync_generation = -1
         self._n: dict[str, int] = dict.fromkeys(
             (
                 "global_syncs region_syncs get_dirty_log_calls pages_fetched fetch_time_ns last_sync_time_ns "
-                "last_sync_pages write_protect_all_calls write_protect_time_ns last_write_protect_time_ns "
+                "last_sync_pages write_protect_all_calls write_protect_off_calls write_protect_time_ns "
+                "last_write_protect_time_ns "
                 "clear_dirty_log_calls pages_cleared clear_time_ns harvests"
             ).split(),
             0,
@@ -516,6 +529,9 @@ class KVMMemoryListener(MemoryListener):
             size -= slot_size
 
     # -- MemoryListener: topology ---------------------------------------------------
+    def begin(self) -> None:
+        self._in_transaction = True
+
     def region_add(self, section: MemoryRegionSection) -> None:
         self._transaction_add.append(section)
 
@@ -526,10 +542,24 @@ class KVMMemoryListener(MemoryListener):
         """``kvm_region_commit``: deletions first, then additions."""
         dels, adds = self._transaction_del, self._transaction_add
         self._transaction_del, self._transaction_add = [], []
+        self._in_transaction = False
         for section in dels:
             self._set_phys_mem(section, False)
         for section in adds:
             self._set_phys_mem(section, True)
+        if self._wp_off_requested:
+            self._wp_off_requested = False
+            self._write_protect_all_off_if_unlogged()
+
+    def _write_protect_all_off_if_unlogged(self) -> None:
+        if any(mem.flags & KVM_MEM_LOG_DIRTY_PAGES for mem in self._slots.values()):
+            return  # some slot still logs: its writes rely on the lazy protection
+        try:
+            self.kvm.write_protect_all(False)
+        except OSError as exc:
+            exc.add_note("KVM_WRITE_PROTECT_ALL_MEM(0)")
+            raise
+        self._n["write_protect_off_calls"] += 1
 
     def log_start(self, section: MemoryRegionSection, old: int, new: int) -> None:
         if old != 0:
@@ -591,21 +621,31 @@ class KVMMemoryListener(MemoryListener):
 
     def _write_protect_all_mem(self, write: bool) -> None:
         """The draft's ``kvm_write_protect_all_mem``, registered as the memory
-        core's write-protect-all hook (write-protect-all mode only)."""
-        if write and not self._wp_pending:
+        core's write-protect-all hook (write-protect-all mode only).
+
+        ``True``: protect now, if anything was fetched without protection
+        since the last call.  ``False``: see the module docstring - deferred
+        to ``commit`` and issued only when no slot logs any more.
+        """
+        if not write:
+            self._wp_off_requested = True
+            if not self._in_transaction:
+                self._wp_off_requested = False
+                self._write_protect_all_off_if_unlogged()
+            return
+        if not self._wp_pending:
             return  # no page was left unprotected since the last call
         t0 = time.perf_counter_ns()
         try:
-            self.kvm.write_protect_all(write)
+            self.kvm.write_protect_all(True)
         except OSError as exc:
-            exc.add_note(f"KVM_WRITE_PROTECT_ALL_MEM({int(write)})")
+            exc.add_note("KVM_WRITE_PROTECT_ALL_MEM(1)")
             raise
         dt = time.perf_counter_ns() - t0
-        if write:
-            self._wp_pending = False
-            self._n["write_protect_all_calls"] += 1
-            self._n["write_protect_time_ns"] += dt
-            self._n["last_write_protect_time_ns"] = dt
+        self._wp_pending = False
+        self._n["write_protect_all_calls"] += 1
+        self._n["write_protect_time_ns"] += dt
+        self._n["last_write_protect_time_ns"] = dt
 
     def log_clear(self, section: MemoryRegionSection) -> None:
         """``kvm_log_clear`` -> ``kvm_physical_log_clear`` (manual protect only)."""

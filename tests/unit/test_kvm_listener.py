@@ -374,6 +374,26 @@ def test_write_protect_all_global_sync_protects_after_last_fetch():
     assert log[-1] == ("wp", True)
 
 
+def test_write_protect_all_off_only_when_no_slot_logs():
+    ms, kvm, kml = setup(WP_CAPS)
+    v = ms.memory_region_init_ram("vram", 4 * P)
+    r = ms.memory_region_init_ram("r", 4 * P)
+    ms.system_memory.add_subregion(0, v)
+    ms.system_memory.add_subregion(0x10000, r)
+    ms.memory_global_dirty_log_start(GLOBAL_DIRTY_MIGRATION)
+    v.set_log(True)
+    kvm.log.clear()
+    v.set_log(False)  # mid-migration: everything still logs
+    ms.memory_global_dirty_log_sync()
+    v.set_log(True)
+    ms.memory_global_dirty_log_stop(GLOBAL_DIRTY_MIGRATION)  # vram still logs VGA
+    assert ("wp", False) not in kvm.log
+    kvm.log.clear()
+    v.set_log(False)  # the last logging slot stops: deferred to commit, after the flags
+    assert kvm.log == [("set", 0, 0, 0, 4 * P), ("wp", False)]
+    assert kml.statistics().write_protect_off_calls == 1
+
+
 @pytest.mark.parametrize(
     ("rule", "flags", "wp_after"),
     [

@@ -443,18 +443,25 @@ def test_global_sync_calls_write_protect_all_after_every_listener(ms):
     assert log == [("A", "log_sync", ("q", 8 * P, 4 * P, 0)), ("G", "log_sync_global", False)]
 
 
-def test_write_protect_all_false_only_when_tracking_ends(ms):
-    calls = []
-    ms.memory_register_write_protect_all(calls.append)
-    ms.memory_listener_register(Recorder("A", []), ms.address_space_memory)
+def test_write_protect_all_false_after_every_log_stop(ms):
+    """The draft's placement: the hook gets False right after each log_stop of
+    a topology update (whether to act is the accelerator's decision)."""
+    log = []
+    ms.memory_register_write_protect_all(lambda on: log.append(("wp-all", on)))
+    ms.memory_listener_register(Recorder("A", log), ms.address_space_memory)
     vram = ram(ms, "vram", 2)
     ms.system_memory.add_subregion(0, vram)
     ms.memory_global_dirty_log_start(GLOBAL_DIRTY_MIGRATION)
     vram.set_log(True)
-    vram.set_log(False)  # log_stop(VGA|MIG -> MIG) mid-migration: must not disable
-    assert calls == []
-    ms.memory_global_dirty_log_stop(GLOBAL_DIRTY_MIGRATION)
-    assert calls == [False]
+    log.clear()
+    vram.set_log(False)  # log_stop(VGA|MIG -> MIG)
+    V = ("vram", 0, 2 * P, 0)
+    assert log == [
+        ("A", "begin"), ("A", "region_nop", V), ("A", "log_stop", V, VGA | MIG, MIG), ("wp-all", False), ("A", "commit"),
+    ]  # fmt: skip
+    log.clear()
+    ms.memory_global_dirty_log_sync()  # sync: True after the fetches
+    assert log == [("A", "log_sync", V), ("wp-all", True)]
 
 
 def test_clear_dirty_bitmap_shrinks_sections(ms):
