@@ -16,6 +16,9 @@ Workloads (``--workload NAME[,rate=PAGES_PER_S][,seed=N]``):
 ``random``   uniformly random pages; each write stores a fresh sequence
              number in the page's first 8 bytes.
 ``hotset``   skewed: 90 % of the writes go to a hot 10 % of the pages.
+``fill``     at boot, fills every page with non-zero pseudo-random data
+             (a guest "full of non-zero data", for throughput benchmarks);
+             then idle.
 
 All are vectorised: one batch of N pages is a handful of numpy operations.
 State (cursor, pass value, RNG state) is JSON-able, so it migrates.
@@ -32,7 +35,7 @@ from ._ramblock import TARGET_PAGE_SIZE
 #: QEMU's test guest works on [1 MiB, end) of RAM.
 AB_START = 1 << 20
 
-WORKLOADS = ("idle", "ab", "random", "hotset")
+WORKLOADS = ("idle", "ab", "random", "hotset", "fill")
 
 
 class Workload:
@@ -182,7 +185,24 @@ class HotsetWorkload(RandomWorkload):
         return idx
 
 
-_CLASSES = {"idle": IdleWorkload, "ab": ABWorkload, "random": RandomWorkload, "hotset": HotsetWorkload}
+class FillWorkload(IdleWorkload):
+    """Boot fills all of RAM with non-zero data, then the guest idles."""
+
+    name = "fill"
+
+    def boot(self, mmu: Callable[[np.ndarray], None]) -> None:
+        step = 4096  # pages per chunk (16 MiB of random data, reused)
+        words = self.pages.view(np.uint64)
+        base = self.rng.integers(1, 1 << 63, size=(min(step, self.npages), 512), dtype=np.int64).view(np.uint64)
+        for start in range(0, self.npages, step):
+            idx = np.arange(start, min(start + step, self.npages), dtype=np.int64)
+            mmu(idx + self.gfn_base)
+            chunk = words[start:start + idx.size]
+            chunk[:] = base[:idx.size]
+            chunk[:, 0] = idx.astype(np.uint64) + np.uint64(1)  # distinct, never zero
+
+
+_CLASSES = {"fill": FillWorkload, "idle": IdleWorkload, "ab": ABWorkload, "random": RandomWorkload, "hotset": HotsetWorkload}
 
 
 def parse_workload(spec: str) -> tuple[str, dict]:
