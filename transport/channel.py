@@ -275,6 +275,9 @@ class SocketChannel(Channel):
     async def send_all(self, buffers: Sequence[Any]) -> None:
         self._check_open()
         views = _as_bytes_views(buffers)
+        if not views:
+            await trio.lowlevel.checkpoint()
+            return
         i = 0
         with _translate(f"send to {self.peer}"):
             while i < len(views):
