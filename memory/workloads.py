@@ -19,6 +19,11 @@ Workloads (``--workload NAME[,rate=PAGES_PER_S][,seed=N]``):
 ``fill``     at boot, fills every page with non-zero pseudo-random data
              (a guest "full of non-zero data", for throughput benchmarks);
              then idle.
+``stream``   greedily and repeatedly writes a working set, pages
+             [0, working_set) in ascending order, pass after pass (the
+             2017 fast-write-protect series' test case); 75 % of RAM
+             unless constructed with ``working_set=`` (pages).  Each write
+             stores a fresh sequence number in the page's first 8 bytes.
 
 All are vectorised: one batch of N pages is a handful of numpy operations.
 State (cursor, pass value, RNG state) is JSON-able, so it migrates.
@@ -35,7 +40,7 @@ from ._ramblock import TARGET_PAGE_SIZE
 #: QEMU's test guest works on [1 MiB, end) of RAM.
 AB_START = 1 << 20
 
-WORKLOADS = ("idle", "ab", "random", "hotset", "fill")
+WORKLOADS = ("idle", "ab", "random", "hotset", "fill", "stream")
 
 
 class Workload:
@@ -202,7 +207,65 @@ class FillWorkload(IdleWorkload):
             chunk[:, 0] = idx.astype(np.uint64) + np.uint64(1)  # distinct, never zero
 
 
-_CLASSES = {"fill": FillWorkload, "idle": IdleWorkload, "ab": ABWorkload, "random": RandomWorkload, "hotset": HotsetWorkload}
+class StreamWorkload(Workload):
+    """Repeated ascending passes over a working set of ``working_set`` pages.
+
+    ``working_set`` defaults to :attr:`DEFAULT_FRACTION` of RAM; it travels
+    in the state, so a destination that only knows the name resumes the
+    same guest program.
+    """
+
+    name = "stream"
+    DEFAULT_FRACTION = 0.75
+
+    def __init__(self, pages: np.ndarray, *, seed: int = 0, gfn_base: int = 0,
+                 working_set: int | None = None) -> None:
+        super().__init__(pages, seed=seed, gfn_base=gfn_base)
+        if working_set is None:
+            working_set = max(1, int(self.npages * self.DEFAULT_FRACTION))
+        if not 1 <= working_set <= self.npages:
+            raise ValueError(f"stream working set {working_set} pages not in 1..{self.npages}")
+        self.working_set = int(working_set)
+        self.cursor = 0  # next page to write
+        self.passes = 0  # completed passes over the working set
+        self.seq = 0
+        self._words = pages.view(np.uint64)  # (npages, 512)
+
+    def next_pages(self, n: int) -> np.ndarray:
+        n = min(n, self.working_set)  # never the same page twice in one batch
+        return (np.arange(self.cursor, self.cursor + n, dtype=np.int64) % self.working_set)
+
+    def store(self, idx: np.ndarray) -> None:
+        # idx is one or two ascending runs (a wrap): slice stores.
+        first, last, n = int(idx[0]), int(idx[-1]), int(idx.size)
+        seqs = np.arange(self.seq + 1, self.seq + 1 + n, dtype=np.uint64)
+        if last >= first:
+            self._words[first:last + 1, 0] = seqs
+        else:
+            k = self.working_set - first
+            self._words[first:self.working_set, 0] = seqs[:k]
+            self._words[:last + 1, 0] = seqs[k:]
+        self.seq += n
+        end = self.cursor + n
+        self.passes += end // self.working_set
+        self.cursor = end % self.working_set
+
+    def get_state(self) -> dict:
+        return super().get_state() | {"cursor": self.cursor, "passes": self.passes, "seq": self.seq,
+                                      "working_set": self.working_set}
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        ws = int(state["working_set"])
+        if not 1 <= ws <= self.npages:
+            raise ValueError(f"stream working set {ws} pages does not fit in {self.npages} pages")
+        self.working_set = ws
+        self.cursor = int(state["cursor"])
+        self.passes = int(state["passes"])
+        self.seq = int(state["seq"])
+
+
+_CLASSES = {"stream": StreamWorkload, "fill": FillWorkload, "idle": IdleWorkload, "ab": ABWorkload, "random": RandomWorkload, "hotset": HotsetWorkload}
 
 
 def parse_workload(spec: str) -> tuple[str, dict]:

@@ -105,3 +105,46 @@ def test_parse_errors(spec, err):
 
 def test_parse_ok():
     assert parse_workload("random,rate=5000,seed=3") == ("random", {"rate": 5000.0, "seed": 3})
+
+
+# -- stream (greedy repeated passes over a working set) ------------------------
+
+
+@pytest.mark.parametrize("batch", [1, 5, 7, 64])
+def test_stream_writes_working_set_in_repeated_ascending_passes(batch):
+    pages = _ram(40)
+    wl = make_workload("stream", pages)
+    ws = wl.working_set
+    assert ws == 30  # 75 % of RAM by default
+    mmu = Recorder()
+    total = 0
+    for _ in range(23):
+        total += wl.step(batch, mmu)
+    gfns = np.concatenate(mmu.calls)
+    # exactly the sequence 0, 1, ..., ws-1, 0, 1, ... and never outside the working set
+    assert np.array_equal(gfns, np.arange(total) % ws)
+    assert wl.passes == total // ws and wl.cursor == total % ws
+    seq = pages.view(np.uint64)[:, 0]
+    assert not seq[ws:].any()
+    # each page holds the sequence number of its last write (1-based)
+    last_write = np.array([max(i for i in range(total) if i % ws == p) + 1 if p < total else 0
+                           for p in range(ws)], dtype=np.uint64)
+    assert np.array_equal(seq[:ws], last_write)
+
+
+def test_stream_state_migrates_and_rejects_a_bad_working_set():
+    src = make_workload("stream", _ram(50))
+    src.working_set = 10
+    mmu = Recorder()
+    src.step(7, mmu)
+    src.step(6, mmu)  # wraps: one pass done, cursor 3
+    state = src.get_state()
+    dst = make_workload("stream", _ram(50))  # knows only the name, as a destination does
+    dst.set_state(state)
+    assert (dst.working_set, dst.cursor, dst.passes, dst.seq) == (10, 3, 1, 13)
+    a, b = Recorder(), Recorder()
+    src.step(9, a)
+    dst.step(9, b)
+    assert np.array_equal(a.calls[0], b.calls[0])
+    with pytest.raises(ValueError):
+        make_workload("stream", _ram(4)).set_state(state | {"working_set": 5})
