@@ -380,6 +380,13 @@ class MemorySystem:
                     )
                 )
 
+    # -- QEMU-named wrappers of MemoryRegion methods ------------------------------------
+    def memory_region_set_log(self, mr: MemoryRegion, log: bool, client: int = DIRTY_MEMORY_VGA) -> None:
+        mr.set_log(log, client)
+
+    def memory_region_get_dirty_log_mask(self, mr: MemoryRegion) -> int:
+        return mr.get_dirty_log_mask()
+
     # -- dirty bits of a region ----------------------------------------------------------
     def physical_memory_set_dirty_lebitmap(self, words, start_page: int, npages: int) -> int:  # type: ignore[no-untyped-def]
         """OR a fetched bitmap into every active client: VGA always (as QEMU),

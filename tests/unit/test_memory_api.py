@@ -520,8 +520,8 @@ def test_new_ram_starts_dirty_and_mask_rules(ms):
     io = ms.memory_region_init_io("io", P)
     ms.memory_global_dirty_log_start(GLOBAL_DIRTY_MIGRATION)
     assert r.get_dirty_log_mask() == MIG and io.get_dirty_log_mask() == 0
-    r.set_log(True)
-    assert r.get_dirty_log_mask() == MIG | VGA
+    ms.memory_region_set_log(r, True, DIRTY_MEMORY_VGA)
+    assert ms.memory_region_get_dirty_log_mask(r) == MIG | VGA
     ms.memory_region_set_dirty(r, P, 1)  # device write: region's clients
     ms.dirty_memory.xchg_words(DIRTY_MEMORY_MIGRATION, 0, 1)
     ms.memory_region_set_dirty(r, P, 1)
