@@ -107,7 +107,7 @@ class Machine:
 
     def __init__(self, *, memory_bytes: int, accel: AccelConfig, workload: str = "idle",
                  workload_opts: dict | None = None, prefault: bool = False,
-                 serial_path: str | None = None) -> None:
+                 serial_path: str | None = None, destination: bool = False) -> None:
         from memory import MemorySystem
         from memory.kvm._listener import KVMMemoryListener
 
@@ -115,6 +115,7 @@ class Machine:
         self.memory_bytes = memory_bytes
         self.workload_name = workload
         self.workload_opts = dict(workload_opts or {})
+        self.destination = destination
         self.ms = MemorySystem()
         self.ram_mr = self.ms.memory_region_init_ram(self.RAM_IDSTR, memory_bytes)
         self.ram_block: RAMBlock = self.ram_mr.ram_block
@@ -147,7 +148,15 @@ class Machine:
         self.vcpus = SimVCPUs(self.kvm, wl, rate=self.workload_opts.get("rate"))
 
     def _init_kvm(self, serial_path: str | None) -> None:
-        from memory.kvm import RealKVM, RealVCPUs, load_guest_image
+        """Real KVM: the memslots are created by the KVM memory listener.
+
+        Order matters to KVM: the dirty ring must be enabled before the first
+        vCPU exists; manual protect is enabled by the listener (dirty-log=clear)
+        before any memslot logs dirty pages.  A destination loads no guest
+        image: its RAM and vCPU state arrive with the migration.
+        """
+        from memory.kvm import RealKVM, RealVCPU, RealVCPUs
+        from memory.kvm.guests import load_guest_image
 
         a = self.accel
         self.kvm = RealKVM()
@@ -157,8 +166,10 @@ class Machine:
         self._manual = a.dirty_log == "clear"
         self._listener_extra = {"dirty_ring": a.dirty_log == "ring"}
         program = self.workload_name if self.workload_name in ("ab", "selftest") else "ab"
-        entry = load_guest_image(self.ram_block, program)
-        self.vcpus = RealVCPUs(self.kvm, entry, serial_path=serial_path)
+        vcpu = RealVCPU(self.kvm, 0)
+        if not self.destination:
+            vcpu.apply_entry(load_guest_image(self.ram_block, program))
+        self.vcpus = RealVCPUs([vcpu], program=program, ram=self.ram_block, serial_path=serial_path)
 
     def ram_blocks(self):
         return [(self.ram_block, self.ram_mr)]

@@ -38,7 +38,7 @@ class VM:
         self.is_destination = incoming is not None
         self.machine = Machine(memory_bytes=memory_bytes, accel=accel, workload=workload,
                                workload_opts=workload_opts, prefault=self.is_destination,
-                               serial_path=serial_path)
+                               serial_path=serial_path, destination=self.is_destination)
         self.ms = self.machine.ms
         self.vcpus = self.machine.vcpus
         self.kvm_listener = self.machine.kvm_listener
