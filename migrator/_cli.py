@@ -4,6 +4,7 @@
     migrator run --accel sim --memory 1G --qmp unix:/tmp/dst.sock --incoming tcp:127.0.0.1:4444 -S
     migrator demo [--memory 256M] [--workload ab] [--json] [--report DIR]
     migrator report HISTORY.json... --out DIR
+    migrator compare [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         from ._report import report_main
 
         return report_main(argv[1:])
+    if argv and argv[0] == "compare":
+        from ._compare import compare_main
+
+        return compare_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.cmd == "run":
