@@ -105,8 +105,7 @@ class OutgoingMigration:
     def __init__(self, vm, uri: str) -> None:
         self.vm = vm
         self.uri = uri
-        self.params = vm.params
-        self.caps = vm.caps
+        self.caps = vm.caps  # capabilities cannot change while migrating
         self.counters = MigrationCounters()
         self.ram: RAMSaveState | None = None
         self.cancel_scope = trio.CancelScope()
@@ -122,6 +121,11 @@ class OutgoingMigration:
         self._dirty_rate_high_cnt = 0
         self._iteration_record: IterationRecord | None = None
         self._iter_bytes0 = 0
+
+    @property
+    def params(self):
+        """Current parameters: QEMU lets migrate-set-parameters act mid-migration."""
+        return self.vm.params
 
     # -- public -------------------------------------------------------------
     def cancel(self) -> None:
