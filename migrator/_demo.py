@@ -42,6 +42,8 @@ def add_demo_arguments(p, size, accel, workload) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object (query-migrate, history, ram_match)")
     p.add_argument("--quiet", action="store_true", help="no progress, only the summary")
     p.add_argument("--report", metavar="DIR", help="write a convergence report of this migration to DIR")
+    p.add_argument("--warmup", type=float, default=0.2,
+                   help="seconds the guest runs before the migration starts (default 0.2)")
     p.add_argument("--timeout", type=float, default=120.0, help="cancel the migration after this many seconds")
     p._demo_validators = (size, accel, workload)  # noqa: SLF001
 
@@ -160,7 +162,7 @@ async def run_demo(args) -> dict:
         if not file_mode:
             dst = await _connect(dst_qmp, procs["dst"])
             await dst.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
-        await asyncio.sleep(0.2)  # let the guest run a little before migrating
+        await asyncio.sleep(args.warmup)  # let the guest run (and dirty memory) first
         await src.execute("migrate", {"uri": uri})
         deadline = time.monotonic() + args.timeout
         while True:

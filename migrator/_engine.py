@@ -453,7 +453,8 @@ class IncomingMigration:
     def __init__(self, vm, uri: str) -> None:
         self.vm = vm
         self.uri = uri
-        self.ram = RAMLoadState([b for b, _ in vm.ram_blocks()])
+        # An incoming VM never ran and loaded no image: its RAM is fresh zeros.
+        self.ram = RAMLoadState([b for b, _ in vm.ram_blocks()], fresh=True)
         self.error_desc: str | None = None
         self.counters = MigrationCounters()
         self.listening = trio.Event()

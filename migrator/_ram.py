@@ -182,11 +182,17 @@ class RAMSaveState:
 class RAMLoadState:
     """Destination: validate the block list and store incoming pages."""
 
-    def __init__(self, blocks) -> None:
+    def __init__(self, blocks, *, fresh: bool = True) -> None:
         self.blocks = {b.idstr: b for b in blocks}
         self.seen_mem_size = False
         self.normal_pages = 0
         self.zero_pages = 0  # counters
+        # Pages this incoming migration wrote data into (QEMU's receivedmap
+        # plays a similar role).  When the destination's RAM is fresh (never
+        # run, fresh anonymous mmap: all zero), a ZERO record for a page not
+        # in this map needs no work at all: no read, no write, no fault.
+        self.fresh = fresh
+        self.written = {b.idstr: np.zeros(b.npages, dtype=bool) for b in blocks}
 
     def mem_size(self, blocks: tuple) -> None:
         from .errors import MigrationError
@@ -215,6 +221,7 @@ class RAMLoadState:
             from .errors import MigrationError
             raise MigrationError(f"page offset beyond block {idstr!r}")
         block.pages[idx] = data
+        self.written[idstr][idx] = True
         self.normal_pages += int(idx.size)
 
     def load_zero_pages(self, idstr: str, offsets: np.ndarray) -> None:
@@ -223,9 +230,13 @@ class RAMLoadState:
         if idx.size and int(idx.max()) >= block.npages:
             from .errors import MigrationError
             raise MigrationError(f"page offset beyond block {idstr!r}")
+        self.zero_pages += int(idx.size)
+        if self.fresh:
+            idx = idx[self.written[idstr][idx]]  # the others are still zero
+            if not idx.size:
+                return
         # Write only pages that are not already zero (never fault in untouched memory).
         p64 = block.pages.view(np.uint64)
         nonzero = idx[np.bitwise_or.reduce(p64[idx], axis=1) != 0]
         if nonzero.size:
             block.pages[nonzero] = 0
-        self.zero_pages += int(idx.size)
