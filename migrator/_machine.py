@@ -109,7 +109,7 @@ class Machine:
                  workload_opts: dict | None = None, prefault: bool = False,
                  serial_path: str | None = None, destination: bool = False) -> None:
         from memory import MemorySystem
-        from memory.kvm._listener import KVMMemoryListener
+        from memory.kvm import KVMMemoryListener
 
         self.accel = accel
         self.memory_bytes = memory_bytes

@@ -11,3 +11,9 @@ from .real import RealKVM, kvm_usable  # noqa: E402
 from .vcpu import GuestPageWriter, RealMachine, RealVCPU, RealVCPUs, VCPUError  # noqa: E402
 
 __all__ += ["RealKVM", "kvm_usable", "GuestPageWriter", "RealMachine", "RealVCPU", "RealVCPUs", "VCPUError"]
+
+# QEMU's KVM glue (accel/kvm/kvm-all.c) and the simulated vCPU runner
+from ._listener import DirtyLogMode, KVMListenerStatistics, KVMMemoryListener, KVMSlot, RegionSyncRule  # noqa: E402
+from .sim_vcpu import SimVCPUs  # noqa: E402
+
+__all__ += ["DirtyLogMode", "KVMListenerStatistics", "KVMMemoryListener", "KVMSlot", "RegionSyncRule", "SimVCPUs"]
