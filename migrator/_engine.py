@@ -455,6 +455,10 @@ class IncomingMigration:
         self.uri = uri
         # An incoming VM never ran and loaded no image: its RAM is fresh zeros.
         self.ram = RAMLoadState([b for b, _ in vm.ram_blocks()], fresh=True)
+        # Before listening, so no byte of the stream waits for it.  (The
+        # machine's own prefault relies on MADV_POPULATE_WRITE, which
+        # Python 3.11's mmap module does not export: it faults nothing.)
+        self.ram.prefault()
         self.error_desc: str | None = None
         self.counters = MigrationCounters()
         self.listening = trio.Event()

@@ -194,6 +194,22 @@ class RAMLoadState:
         self.fresh = fresh
         self.written = {b.idstr: np.zeros(b.npages, dtype=bool) for b in blocks}
 
+    def prefault(self) -> None:
+        """Make every page of every block present and writable, keeping its content.
+
+        A destination page's first write costs a page fault (~2 us per 4 KiB
+        page here, 0.5 s per GiB: python-stack.md section 6), which would
+        otherwise be paid inside the migration, on the receiving core.  QEMU
+        pays it too (1.9 s against 0.52 s pre-faulted for 1 GiB).  A ufunc
+        with ``out=`` stores into byte 0 of every page (a copy-on-write
+        fault on untouched memory, a cache-line store otherwise); a plain
+        ``pages[:, 0] = pages[:, 0]`` is skipped by numpy and faults nothing.
+        ~1 ms per GiB when the pages are present already.
+        """
+        for block in self.blocks.values():
+            col = block.pages[:, 0]
+            np.bitwise_or(col, 0, out=col)
+
     def mem_size(self, blocks: tuple) -> None:
         from .errors import MigrationError
 
