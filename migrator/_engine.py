@@ -59,7 +59,10 @@ RAM_SECTION = "ram"
 RAM_SECTION_VERSION = 4
 DEVICE_SECTION = "migrator-vcpus"
 DEVICE_SECTION_VERSION = 1
-MACHINE_NAME = "migrator-sim"
+#: Our machine is QEMU's ``-M none`` with RAM: one block "ram" at guest-physical
+#: 0 and no devices.  Stock QEMU requires the CONFIGURATION section to name the
+#: destination's machine type, so a RAM-only stream loads into ``-M none``.
+MACHINE_NAME = "none"
 
 
 def _has_return_path(uri: str) -> bool:
@@ -542,7 +545,11 @@ class IncomingMigration:
                     active = True
                     vm.state.goto(S.ACTIVE)
                 continue
-            if isinstance(event, (StreamHeader, Configuration)):
+            if isinstance(event, StreamHeader):
+                continue
+            if isinstance(event, Configuration):
+                if event.name != MACHINE_NAME:  # QEMU's wording
+                    raise MigrationError(f"Machine type received is '{event.name}' and local is '{MACHINE_NAME}'")
                 continue
             if isinstance(event, SectionStart):
                 if event.idstr != RAM_SECTION or ram_section_id is not None:

@@ -101,9 +101,9 @@ def parse_accel(spec: str) -> AccelConfig:
 
 
 class Machine:
-    """RAM ("pc.ram" at guest-physical 0), the memory API and KVM."""
+    """RAM ("ram" at guest-physical 0, as ``-M none -m SIZE``), the memory API and KVM."""
 
-    RAM_IDSTR = "pc.ram"
+    RAM_IDSTR = "ram"
 
     def __init__(self, *, memory_bytes: int, accel: AccelConfig, workload: str = "idle",
                  workload_opts: dict | None = None, prefault: bool = False,
