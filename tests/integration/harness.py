@@ -159,6 +159,24 @@ async def vm_process(tmp_path, name: str, *args: str, memory: str = "64M", accel
             log.close()
 
 
+async def qemu_qmp(path, *commands: tuple[str, dict | None]) -> list:
+    """Run QMP commands over a fresh qemu.qmp QMPClient connection (asyncio in a
+    worker thread, never inside trio); for stock QEMU and for our servers."""
+    import asyncio
+
+    async def scenario() -> list:
+        from qemu.qmp import QMPClient
+
+        client = QMPClient("migrator-test")
+        await client.connect(str(path))
+        try:
+            return [await client.execute(name, args) for name, args in commands]
+        finally:
+            await client.disconnect()
+
+    return await trio.to_thread.run_sync(asyncio.run, scenario())
+
+
 async def pmem(vm: VMProcess, tmp_path, size: int, name: str) -> bytes:
     path = str(tmp_path / name)
     await vm.qmp.execute("pmemsave", {"val": 0, "size": size, "filename": path})

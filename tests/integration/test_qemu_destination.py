@@ -9,34 +9,19 @@ URI, so the file variant goes through ``exec:cat``.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 
 import pytest
 import trio
 
-from .harness import free_port, pmem, vm_process
+from .harness import free_port, pmem, qemu_qmp as _qmp, vm_process
 
 QEMU = shutil.which("qemu-system-x86_64")
 pytestmark = [pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not on PATH "
                                  "(Debian: apt-get install qemu-system-x86)"),
               pytest.mark.trio_timeout(90)]
 MiB = 1 << 20
-
-
-async def _qmp(path, *commands):
-    async def scenario():
-        from qemu.qmp import QMPClient
-
-        client = QMPClient("test")
-        await client.connect(str(path))
-        try:
-            return [await client.execute(name, args) for name, args in commands]
-        finally:
-            await client.disconnect()
-
-    return await trio.to_thread.run_sync(asyncio.run, scenario())
 
 
 async def _qemu_destination(tmp_path, incoming: str, mem_mib: int):

@@ -27,7 +27,6 @@ qemu.qmp is asyncio-only, so it runs in a worker thread under
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
 import subprocess
@@ -36,6 +35,7 @@ import numpy as np
 import pytest
 import trio
 
+from .harness import qemu_qmp as qmp
 from transport import (
     EndOfStream,
     RamEOS,
@@ -66,22 +66,6 @@ def _qemu_version() -> tuple[int, int]:
     out = subprocess.run([QEMU, "--version"], capture_output=True, text=True, check=True).stdout
     major, minor = re.search(r"version (\d+)\.(\d+)", out).groups()  # type: ignore[union-attr]
     return int(major), int(minor)
-
-
-async def qmp(path, *commands: tuple[str, dict | None]) -> list:
-    """Run QMP commands on a fresh connection (asyncio in a worker thread)."""
-
-    async def scenario() -> list:
-        from qemu.qmp import QMPClient
-
-        client = QMPClient("migrator-interop-test")
-        await client.connect(str(path))
-        try:
-            return [await client.execute(name, args) for name, args in commands]
-        finally:
-            await client.disconnect()
-
-    return await trio.to_thread.run_sync(asyncio.run, scenario())
 
 
 async def _wait_for_path(path, proc) -> None:
