@@ -36,14 +36,16 @@ import numpy as np
 import trio
 
 from memory import GLOBAL_DIRTY_MIGRATION, TARGET_PAGE_SIZE
+from transport import (NEED_DATA, Configuration, ConnectionClosed, DeviceState, EndOfStream,
+                       ProtocolError, RamEOS, RamMemSize, RamPages, RamZeroPages, RateLimiter,
+                       SectionEnd, SectionFooter, SectionFull, SectionPart, SectionStart,
+                       StreamDecoder, StreamEncoder, StreamHeader, listen_channel, open_channel)
 
 from ._history import DowntimeBreakdown, IterationRecord, MigrationHistory
 from ._ram import RAMLoadState, RAMSaveState
 from ._status import MigrationStatus as S
 from .errors import MigrationError
 
-#: QEMU's BUFFER_DELAY: rate-limit and counters window.
-BUFFER_DELAY_S = 0.100
 #: QEMU's MAX_WAIT: one ram_save_iterate sends for at most 50 ms.
 MAX_WAIT_S = 0.050
 #: pages gathered and sent per batch (1 MiB).
@@ -139,8 +141,6 @@ class OutgoingMigration:
             self.cancel_scope.cancel()
 
     async def run(self) -> None:
-        from transport import StreamEncoder, open_channel
-
         vm, c = self.vm, self.counters
         c.start_ns = time.perf_counter_ns()
         c.history = MigrationHistory(label=vm.label, status="setup", setup=vm.describe_setup())
@@ -158,7 +158,6 @@ class OutgoingMigration:
         except OSError as exc:  # channel errors: peer died, refused...
             error = exc
         except Exception as exc:  # protocol errors and bugs: fail, keep the VM
-            from transport import ProtocolError
             if not isinstance(exc, ProtocolError):
                 vm.log(f"migration failed with an unexpected error: {exc!r}")
             error = exc
@@ -178,13 +177,16 @@ class OutgoingMigration:
                 c.downtime_bytes += n
             else:
                 c.precopy_bytes += n
-            self._window_bytes += n
+            self._limiter.account(n)
 
     async def _setup(self) -> None:
         vm, enc, c = self.vm, self._encoder, self.counters
-        self._window_start = time.perf_counter_ns()
-        self._window_bytes = 0
+        # QEMU's 100 ms windows: the rate limit and the bandwidth estimate
+        # (migration_rate_limit / migration_update_counters) share them.
+        self._limiter = RateLimiter(self.params.max_bandwidth)
+        self._counted_windows = 0
         self._window_pages = 0
+        self._window_t0 = time.perf_counter_ns()
         await self._send(enc.header() + enc.configuration(MACHINE_NAME))
         # ram_save_setup
         self.ram = RAMSaveState(vm.ms, vm.ram_blocks(),
@@ -283,36 +285,29 @@ class OutgoingMigration:
                 self.vm.vcpus.set_throttle(new)
 
     # -- counters (migration_update_counters) --------------------------------
-    def _update_counters(self, force: bool = False) -> None:
-        c = self.counters
+    def _update_counters(self) -> None:
+        """Once per completed 100 ms window: bandwidth, threshold, expected downtime."""
+        c, lim = self.counters, self._limiter
+        windows = lim.statistics().windows
+        if windows == self._counted_windows:
+            return
+        self._counted_windows = windows
         now = time.perf_counter_ns()
-        spent_ms = (now - self._window_start) / 1e6
-        if spent_ms < BUFFER_DELAY_S * 1000 and not force:
-            return
-        if spent_ms <= 0:
-            return
-        c.bandwidth_bytes_per_ms = self._window_bytes / spent_ms
+        spent_ms = max((now - self._window_t0) / 1e6, 1e-3)
+        c.bandwidth_bytes_per_ms = lim.bandwidth_bytes_per_s / 1000
         expected_bw = self.params.avail_switchover_bandwidth / 1000 or c.bandwidth_bytes_per_ms
         c.threshold_bytes = int(expected_bw * self.params.downtime_limit)
-        c.mbps = self._window_bytes * 8 / spent_ms / 1000
+        c.mbps = lim.bandwidth_bytes_per_s * 8 / 1e6
         c.pages_per_second = self._window_pages * 1000 / spent_ms
         if c.dirty_pages_rate and c.transferred > 10000 and c.bandwidth_bytes_per_ms:
             c.expected_downtime_ms = int(c.dirty_bytes_last_sync / c.bandwidth_bytes_per_ms)
-        self._window_start = now
-        self._window_bytes = 0
+        self._window_t0 = now
         self._window_pages = 0
 
-    def _rate_budget(self) -> float:
-        bw = self.params.max_bandwidth
-        return bw * BUFFER_DELAY_S if bw else float("inf")
-
     async def _rate_limit(self) -> None:
-        """Sleep to the end of the 100 ms window when over its budget."""
-        if self._window_bytes >= self._rate_budget():
-            end = self._window_start / 1e9 + BUFFER_DELAY_S
-            delay = end - time.perf_counter_ns() / 1e9
-            if delay > 0:
-                await trio.sleep(delay)
+        """migration_rate_limit: sleep to the end of a spent window, then count."""
+        self._limiter.set_rate(self.params.max_bandwidth)  # may change mid-migration
+        await self._limiter.wait_for_budget()
         self._update_counters()
 
     # -- iterations -----------------------------------------------------------
@@ -337,7 +332,7 @@ class OutgoingMigration:
         """Send dirty pages; True when none are left."""
         enc, ram, c = self._encoder, self.ram, self.counters
         while True:
-            if limited and self._window_bytes >= self._rate_budget():
+            if limited and self._limiter.over_budget():
                 return False
             if deadline_ns is not None and time.perf_counter_ns() > deadline_ns:
                 return False
@@ -400,7 +395,6 @@ class OutgoingMigration:
         bd.total_ms = (t5 - t0) / 1e6
         c.downtime_ms = int(round(bd.total_ms))
         c.history.downtime = bd
-        self._update_counters(force=True)
 
     async def _wait_return_path(self) -> None:
         size = struct.calcsize(RP_SHUT_FMT)
@@ -468,8 +462,6 @@ class IncomingMigration:
         self.resume_ms: float | None = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        from transport import listen_channel
-
         vm = self.vm
         vm.state.goto(S.SETUP)
         chan = None
@@ -498,7 +490,6 @@ class IncomingMigration:
             self.resume_ms = (time.perf_counter_ns() - t0) / 1e6
             await self._ack(chan, 0)
         except (MigrationError, OSError, Exception) as exc:  # noqa: BLE001 - any failure -> FAILED
-            from transport import ProtocolError
             if not isinstance(exc, (MigrationError, OSError, ProtocolError)):
                 vm.log(f"incoming migration failed with an unexpected error: {exc!r}")
             self.error_desc = str(exc)
@@ -526,10 +517,6 @@ class IncomingMigration:
 
     async def _receive(self, chan) -> bytes | None:
         """Receive the whole stream; returns the device state (or None)."""
-        from transport import (NEED_DATA, Configuration, ConnectionClosed, DeviceState, EndOfStream, RamEOS,
-                               RamMemSize, RamPages, RamZeroPages, SectionEnd, SectionFooter,
-                               SectionFull, SectionPart, SectionStart, StreamDecoder, StreamHeader)
-
         vm = self.vm
         dec = StreamDecoder(max_block_bytes={b.idstr: b.used_length for b in self.ram.blocks.values()})
         device_state = None
