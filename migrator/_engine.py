@@ -32,7 +32,6 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import trio
 
 from memory import GLOBAL_DIRTY_MIGRATION, TARGET_PAGE_SIZE

@@ -142,7 +142,7 @@ async def test_destination_killed_midway(tmp_path, trio_timeout):
 async def _converges(tmp_path, name, auto_converge: bool, seconds: float):
     uri = _uri("unix", tmp_path)
     async with vm_process(tmp_path, f"src-{name}", memory="32M", workload="random,rate=40000") as src, \
-            vm_process(tmp_path, f"dst-{name}", "--incoming", uri, "-S", memory="32M") as dst:
+            vm_process(tmp_path, f"dst-{name}", "--incoming", uri, "-S", memory="32M") as _dst:
         # 40000 pages/s = 164 MB/s of dirtying against 16 MiB/s of bandwidth
         await src.qmp.execute("migrate-set-parameters", {
             "max-bandwidth": 16 * MiB, "downtime-limit": 100,
