@@ -149,6 +149,17 @@ class RAMSaveState:
     def _take_from_block(self, bs: _BlockState, max_pages: int):
         bmap = bs.bmap
         start = bs.cursor_word
+        k = (max_pages + 63) // 64
+        if start + k <= bs.nwords and bmap[start] == _ALL_ONES:
+            run = bmap[start:start + k]
+            if (run == _ALL_ONES).all():
+                # The bulk pass: k whole words of dirty pages at the cursor.
+                # Same order as below: clear (protect), then test-and-clear.
+                self._clear_chunks(bs, start, start + k - 1)
+                run[:] = 0
+                self.migration_dirty_pages -= k * 64
+                bs.cursor_word = start + k
+                return np.arange(start * 64, (start + k) * 64, dtype=np.int64)
         while start < bs.nwords:
             window = bmap[start:start + self._WINDOW_WORDS]
             nz = np.flatnonzero(window)
@@ -158,7 +169,7 @@ class RAMSaveState:
                 k = int(np.searchsorted(csum, max_pages)) + 1  # words to take
                 k = min(k, nz.size)
                 words_idx = nz[:k] + start
-                self._clear_chunks(bs, words_idx)
+                self._clear_chunks(bs, int(words_idx[0]), int(words_idx[-1]))
                 taken = bmap[words_idx].copy()
                 bmap[words_idx] = 0  # test-and-clear, just before the read
                 bits = np.unpackbits(taken.view(np.uint8), bitorder="little").reshape(k, 64)
@@ -171,12 +182,19 @@ class RAMSaveState:
         bs.cursor_word = bs.nwords
         return None
 
-    def _clear_chunks(self, bs: _BlockState, words_idx: np.ndarray) -> None:
+    def _clear_chunks(self, bs: _BlockState, first_word: int, last_word: int) -> None:
+        """Clear (re-protect) the pending chunks of bmap words [first_word, last_word].
+
+        A chunk between two taken words that holds no taken word has no bmap
+        bit (its bits were taken, and its clear done, before), so its flag is
+        already False: taking the whole range clears exactly the chunks of
+        the taken words.
+        """
         if self.last_stage:
             return
         words_per_chunk = max(1, (1 << bs.shift) // 64)
-        chunks = np.unique(words_idx // words_per_chunk)
-        pending = chunks[bs.clear_bmap[chunks]]
+        c0, c1 = first_word // words_per_chunk, last_word // words_per_chunk
+        pending = np.flatnonzero(bs.clear_bmap[c0:c1 + 1]) + c0
         for chunk in pending.tolist():  # one per 2^shift pages, not per page
             bs.clear_bmap[chunk] = False
             start = (chunk << bs.shift) * TARGET_PAGE_SIZE
