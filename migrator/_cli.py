@@ -117,6 +117,7 @@ def _run(args, parser) -> int:
 
     from ._machine import parse_accel
     from ._vm import VM
+    from .errors import MigratorError
 
     accel = args.accel if not isinstance(args.accel, str) else parse_accel(args.accel)
     workload, wopts = args.workload if isinstance(args.workload, tuple) else (args.workload, {})
@@ -151,7 +152,28 @@ def _run(args, parser) -> int:
         trio.run(main_async)
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:  # startup failures: one clear line, like QEMU
+        leaves = _leaves(exc)
+        known = (OSError, MigratorError)
+        if not all(isinstance(e, known) for e in leaves):
+            raise  # a bug: keep the traceback
+        for e in leaves:
+            print(f"migrator: {_describe(e)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    return str(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,7 +20,7 @@ from ._machine import AccelConfig, Machine
 from ._params import MigrationOptions
 from ._status import DESTINATION_TRANSITIONS, SOURCE_TRANSITIONS, MigrationState
 from ._status import MigrationStatus as S
-from .errors import QMPError
+from .errors import MigratorError, QMPError
 
 
 def _generic(desc: str) -> QMPError:
@@ -119,10 +119,14 @@ class VM:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.vcpus.run)
-            if qmp_path is not None:
-                await nursery.start(self.server.serve_unix, qmp_path)
-            if qmp_tcp is not None:
-                await nursery.start(self.server.serve_tcp, *qmp_tcp)
+            try:
+                if qmp_path is not None:
+                    await nursery.start(self.server.serve_unix, qmp_path)
+                if qmp_tcp is not None:
+                    await nursery.start(self.server.serve_tcp, *qmp_tcp)
+            except OSError as exc:
+                where = f"unix:{qmp_path}" if qmp_path is not None else "tcp:%s:%d" % qmp_tcp
+                raise MigratorError(f"--qmp {where}: {exc.strerror or exc}") from exc
             if self.is_destination:
                 if self.incoming_uri != "defer":
                     await self._start_incoming(self.incoming_uri)
@@ -140,12 +144,12 @@ class VM:
         async def runner(task_status=trio.TASK_STATUS_IGNORED):
             try:
                 await self.incoming.run(task_status=task_status)
-            except Exception as exc:  # listening failed: already FAILED, reported
-                self.log(str(exc))
+            except MigratorError:
+                pass  # listening failed: FAILED, and reported by the caller below
 
         await self._nursery.start(runner)
         if self.incoming.error_desc and self.state.status is S.FAILED:
-            raise _generic(self.incoming.error_desc)
+            raise _generic(f"incoming {uri}: {self.incoming.error_desc}")
 
     # -- QMP commands ---------------------------------------------------------
     def commands(self):

@@ -53,3 +53,16 @@ async def test_run_rejects_bad_accel_and_uri(tmp_path):
             capture_stdout=True, capture_stderr=True, check=False, stdin=subprocess.DEVNULL)
         assert proc.returncode == 2, (args, proc.stderr)
         assert needle in proc.stderr, (args, proc.stderr)
+
+
+async def test_run_startup_errors_are_one_clear_line(tmp_path):
+    for args, needle in ((["--incoming", f"file:{tmp_path}/missing.stream"], b"missing.stream"),
+                         (["--qmp", f"unix:{tmp_path}/no/such/dir/q.sock"], b"--qmp unix:")):
+        cmd = [sys.executable, "-m", "migrator", "run", "--memory", "16M"]
+        if "--qmp" not in args:
+            cmd += ["--qmp", f"unix:{tmp_path}/q.sock"]
+        proc = await trio.run_process(cmd + args, capture_stdout=True, capture_stderr=True, check=False,
+                                      stdin=subprocess.DEVNULL)
+        assert proc.returncode == 1, proc.stderr
+        assert needle in proc.stderr and b"Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.count(b"\n") == 1, proc.stderr
