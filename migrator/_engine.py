@@ -66,6 +66,14 @@ DEVICE_SECTION_VERSION = 1
 MACHINE_NAME = "none"
 
 
+def error_desc(exc: BaseException) -> str:
+    """``error-desc`` text: the message without Python's ``[Errno N]`` prefix."""
+    text = str(exc)
+    if isinstance(exc, OSError) and text.startswith("[Errno"):
+        text = text.split("] ", 1)[-1]
+    return text
+
+
 def _has_return_path(uri: str) -> bool:
     """Sockets carry a return path (QEMU's MIG_RP_MSG_SHUT); files do not."""
     return uri.startswith(("tcp:", "unix:"))
@@ -434,7 +442,7 @@ class OutgoingMigration:
             if status is S.CANCELLING:
                 vm.state.goto(S.CANCELLED)
             elif vm.state.running:
-                c.error_desc = str(error) if error is not None else "migration was cancelled"
+                c.error_desc = error_desc(error) if error is not None else "migration was cancelled"
                 vm.state.goto(S.FAILED)
             if self._stopped_vm and self._vm_was_running:
                 await vm.vm_start()
@@ -467,7 +475,7 @@ class IncomingMigration:
         try:
             listener = await listen_channel(self.uri)
         except (OSError, ValueError) as exc:
-            self.error_desc = str(exc)
+            self.error_desc = error_desc(exc)
             vm.state.goto(S.FAILED)
             task_status.started()
             raise MigrationError(f"Failed to listen on {self.uri}: {exc}") from exc
@@ -491,7 +499,7 @@ class IncomingMigration:
         except (MigrationError, OSError, Exception) as exc:  # noqa: BLE001 - any failure -> FAILED
             if not isinstance(exc, (MigrationError, OSError, ProtocolError)):
                 vm.log(f"incoming migration failed with an unexpected error: {exc!r}")
-            self.error_desc = str(exc)
+            self.error_desc = error_desc(exc)
             if vm.state.status in (S.SETUP, S.ACTIVE):
                 vm.state.goto(S.FAILED)
             if chan is not None:
