@@ -21,6 +21,17 @@ see python-stack.md section 5):
   for a blocking ``sendall``.  ``TCP_NOTSENT_LOWAT`` = 4 MiB (writable only
   when less than half of it is still unsent) cuts that to ~100-200 partial
   sends and 0.15 CPU-s/GB.  Unix sockets need no such help.
+* The TCP reader had the mirror problem: woken for every few hundred KiB
+  that arrived (~470 reads per GiB, each a trip through the scheduler, the
+  decoder and the scatter).  ``SO_RCVLOWAT`` = 1 MiB on the accepted socket
+  makes epoll report it readable only once 1 MiB is queued (or the peer
+  closed, or the receive window is nearly shut): ~270 reads per GiB.  A
+  pause or the end of the stream can leave less than that queued for good,
+  so a read that waited ``RCVLOWAT_WAIT_S`` (2 ms) drops the mark to 1 byte
+  for one read.  A non-blocking read never waits for the mark, so nothing
+  that arrived is held back by more than those 2 ms.  Unix sockets ignore
+  the mark in poll (any queued byte makes them readable) and batch well
+  without it.
 * trio has no unix listener helper, so the listening socket is bound by hand.
   Like QEMU, a stale socket file at the path is unlinked before binding.
 
@@ -68,6 +79,8 @@ SOCKET_BUFFER_BYTES = 4 << 20
 TCP_NOTSENT_LOWAT_BYTES = 4 << 20
 _TCP_NOTSENT_LOWAT = getattr(_stdsocket, "TCP_NOTSENT_LOWAT", 25)  # linux/tcp.h
 RECV_CHUNK_BYTES = 4 << 20
+TCP_RCVLOWAT_BYTES = 1 << 20
+RCVLOWAT_WAIT_S = 0.002
 FILE_CHUNK_BYTES = 8 << 20
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
@@ -269,9 +282,14 @@ class SocketChannel(Channel):
 
     has_return_path = True
 
-    def __init__(self, sock: trio.socket.SocketType, peer: str) -> None:
+    def __init__(self, sock: trio.socket.SocketType, peer: str, *, rcvlowat: int = 0) -> None:
         super().__init__()
         self._sock = sock
+        self._rcvlowat = 0
+        if rcvlowat:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_RCVLOWAT, rcvlowat)
+                self._rcvlowat = rcvlowat
         self.peer = peer
         self._closed = False
         self.partial_sends = 0  #: sendmsg calls that sent only part of their iovecs
@@ -307,13 +325,28 @@ class SocketChannel(Channel):
         self._check_open()
         view = decoder.get_buffer(sizehint)
         with _translate(f"receive from {self.peer}"):
-            n = await self._sock.recv_into(view)
+            if self._rcvlowat:
+                n = await self._recv_lowat(view)
+            else:
+                n = await self._sock.recv_into(view)
         if n:
             decoder.buffer_updated(n)
             self.bytes_received += n
         else:
             decoder.receive_data(b"")
         return n
+
+    async def _recv_lowat(self, view: memoryview) -> int:
+        with trio.move_on_after(RCVLOWAT_WAIT_S):
+            return await self._sock.recv_into(view)
+        # Less than the low-water mark arrived in time (a pause in the
+        # stream, or its end): take whatever is (or next becomes) there.
+        self._sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_RCVLOWAT, 1)
+        try:
+            return await self._sock.recv_into(view)
+        finally:
+            with contextlib.suppress(OSError):  # closed meanwhile: never mask the real outcome
+                self._sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_RCVLOWAT, self._rcvlowat)
 
     async def receive_some(self, max_bytes: int) -> bytes:
         self._check_open()
@@ -477,6 +510,7 @@ class ChannelListener:
         _set_buffers(conn)
         if isinstance(addr, TcpAddress):
             conn.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+            return SocketChannel(conn, f"{self.uri} <- {peer or 'peer'}", rcvlowat=TCP_RCVLOWAT_BYTES)
         return SocketChannel(conn, f"{self.uri} <- {peer or 'peer'}")
 
     async def aclose(self) -> None:
