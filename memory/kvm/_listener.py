@@ -58,8 +58,15 @@ write-protects the page again.  Hence the one rule every mode obeys:
   stay writable and unlogged.  The draft issued it after every ``log_stop``;
   a display switching VGA logging off mid-migration (or migration ending
   while a display still logs) would lose writes.  Rule kept here: the
-  memory core's ``False`` request is deferred to ``commit`` and issued only
-  if no slot of this listener still logs dirty pages.
+  memory core's ``False`` request is deferred until every listener of the VM
+  has committed the topology update, and issued only if no slot of any of
+  them still logs dirty pages.
+
+  Both requests are per VM, not per listener (``WriteProtectAllHook``): the
+  ioctl protects every address space, so one call after the last fetch of
+  every listener covers them all, and it must be made if *any* of them
+  fetched without protection (x86 QEMU has two KVM listeners, as 0 and the
+  SMRAM address space as 1).
 
 Per-region syncs in write-protect-all mode (Paolo's open question)
 ==================================================================
@@ -163,6 +170,67 @@ class RegionSyncRule(enum.Enum):
     NAIVE = "naive"  # loses pages; for tests only
 
 
+class WriteProtectAllHook:
+    """The draft's ``kvm_write_protect_all_mem``: ONE per VM, shared by every
+    ``KVMMemoryListener`` of that VM (QEMU's ``kvm_init`` registers it once, and
+    ``KVM_WRITE_PROTECT_ALL_MEM`` acts on every address space of the VM).
+
+    Ordering rule it keeps: the memory core calls it with ``True`` after the
+    last fetch of EVERY listener; it must then protect if ANY listener of the
+    VM fetched without protection since the last call.  A per-listener hook
+    is wrong twice over: the memory core keeps one hook, so the last
+    registered listener's would replace the others' (and, if that listener
+    fetched nothing, the others' unprotected fetches would never be
+    re-protected), and unregistering it would leave the others fetching
+    ``WITHOUT_WRITE_PROTECT`` with no hook at all.  ``False`` (switch the lazy
+    protection off) is safe only when no slot of ANY listener of the VM still
+    logs, checked once every listener has applied its part of the topology
+    update.
+    """
+
+    def __init__(self, kvm: KvmVM) -> None:
+        self.kvm = kvm
+        self.listeners: list[KVMMemoryListener] = []
+        self.off_requested = False
+
+    def __call__(self, write: bool) -> None:
+        if not write:
+            self.off_requested = True
+            self.off_if_idle()
+            return
+        pending = [kml for kml in self.listeners if kml._wp_pending]
+        if not pending:
+            return  # no page was left unprotected since the last call
+        t0 = time.perf_counter_ns()
+        try:
+            self.kvm.write_protect_all(True)
+        except OSError as exc:
+            exc.add_note("KVM_WRITE_PROTECT_ALL_MEM(1)")
+            raise
+        dt = time.perf_counter_ns() - t0
+        for kml in pending:
+            kml._wp_pending = False
+            kml._n["write_protect_all_calls"] += 1
+            kml._n["write_protect_time_ns"] += dt
+            kml._n["last_write_protect_time_ns"] = dt
+
+    def off_if_idle(self) -> None:
+        """Issue a requested ``KVM_WRITE_PROTECT_ALL_MEM(0)`` once no listener of
+        the VM is inside a topology update, and only if no slot logs."""
+        if not self.off_requested or any(kml._in_transaction for kml in self.listeners):
+            return
+        self.off_requested = False
+        if any(mem.flags & KVM_MEM_LOG_DIRTY_PAGES for kml in self.listeners for mem in kml._slots.values()):
+            return  # some slot still logs: its writes rely on the lazy protection
+        try:
+            self.kvm.write_protect_all(False)
+        except OSError as exc:
+            exc.add_note("KVM_WRITE_PROTECT_ALL_MEM(0)")
+            raise
+        for kml in self.listeners:
+            kml._n["write_protect_off_calls"] += 1
+
+
 class KVMSlot:
     """``KVMSlot`` (include/system/kvm_int.h).  ``ram`` is the host view."""
 
@@ -241,7 +309,7 @@ class KVMMemoryListener(MemoryListener):
     ``kvm_memory_listener_register``); registration replays the current
     topology into memslots.  In write-protect-all mode the constructor
     installs the memory core's write-protect-all hook (as the draft's
-    ``kvm_init`` does).
+    ``kvm_init`` does), or joins the one already installed for the same VM.
 
     Args:
         memory_system: the VM's memory core.
@@ -310,8 +378,6 @@ class KVMMemoryListener(MemoryListener):
         self._transaction_del: list[MemoryRegionSection] = []
         # Pages were fetched WITHOUT_WRITE_PROTECT and not yet re-protected.
         self._wp_pending = False
-        # write_protect_all(False) requested during the current topology update.
-        self._wp_off_requested = False
         self._in_transaction = False
         self._sync_generation = -1
         self._n: dict[str, int] = dict.fromkeys(
@@ -324,8 +390,14 @@ class KVMMemoryListener(MemoryListener):
             0,
         )
 
+        self._wp_hook: WriteProtectAllHook | None = None
         if self.mode is DirtyLogMode.WRITE_PROTECT_ALL:
-            memory_system.memory_register_write_protect_all(self._write_protect_all_mem)
+            hook = memory_system._write_protect_all_fn
+            if not (isinstance(hook, WriteProtectAllHook) and hook.kvm is kvm):
+                hook = WriteProtectAllHook(kvm)
+                memory_system.memory_register_write_protect_all(hook)
+            hook.listeners.append(self)
+            self._wp_hook = hook
 
     # -- setup -------------------------------------------------------------------
     def _choose_mode(self, write_protect_all: bool | None, manual_protect: bool | None) -> DirtyLogMode:
@@ -363,10 +435,13 @@ class KVMMemoryListener(MemoryListener):
 
     def unregister(self) -> None:
         """``memory_listener_unregister`` (deletes every slot, harvesting logged
-        ones) and drop the write-protect-all hook if it is ours."""
+        ones); the VM's write-protect-all hook goes with its last listener."""
         self.ms.memory_listener_unregister(self)
-        if self.ms._write_protect_all_fn == self._write_protect_all_mem:
-            self.ms.memory_register_write_protect_all(None)
+        hook = self._wp_hook
+        if hook is not None and self in hook.listeners:
+            hook.listeners.remove(self)
+            if not hook.listeners and self.ms._write_protect_all_fn is hook:
+                self.ms.memory_register_write_protect_all(None)
 
     # -- queries -----------------------------------------------------------------
     @property
@@ -547,19 +622,8 @@ class KVMMemoryListener(MemoryListener):
             self._set_phys_mem(section, False)
         for section in adds:
             self._set_phys_mem(section, True)
-        if self._wp_off_requested:
-            self._wp_off_requested = False
-            self._write_protect_all_off_if_unlogged()
-
-    def _write_protect_all_off_if_unlogged(self) -> None:
-        if any(mem.flags & KVM_MEM_LOG_DIRTY_PAGES for mem in self._slots.values()):
-            return  # some slot still logs: its writes rely on the lazy protection
-        try:
-            self.kvm.write_protect_all(False)
-        except OSError as exc:
-            exc.add_note("KVM_WRITE_PROTECT_ALL_MEM(0)")
-            raise
-        self._n["write_protect_off_calls"] += 1
+        if self._wp_hook is not None:
+            self._wp_hook.off_if_idle()  # a deferred request, once every listener committed
 
     def log_start(self, section: MemoryRegionSection, old: int, new: int) -> None:
         if old != 0:
@@ -598,7 +662,8 @@ class KVMMemoryListener(MemoryListener):
         if unprotected and fetched:
             self._wp_pending = True
             if not is_global and self.region_sync_rule is RegionSyncRule.WRITE_PROTECT_ALL:
-                self._write_protect_all_mem(True)
+                assert self._wp_hook is not None
+                self._wp_hook(True)
             # NAIVE: nothing re-protects the fetched pages until the next global sync.
 
     def physical_sync_dirty_bitmap(self, section: MemoryRegionSection, flags: int = 0) -> int:
@@ -618,34 +683,6 @@ class KVMMemoryListener(MemoryListener):
             start += slot_size
             size -= slot_size
         return fetched
-
-    def _write_protect_all_mem(self, write: bool) -> None:
-        """The draft's ``kvm_write_protect_all_mem``, registered as the memory
-        core's write-protect-all hook (write-protect-all mode only).
-
-        ``True``: protect now, if anything was fetched without protection
-        since the last call.  ``False``: see the module docstring - deferred
-        to ``commit`` and issued only when no slot logs any more.
-        """
-        if not write:
-            self._wp_off_requested = True
-            if not self._in_transaction:
-                self._wp_off_requested = False
-                self._write_protect_all_off_if_unlogged()
-            return
-        if not self._wp_pending:
-            return  # no page was left unprotected since the last call
-        t0 = time.perf_counter_ns()
-        try:
-            self.kvm.write_protect_all(True)
-        except OSError as exc:
-            exc.add_note("KVM_WRITE_PROTECT_ALL_MEM(1)")
-            raise
-        dt = time.perf_counter_ns() - t0
-        self._wp_pending = False
-        self._n["write_protect_all_calls"] += 1
-        self._n["write_protect_time_ns"] += dt
-        self._n["last_write_protect_time_ns"] = dt
 
     def log_clear(self, section: MemoryRegionSection) -> None:
         """``kvm_log_clear`` -> ``kvm_physical_log_clear`` (manual protect only)."""

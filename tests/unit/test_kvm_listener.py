@@ -21,7 +21,7 @@ from memory import (
     MemoryListener,
     MemorySystem,
 )
-from memory.kvm._listener import DirtyLogMode, KVMMemoryListener, RegionSyncRule
+from memory.kvm._listener import DirtyLogMode, KVMMemoryListener, RegionSyncRule, WriteProtectAllHook
 from memory.kvm.linux_kvm import (
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_CAP_NR_MEMSLOTS,
@@ -484,3 +484,79 @@ def test_dirty_ring_uses_log_sync_global():
     ms.system_memory.del_subregion(r)
     assert dm.get_dirty(DIRTY_MEMORY_MIGRATION, 1, 1)
     assert kml.mode is DirtyLogMode.DIRTY_RING
+
+
+def _two_address_spaces(kvm, *, second_has_ram: bool):
+    """KVM's as 0 (system memory) and as 1 (an SMRAM-like space), one listener each,
+    both in write-protect-all mode on the same VM: QEMU's kvm_init registers the
+    write-protect-all function once per VM, not once per listener."""
+    ms = MemorySystem()
+    smm_root = ms.memory_region_init("smm-root", 1 << 32)
+    smm_as = ms.address_space_init(smm_root, "smm")
+    kml0 = KVMMemoryListener(ms, kvm, as_id=0)
+    ms.memory_listener_register(kml0, ms.address_space_memory)
+    kml1 = KVMMemoryListener(ms, kvm, as_id=1, name="kvm-smram")
+    ms.memory_listener_register(kml1, smm_as)
+    r = ms.memory_region_init_ram("r", 4 * P)
+    ms.system_memory.add_subregion(0, r)
+    if second_has_ram:
+        s = ms.memory_region_init_ram("smram", 4 * P)
+        smm_root.add_subregion(0xA0000, s)
+    return ms, kml0, kml1, r
+
+
+@pytest.mark.parametrize("second_has_ram", [False, True])
+def test_write_protect_all_is_per_vm_not_per_listener(second_has_ram):
+    """The write-protect-all hook must run after the last fetch of EVERY listener
+    and must fire when ANY of them fetched without protection - here the as-1
+    listener registered last (its hook would replace as 0's) and fetched nothing."""
+    log = []
+    kvm = FakeKvm(WP_CAPS, log=log)
+    ms, kml0, kml1, r = _two_address_spaces(kvm, second_has_ram=second_has_ram)
+    ms.memory_global_dirty_log_start(GLOBAL_DIRTY_MIGRATION)
+    assert ms._write_protect_all_fn is kml0._wp_hook is kml1._wp_hook
+    W = KVM_DIRTY_LOG_WITHOUT_WRITE_PROTECT
+
+    def sync_log():
+        kvm.dirty(0, 2)
+        log.clear()
+        ms.memory_global_dirty_log_sync()
+        gets = [e for e in log if e[0] == "get"]
+        assert gets[0] == ("get", 0, W) and all(e[2] == W for e in gets)
+        return list(log)
+
+    # the broken variant: one hook per listener, the last registered (as 1) wins
+    shared = ms._write_protect_all_fn
+    per_listener = WriteProtectAllHook(kvm)
+    per_listener.listeners.append(kml1)
+    ms.memory_register_write_protect_all(per_listener)
+    out = sync_log()
+    if second_has_ram:
+        assert out[-1] == ("wp", True)  # saved by as 1 having fetched something too
+    else:
+        assert ("wp", True) not in out  # as 0's page 2 left writable and unlogged
+    kml0._wp_pending = kml1._wp_pending = False
+    ms.memory_register_write_protect_all(shared)
+    out = sync_log()
+    assert out[-1] == ("wp", True) and out.count(("wp", True)) == 1  # once, after every fetch
+    # the stopping side is per VM too: off only when no slot of ANY listener logs
+    log.clear()
+    kml1.unregister()
+    ms.memory_global_dirty_log_stop(GLOBAL_DIRTY_MIGRATION)
+    assert log.count(("wp", False)) == 1 and ms._write_protect_all_fn is not None
+    kml0.unregister()
+    assert ms._write_protect_all_fn is None
+
+
+def test_write_protect_all_off_waits_for_every_listener_of_the_vm():
+    log = []
+    kvm = FakeKvm(WP_CAPS, log=log)
+    ms, kml0, kml1, r = _two_address_spaces(kvm, second_has_ram=True)
+    smram = kml1.address_space.root.subregions[0]
+    ms.memory_global_dirty_log_start(GLOBAL_DIRTY_MIGRATION)
+    smram.set_log(True)  # a (hypothetical) display on SMRAM keeps as 1 logging
+    log.clear()
+    ms.memory_global_dirty_log_stop(GLOBAL_DIRTY_MIGRATION)  # as 0 stops logging
+    assert ("wp", False) not in log  # as 1's slot still relies on the lazy protection
+    smram.set_log(False)
+    assert log[-1] == ("wp", False)
