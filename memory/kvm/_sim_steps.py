@@ -36,8 +36,11 @@ if TYPE_CHECKING:
 
     from .simulated import SimKVM, _MemSlot
 
-#: the correct order and the two broken ones the ordering rules forbid
-ORDERS = ("spte_first", "dirty_first", "dirty_before_rmap")
+#: the correct order and the broken ones the ordering rules forbid: the
+#: dirty bit before the spte is writable (rule 1), before the rmap add
+#: (rule 2), and a push-down that makes the upper entry writable before it
+#: protects the child table (rule 6)
+ORDERS = ("spte_first", "dirty_first", "dirty_before_rmap", "upper_first")
 
 _MAP_WRITABLE = np.uint8(int(SPTE_PRESENT | SPTE_WRITABLE | SPTE_MMU_WRITABLE))
 
@@ -124,11 +127,23 @@ def _write_fault(kvm: SimKVM, ms: _MemSlot, gfn: int, vcpu: int, order: str, val
                     stats["tables_created"] += 1
                     yield SimStep(actor, f"link_table_l{level}", one)
                 elif not fl & int(SPTE_WRITABLE):
+                    stats["faults_push_down"] += 1
+                    child_rows = child.lookup(np.array([e]))
+                    if order == "upper_first":
+                        # broken: the entry is writable while its child table
+                        # still holds the writable entries of the old generation
+                        mmu.spte_write(level, fi, np.array([fl | int(SPTE_WRITABLE)], dtype=np.uint8))
+                        yield SimStep(actor, f"push_down_upper_l{level}", one)
+                        if mmu.load_tables(level - 1, child_rows, indicator).any():
+                            stats["tlb_flushes"] += 1
+                        yield SimStep(actor, f"load_child_l{level}", one)
+                        continue
                     # rule 6: protect the child, then make this entry writable
-                    if mmu.load_tables(level - 1, child.lookup(np.array([e])), indicator).any():
+                    # (one step: both happen under mmu_lock, and no walker
+                    # can use the entry before it is writable)
+                    if mmu.load_tables(level - 1, child_rows, indicator).any():
                         stats["tlb_flushes"] += 1
                     mmu.spte_write(level, fi, np.array([fl | int(SPTE_WRITABLE)], dtype=np.uint8))
-                    stats["faults_push_down"] += 1
                     yield SimStep(actor, f"push_down_l{level}", one)
             li, f = _leaf(kvm, g)
             if not f & int(SPTE_PRESENT):
@@ -141,7 +156,7 @@ def _write_fault(kvm: SimKVM, ms: _MemSlot, gfn: int, vcpu: int, order: str, val
                     yield mark()
                 mmu.spte_write(1, np.array([li]), np.array([_MAP_WRITABLE]))
                 yield SimStep(actor, "set_spte", one)
-                if order == "spte_first":
+                if order not in ("dirty_first", "dirty_before_rmap"):
                     yield mark()
             else:
                 # a present leaf fixed after a push-down: rule 1 only

@@ -791,8 +791,10 @@ class SimKVM:
         ``value`` (default: byte 0 + 1) to the page only if the vCPU can
         write it at that moment, and otherwise takes the fault again.
         ``order``: "spte_first" (correct), "dirty_first" (dirty bit before
-        the spte is made writable) or "dirty_before_rmap" (dirty bit before
-        the rmap add).  Validates eagerly (EFAULT, EBADF, ValueError).
+        the spte is made writable), "dirty_before_rmap" (dirty bit before
+        the rmap add) or "upper_first" (a push-down makes the upper entry
+        writable before it protects the child table, as two steps).
+        Validates eagerly (EFAULT, EBADF, ValueError).
         """
         return _sim_steps.write_fault_steps(self, gfn, vcpu, order, value)
 

@@ -252,3 +252,94 @@ def test_copying_before_write_protect_all_loses_a_write(kind: str) -> None:
     runs = explore(kind, "spte_first", "wp_all_broken")
     assert any(r.lost for r in runs)
     assert all(r.violations for r in runs if r.lost)
+
+
+# ---------------------------------------------------------------------------
+# rule 6: the push-down, with a second vCPU storing through the same tables
+# ---------------------------------------------------------------------------
+Q = PAGE + 1  # the other vCPU's page: same leaf table as P
+
+
+def _setup_push_down() -> tuple[SimKVM, np.ndarray]:
+    """P and Q mapped writable and dirty; one round of the 2017 protocol
+    (GET without write protect, WP-all, copy the snapshot); both vCPUs then
+    reloaded the root (it is protected; nothing below it is yet)."""
+    _BLOCK.host[:] = 0
+    vm = SimKVM(nr_vcpus=2)
+    vm.set_user_memory_region(UserMemoryRegion(0, K.KVM_MEM_LOG_DIRTY_PAGES, 0, NPAGES * 4096, _BLOCK.host))
+    vm.vcpu_write(np.array([PAGE, Q]))
+    bm = np.zeros(1, dtype=np.uint64)
+    vm.get_dirty_log(0, bm, WWP)
+    vm.write_protect_all(True)
+    dest = _BLOCK.pages.copy()  # the snapshot's pages, copied after WP-all
+    vm._enter_guest(0, 0)
+    vm._enter_guest(1, 0)
+    assert vm.inspect_spte(Q).writable and not vm.inspect_spte(Q).effectively_writable
+    return vm, dest
+
+
+def _explore_two_vcpus(order: str) -> list[tuple[list, list, bool]]:
+    """Every interleaving of vCPU 0 writing P (``order``) and vCPU 1 writing Q
+    (kernel order); at each step, Marcelo's rule for both pages (outside a
+    vCPU's own fault window); then a final GET + copy.  Returns
+    ``(trace, violations, lost)`` per interleaving."""
+    out = []
+
+    def replay(schedule):
+        vm, dest = _setup_push_down()
+        threads = {
+            0: vm.write_fault_steps(PAGE, 0, order=order, value=0x11),
+            1: vm.write_fault_steps(Q, 1, value=0x22),
+        }
+        window = {0: False, 1: False}
+        trace, violations, done = [], [], set()
+        for v in schedule:
+            step = next(threads[v])
+            trace.append((v, step.action))
+            if step.action in ("fast_set_writable", "set_spte"):
+                window[v] = True
+            elif step.action in ("mark_dirty", "store_faulted"):
+                window[v] = False
+            elif step.action == "store":
+                done.add(v)
+            for v2, page in ((0, PAGE), (1, Q)):
+                info = vm.inspect_spte(page)
+                if info.effectively_writable and not info.dirty_logged and not window[v2]:
+                    violations.append((page, list(trace)))
+        return vm, dest, trace, violations, done
+
+    def rec(schedule):
+        vm, dest, trace, violations, done = replay(schedule)
+        runnable = [v for v in (0, 1) if v not in done]
+        if runnable:
+            for v in runnable:
+                rec(schedule + [v])
+            return
+        bm = np.zeros(1, dtype=np.uint64)
+        vm.get_dirty_log(0, bm)  # vCPUs stopped: the final sync
+        pages = np.flatnonzero(np.unpackbits(bm.view(np.uint8), bitorder="little"))
+        dest[pages] = _BLOCK.pages[pages]
+        assert (_BLOCK.pages[PAGE][0], _BLOCK.pages[Q][0]) == (0x11, 0x22)
+        out.append((trace, violations, not np.array_equal(dest, _BLOCK.pages)))
+
+    rec([])
+    return out
+
+
+def test_push_down_protects_the_child_first_never_loses_a_write() -> None:
+    runs = _explore_two_vcpus("spte_first")
+    assert len(runs) >= 20
+    assert [t for t, v, lost in runs if v or lost] == []
+    # not vacuous: vCPU 1 sometimes finds the tables already pushed down by vCPU 0
+    assert any(t.count((1, "store")) and not any(v == 1 and a.startswith("push_down") for v, a in t) for t, _, _ in runs)
+
+
+def test_push_down_making_the_upper_entry_writable_first_loses_a_write() -> None:
+    """Rule 6 reversed: between vCPU 0 making the root entry writable and
+    loading (protecting) the table below it, vCPU 1's store to Q goes through
+    the old generation's writable entries without a fault: nothing logs it."""
+    runs = _explore_two_vcpus("upper_first")
+    losing = [t for t, _, lost in runs if lost]
+    assert losing
+    assert all(v for t, v, lost in runs if lost)  # the rule check sees it first
+    assert any(t[:3] == [(0, "push_down_upper_l4"), (1, "store"), (0, "load_child_l4")] for t in losing)
