@@ -502,11 +502,21 @@ def test_draft_write_protect_all_off_on_vga_log_stop_would_lose_pages():
             w.check_migration()
 
 
-def test_manual_clear_keeps_a_write_made_after_the_get():
+@pytest.mark.parametrize("only_fetched", [True, False])
+def test_manual_clear_keeps_a_write_made_after_the_get(only_fetched):
     """Manual protect: a page written (and faulted) after the sync's GET, in a
     chunk that is then cleared before sending another page, keeps its bit:
-    only the fetched bits are cleared (kvm.md, semantics 5)."""
+    only the fetched bits are cleared (kvm.md, semantics 5).  The broken
+    variant clears every bit of the 64-page window (as if all were fetched)."""
     w = World("manual")
+    if not only_fetched:
+        real = w.kml._log_clear_one_slot
+
+        def clear_whole_window(mem, start, size):
+            mem.dirty_bmap[:] = np.uint64(0xFFFF_FFFF_FFFF_FFFF)  # "fetched": everything
+            real(mem, start, size)
+
+        w.kml._log_clear_one_slot = clear_whole_window
     w.migration_start()
     for mr in w.regions:
         w.send(mr, np.flatnonzero(w.bmap[mr.name]))
@@ -514,13 +524,22 @@ def test_manual_clear_keeps_a_write_made_after_the_get():
     w.migration_sync()  # GET: Q fetched, chunk 0 pending a clear
     w.write_gfns([2])  # P: clean and protected at GET time, faults now
     w.send(w.ram, np.array([1]))  # clear chunk 0 (Q's bit only), copy Q
-    assert w.kvm.peek_dirty_log(w.kml.lookup_matching_slot(0, SLOT_PAGES * P).id)[0] == 1 << 2
-    w.check_migration()
+    kernel_bits = w.kvm.peek_dirty_log(w.kml.lookup_matching_slot(0, SLOT_PAGES * P).id)[0]
+    if only_fetched:
+        assert kernel_bits == 1 << 2
+        w.check_migration()
+    else:
+        assert kernel_bits == 0
+        with pytest.raises(AssertionError, match=r"pc.ram pages \[2\]"):
+            w.check_migration()
 
 
+@pytest.mark.parametrize("harvest", [True, False])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_slot_moves_and_holes_keep_bits(mode):
-    """Writes to a slot that is then moved, punched or removed are harvested."""
+def test_slot_moves_and_holes_keep_bits(mode, harvest):
+    """Writes to a slot that is then moved, punched or removed are harvested.
+    The broken variant deletes the slots without fetching their bits first
+    (what is ORed into the clients is then only the last sync's cache)."""
     w = World(mode)
     w.migration_start()
     for mr in w.regions:
@@ -528,10 +547,18 @@ def test_slot_moves_and_holes_keep_bits(mode):
     w.migration_sync()
     mid = MID_ADDRS[0] >> TARGET_PAGE_BITS
     w.write_gfns([mid + 4, mid + 5, mid + 20, (0x200000 >> TARGET_PAGE_BITS) + 1])
+    if not harvest:
+        w.kml._slot_get_dirty_log = lambda mem, flags: None  # no GET before the delete
     with w.ms.transaction():
         w.hole.set_enabled(True)  # punches mid: its slots are deleted and re-added
         w.ms.system_memory.del_subregion(w.hi)
     assert w.kml.statistics().harvests >= 2
+    if not harvest:
+        del w.kml._slot_get_dirty_log
+        # (manual: the slot re-added over mid+20 starts all dirty, INITIALLY_SET)
+        with pytest.raises(AssertionError, match=r"lost writes to pc.ram pages \[36, 37, (52, )?65\]"):
+            w.check_migration()
+        return
     w.check_migration()
     stats = w.kml.statistics()
     assert stats.mode == w.kml.mode.value and stats.global_syncs >= 3 and stats.pages_fetched > 0
