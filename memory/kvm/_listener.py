@@ -763,15 +763,21 @@ class KVMMemoryListener(MemoryListener):
         if not len(offsets):
             return 0
         by_id = {mem.id: mem for mem in self._slots.values()}
-        for sid in np.unique(slots).tolist():
+        ids = np.sort(slots)  # (np.unique is ~10x slower than a sort here)
+        for sid in ids[np.r_[True, ids[1:] != ids[:-1]]].tolist():
             mem = by_id.get(sid)
             if mem is None or mem.dirty_bmap is None:
                 continue  # another address space, or a slot already gone
             offs = offsets[slots == sid]
-            offs = offs[offs < mem.memory_size // self.page_size]
-            bits = np.zeros(len(mem.dirty_bmap) * 64, dtype=np.uint8)
-            bits[offs] = 1
-            mem.dirty_bmap |= np.packbits(bits, bitorder="little").view(np.uint64)
+            offs = np.sort(offs[offs < mem.memory_size // self.page_size])
+            if not offs.size:
+                continue
+            # O(entries), not O(slot size): OR one word per run of entries
+            # (repeats are harmless to an OR)
+            words = offs >> 6
+            bits = np.left_shift(np.uint64(1), (offs & 63).astype(np.uint64))
+            starts = np.flatnonzero(np.r_[True, words[1:] != words[:-1]])
+            mem.dirty_bmap[words[starts]] |= np.bitwise_or.reduceat(bits, starts)
         return len(offsets)
 
     def _log_sync_global_ring(self, last_stage: bool) -> None:

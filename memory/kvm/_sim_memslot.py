@@ -63,8 +63,15 @@ def unique_first(g: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.in
     """Sorted unique gfns and each one's first position in the batch (None: identity)."""
     if g.size == 1 or bool((g[1:] > g[:-1]).all()):
         return g, None
-    u, first = np.unique(g, return_index=True)
-    return u, first.astype(np.int64, copy=False)
+    # a stable argsort keeps equal gfns in batch order, so the first of each
+    # run is the first occurrence (np.unique(return_index=True) does the
+    # same, 1.5-3x slower on numpy 2.4)
+    order = np.argsort(g, kind="stable")
+    gs = g[order]
+    keep = np.empty(gs.size, dtype=np.bool_)
+    keep[0] = True
+    np.not_equal(gs[1:], gs[:-1], out=keep[1:])
+    return gs[keep], order[keep].astype(np.int64, copy=False)
 
 
 def bitmap_pages(words: NDArray[np.uint64], word_idx: NDArray[np.int64]) -> NDArray[np.int64]:

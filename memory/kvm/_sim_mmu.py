@@ -103,6 +103,14 @@ def run_starts(a: NDArray[np.int64]) -> NDArray[np.int64]:
     return out
 
 
+def sorted_unique(a: NDArray[np.int64]) -> NDArray[np.int64]:
+    """``np.unique(a)`` by a sort (numpy 2.4's ``np.unique`` is far slower)."""
+    s = np.sort(a)
+    if s.size < 2:
+        return s
+    return s[np.r_[True, s[1:] != s[:-1]]]
+
+
 def run_lengths(starts: NDArray[np.int64], n: int) -> NDArray[np.int64]:
     ends = np.empty_like(starts)
     ends[:-1] = starts[1:]
@@ -361,7 +369,7 @@ class Mmu:
         upper_slow = 0
         flushes = 0
         if slow_firsts:
-            sf = np.unique(np.concatenate(slow_firsts))
+            sf = sorted_unique(np.concatenate(slow_firsts))
             upper_slow = int(sf.size)
             slow = np.zeros(n, dtype=np.bool_)
             if first is None:
@@ -371,7 +379,7 @@ class Mmu:
                 inv[first] = np.arange(n, dtype=np.int64)
                 slow[inv[sf]] = True
             if flush_firsts:
-                flushes = int(np.unique(np.concatenate(flush_firsts)).size)
+                flushes = int(sorted_unique(np.concatenate(flush_firsts)).size)
         return WalkResult(leaf_index, slow, flushes, upper_slow)
 
     # ------------------------------------------------------------------

@@ -560,3 +560,23 @@ def test_write_protect_all_off_waits_for_every_listener_of_the_vm():
     assert ("wp", False) not in log  # as 1's slot still relies on the lazy protection
     smram.set_log(False)
     assert log[-1] == ("wp", False)
+
+
+def test_dirty_ring_reap_marks_exactly_the_harvested_pages():
+    """The vectorised reap (one OR per word of entries, O(entries)) against a
+    per-entry reference: unsorted entries, repeats, several slots, entries past
+    a slot's end or for a slot that is not ours are dropped."""
+    ms = MemorySystem()
+    kvm = FakeRingKvm()
+    kml = KVMMemoryListener(ms, kvm, dirty_ring=True, max_slot_size=200 * P)
+    ms.memory_listener_register(kml, ms.address_space_memory)
+    r = ms.memory_region_init_ram("r", 500 * P)  # slots of 200, 200, 100 pages
+    ms.system_memory.add_subregion(0, r)
+    ms.memory_global_dirty_log_start(GLOBAL_DIRTY_MIGRATION)
+    dm = ms.dirty_memory
+    dm.xchg_words(DIRTY_MEMORY_MIGRATION, 0, dm.nwords)
+    rng = np.random.default_rng(1)
+    kvm.ring = [(int(s), int(o)) for s, o in zip(rng.integers(0, 4, 3000), rng.integers(0, 210, 3000))]
+    expect = sorted({s * 200 + o for s, o in kvm.ring if s < 3 and o < (200, 200, 100)[s]})
+    ms.memory_global_dirty_log_sync()
+    np.testing.assert_array_equal(dm.dirty_pages(DIRTY_MEMORY_MIGRATION, 0, 500), expect)
