@@ -49,9 +49,13 @@ The draft also calls the hook with ``False`` after each ``log_stop`` of the
 topology update; so does this core.  Switching the kernel's lazy protection
 off is only safe once *no* slot logs any more (a display turning VGA off in
 the middle of a migration, or migration ending while a display still logs,
-must not disable it): the KVM listener, which knows its slots' flags, defers
-the request to its ``commit`` and issues ``KVM_WRITE_PROTECT_ALL_MEM(0)`` only
-if no logged slot is left (see memory/kvm/_listener.py).
+must not disable it): the KVM listeners, which know their slots' flags, defer
+the request until every KVM listener of the VM has committed and issue
+``KVM_WRITE_PROTECT_ALL_MEM(0)`` only if no logged slot is left in any of
+them (see memory/kvm/_listener.py).  There is one hook per VM, as in the
+draft: with several KVM listeners (x86: as 0 and SMRAM's as 1), the ``True``
+call after the last fetch protects if any of them fetched without
+protection.
 """
 
 from __future__ import annotations

@@ -78,14 +78,20 @@ in 2017, ``memory_region_snapshot_and_clear_dirty`` today), at its refresh
 rate, between migration's global syncs.  Nothing calls write-protect-all at
 the end of such a sync.  If it fetched with ``WITHOUT_WRITE_PROTECT`` (the
 draft's unconditional flag - ``RegionSyncRule.NAIVE``), a page P it fetched
-stays writable with its kernel bit cleared.  Its bit went into VGA *and*
-MIGRATION, so migration sends P once; but the guest's next write to P does
-not fault, is never logged, and the destination keeps the old P: a lost page.
-The sequence: global sync + WP-all, guest writes P (logged), display sync
-(naive: P fetched, left writable), migration consumes P, guest writes P again
-(silent), final sync: P missing.
+stays writable with its kernel bit cleared, until the next global sync's
+write-protect-all - which, outside a migration, never comes.  The display
+loses for sure: global sync + WP-all, guest writes P (logged), display sync
+(naive: P fetched, drawn, left writable), guest writes P again (silent), the
+next refresh does not redraw P.  Migration is saved only by the order of its
+consumer: P's bit also went into MIGRATION, and QEMU's consumer reads those
+bits only in ``migration_bitmap_sync``, right after a global sync whose
+write-protect-all re-protects P, so it reads P after the silent write.  A
+consumer that took MIGRATION bits without a global sync of its own (trusting
+the display's fetch) would read P, the guest would write it silently, and
+the destination would keep the old P.  Rather than depend on that, every
+fetch is made safe where it happens.
 
-Rule chosen (``RegionSyncRule.PROTECTING_FETCH``, the default): **a sync that
+The rule chosen (``RegionSyncRule.PROTECTING_FETCH``, the default): **a sync that
 is not the global sync uses the protecting fetch** - ``KVM_GET_DIRTY_LOG``
 with flags 0, so the kernel write-protects through the rmap exactly the pages
 it returns.  Every page fetched is protected by the same ioctl, before the

@@ -91,7 +91,10 @@ these rules:
    CLEAR of all ones.
 6. Push-down protects the child's entries BEFORE making the upper entry
    writable; a writable upper entry over a stale child would expose
-   writable leaves that nothing logs.
+   writable leaves that nothing logs (another vCPU's store goes through
+   the old generation's writable entries without a fault).  A table
+   created after the bump takes the generation current at its creation,
+   never a later one, so the next bump finds it stale.
 7. Zapping clears the spte BEFORE dropping it from the rmap (drop_spte).
 
 How this simulation realises them.  The tables live in :mod:`._sim_mmu`
