@@ -631,14 +631,16 @@ def run_real_consumer(mode: str, seed: int, *, late_clears: bool = False, steps:
              lambda: w.hole.set_enabled(not w.hole.enabled),
              lambda: w.vram.set_log(False) or w.vram.set_log(True)][int(rng.integers(3))]()
     # switchover: vCPUs stopped, last-stage sync (no clears), send everything
-    ram.last_stage = True
-    ram.bitmap_sync(last_stage=True)
     if late is not None:
         late.flush()
+    clears = w.kml.statistics().clear_dirty_log_calls
+    ram.last_stage = True
+    ram.bitmap_sync(last_stage=True)
     while send(256):
         pass
+    assert w.kml.statistics().clear_dirty_log_calls == clears, "the stopped last stage must not clear"
     if late is not None:
-        assert not late.queue, "the last stage must not clear"
+        assert not late.queue
     return [mr.name for mr in w.regions if not np.array_equal(dest[mr.ram_block.idstr], mr.ram_block.pages)], w
 
 
