@@ -49,8 +49,10 @@ from .errors import MigrationError
 MAX_WAIT_S = 0.050
 #: pages gathered and sent per batch (4 MiB: a quarter of the per-batch
 #: Python and trio overhead of 1 MiB batches; the socket buffers are 4 MiB).
-#: Under a rate limit a batch never asks for more than the window has left.
 BATCH_PAGES = 1024
+#: ... but at most 1/16 of a rate-limit window's budget, and no fewer than
+#: this (1 MiB), so a real max-bandwidth is kept as closely as before.
+MIN_BATCH_PAGES = 256
 #: auto-converge: sync at least every 5 s (QEMU's periodic throttle timer).
 PERIODIC_SYNC_S = 5.0
 #: return-path message MIG_RP_MSG_SHUT: be16 type, be16 len, be32 status.
@@ -347,8 +349,7 @@ class OutgoingMigration:
                 return False
             want = BATCH_PAGES
             if limited and self._limiter.budget_bytes:
-                room = self._limiter.budget_bytes - self._limiter.bytes_this_window
-                want = max(1, min(want, room // TARGET_PAGE_SIZE + 1))
+                want = max(MIN_BATCH_PAGES, min(want, self._limiter.budget_bytes // 16 // TARGET_PAGE_SIZE))
             batch = ram.next_batch(want)
             if batch is None:
                 return True
