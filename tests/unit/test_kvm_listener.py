@@ -512,7 +512,7 @@ def test_write_protect_all_is_per_vm_not_per_listener(second_has_ram):
     listener registered last (its hook would replace as 0's) and fetched nothing."""
     log = []
     kvm = FakeKvm(WP_CAPS, log=log)
-    ms, kml0, kml1, r = _two_address_spaces(kvm, second_has_ram=second_has_ram)
+    ms, kml0, kml1, _ = _two_address_spaces(kvm, second_has_ram=second_has_ram)
     ms.memory_global_dirty_log_start(GLOBAL_DIRTY_MIGRATION)
     assert ms._write_protect_all_fn is kml0._wp_hook is kml1._wp_hook
     W = KVM_DIRTY_LOG_WITHOUT_WRITE_PROTECT
@@ -551,7 +551,7 @@ def test_write_protect_all_is_per_vm_not_per_listener(second_has_ram):
 def test_write_protect_all_off_waits_for_every_listener_of_the_vm():
     log = []
     kvm = FakeKvm(WP_CAPS, log=log)
-    ms, kml0, kml1, r = _two_address_spaces(kvm, second_has_ram=True)
+    ms, _, kml1, _ = _two_address_spaces(kvm, second_has_ram=True)
     smram = kml1.address_space.root.subregions[0]
     ms.memory_global_dirty_log_start(GLOBAL_DIRTY_MIGRATION)
     smram.set_log(True)  # a (hypothetical) display on SMRAM keeps as 1 logging
