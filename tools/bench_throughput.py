@@ -405,8 +405,8 @@ def bench_bulk(args, tmp: str) -> list[dict]:
 
 
 def bench_idle(args, tmp: str) -> list[dict]:
-    runs = [run_migration(kind, tmp, args.memory, "idle") for kind in args.transports[:1]
-            for _ in range(max(1, min(args.runs, 3)))]
+    runs = [run_migration(kind, tmp, args.memory, "idle", profile_dir=args.profile, tag=f"idle-{kind}{i}")
+            for kind in args.transports[:1] for i in range(max(1, min(args.runs, 3)))]
     ok = [m for m in runs if m["status"] == "completed"]
     rate = median([m["zero_pages"] / m["wall_s"] for m in ok])
     return [{
