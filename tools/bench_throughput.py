@@ -33,8 +33,10 @@ Three measurements:
    (measured by draining the dirty pages with ``next_batch``; no page is
    read).  Every page is first mapped through the vCPU fault path (a booted
    guest has touched its RAM), so the MMU is fully populated: 256 GiB is
-   feasible here (RAM is MAP_NORESERVE and never touched; SimKVM costs about
-   2 bytes per gfn, ~0.6 GiB peak RSS), each point in its own process.
+   feasible here (RAM is MAP_NORESERVE and never touched; the simulator's
+   per-gfn arrays peak at ~3.5 GiB RSS for 256 GiB in the legacy and
+   write-protect-all modes, 0.3 GiB in manual mode), each point in its own
+   process, skipped if MemAvailable looks too small.
 
 Reference (stock QEMU 7.2 on this class of machine): 1 GiB of non-zero
 guest RAM over tcp loopback in 1.9 s (0.57 GB/s), 0.52 s when the
@@ -516,7 +518,7 @@ def _drain(ram) -> None:
 def bench_sync(args) -> list[dict]:
     out = []
     for size in args.sync_sizes:
-        need = size // PS * 3  # rmap bytes + leaf sptes + bitmaps, roughly
+        need = size // PS * 14  # measured: ~3.5 GiB peak RSS for 256 GiB
         avail = _mem_available()
         if need > avail / 2:
             out.append({"bench": "dirty_sync", "memory_bytes": size, "skipped":
