@@ -518,7 +518,7 @@ def _drain(ram) -> None:
 def bench_sync(args) -> list[dict]:
     out = []
     for size in args.sync_sizes:
-        need = size // PS * 14  # measured: ~3.5 GiB peak RSS for 256 GiB
+        need = size // PS * 56  # measured: ~3.5 GiB peak RSS for 256 GiB (~52 B/gfn)
         avail = _mem_available()
         if need > avail / 2:
             out.append({"bench": "dirty_sync", "memory_bytes": size, "skipped":
