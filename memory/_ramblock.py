@@ -65,11 +65,21 @@ class RAMBlock:
         return self.used_length >> TARGET_PAGE_BITS
 
     def prefault(self) -> None:
-        """Touch every page once (first-touch faults cost ~2 us/page here)."""
+        """Make every page present and writable, keeping its content.
+
+        A first write to a page costs a page fault (~2 us per 4 KiB page
+        here, 0.5 s per GiB), which a migration destination would otherwise
+        pay on its receiving core (QEMU: 1.9 s vs 0.52 s pre-faulted for a
+        1 GiB guest).  ``MADV_POPULATE_WRITE`` (Linux >= 5.14; Python 3.11's
+        mmap module lacks the name, 23 is its value) does it in the kernel;
+        the fallback stores into byte 0 of every page with a ufunc (a plain
+        ``pages[:, 0] = pages[:, 0]`` is optimised away by numpy).
+        """
         try:
-            self._mmap.madvise(mmap.MADV_POPULATE_WRITE)  # Linux >= 5.14
-        except (AttributeError, OSError):
-            self.pages[:, 0] = self.pages[:, 0]
+            self._mmap.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23))
+        except OSError:
+            col = self.pages[:, 0]
+            np.bitwise_or(col, 0, out=col)
 
     def close(self) -> None:
         # numpy views export the mmap buffer: drop them before closing.

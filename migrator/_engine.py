@@ -383,7 +383,6 @@ class OutgoingMigration:
         bd.stop_vcpus_ms = (t1 - t0) / 1e6
         vm.state.goto(S.DEVICE)
         # ram_save_complete: last-stage sync, everything left, unthrottled
-        self.ram.last_stage = True
         self._sync(last_stage=True)
         t2 = time.perf_counter_ns()
         bd.final_sync_ms = (t2 - t1) / 1e6
@@ -466,10 +465,6 @@ class IncomingMigration:
         self.uri = uri
         # An incoming VM never ran and loaded no image: its RAM is fresh zeros.
         self.ram = RAMLoadState([b for b, _ in vm.ram_blocks()], fresh=True)
-        # Before listening, so no byte of the stream waits for it.  (The
-        # machine's own prefault relies on MADV_POPULATE_WRITE, which
-        # Python 3.11's mmap module does not export: it faults nothing.)
-        self.ram.prefault()
         self.error_desc: str | None = None
         self.counters = MigrationCounters()
         self.listening = trio.Event()

@@ -29,7 +29,8 @@ Ordering rules this module relies on (each one loses writes if broken):
 3. *Clear only what was fetched.*  The listener's ``log_clear`` clears only
    bits it already fetched into its slot cache, so a write that KVM logged
    after our sync is not thrown away by our clear.
-4. *No clears in the last stage.*  vCPUs are stopped; nothing to protect.
+4. *No clears in the last stage.*  vCPUs are stopped; nothing to protect
+   (``bitmap_sync(last_stage=True)`` switches them off).
 
 Destination side (:class:`RAMLoadState`) writes received pages into the
 blocks, validating block names and sizes against its own RAM.
@@ -92,7 +93,11 @@ class RAMSaveState:
 
     # -- sync --------------------------------------------------------------
     def bitmap_sync(self, last_stage: bool = False) -> SyncResult:
+        """``migration_bitmap_sync``; ``last_stage`` (vCPUs stopped) also turns
+        off the lazy clears for the rest of the migration (rule 4)."""
         t0 = time.perf_counter_ns()
+        if last_stage:
+            self.last_stage = True
         self.dirty_sync_count += 1
         self.ms.memory_global_dirty_log_sync(last_stage)
         new = 0
@@ -105,7 +110,14 @@ class RAMSaveState:
                 bs.bmap |= words
                 new += count
             if not last_stage and words.any():
-                # mark the clear_bmap chunks that got dirty bits: one OR per
+                # Mark the clear_bmap chunks that got dirty bits (QEMU marks
+                # the whole synced range; the effect is the same): a chunk
+                # with no bit in this sync has nothing fetched-but-unprotected
+                # for *this* consumer, and in manual-protect mode KVM keeps a
+                # page's bit until it is CLEARed, so any page still waiting
+                # for its re-protection is fetched (and its chunk marked)
+                # again by the next sync.  One OR per
+                # chunk of whole words (not a sort of every non-zero word:
                 # chunk of whole words (not a sort of every non-zero word:
                 # 0.3 ms instead of 15 ms for an 8 MiB bitmap 1 % dirty)
                 wpc = max(1, (1 << bs.shift) // 64)
@@ -216,22 +228,6 @@ class RAMLoadState:
         # in this map needs no work at all: no read, no write, no fault.
         self.fresh = fresh
         self.written = {b.idstr: np.zeros(b.npages, dtype=bool) for b in blocks}
-
-    def prefault(self) -> None:
-        """Make every page of every block present and writable, keeping its content.
-
-        A destination page's first write costs a page fault (~2 us per 4 KiB
-        page here, 0.5 s per GiB: python-stack.md section 6), which would
-        otherwise be paid inside the migration, on the receiving core.  QEMU
-        pays it too (1.9 s against 0.52 s pre-faulted for 1 GiB).  A ufunc
-        with ``out=`` stores into byte 0 of every page (a copy-on-write
-        fault on untouched memory, a cache-line store otherwise); a plain
-        ``pages[:, 0] = pages[:, 0]`` is skipped by numpy and faults nothing.
-        ~1 ms per GiB when the pages are present already.
-        """
-        for block in self.blocks.values():
-            col = block.pages[:, 0]
-            np.bitwise_or(col, 0, out=col)
 
     def mem_size(self, blocks: tuple) -> None:
         from .errors import MigrationError

@@ -74,6 +74,7 @@ class SimVCPUs:
                 n = int(credit)
                 credit -= n
             last = now
+            done = 0
             if n:
                 t0 = time.perf_counter_ns()
                 done = self.workload.step(n, self._mmu)
@@ -90,7 +91,9 @@ class SimVCPUs:
                 await trio.sleep(sleep_s)
                 last = time.perf_counter()  # no credit accrues while throttled
                 continue
-            await trio.sleep(0 if self.rate is None else TICK_S)
+            # A greedy guest yields only a checkpoint; an idle one (nothing
+            # written) sleeps a tick instead of spinning against the sender.
+            await trio.sleep(0 if (self.rate is None and done) else TICK_S)
 
     async def vm_start(self) -> None:
         self.running = True
