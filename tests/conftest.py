@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import pytest
 import trio
+from hypothesis import settings
+
+# No per-example deadlines: CI machines are shared and timing is not what
+# these properties test (speed is measured by tools/, never asserted).
+settings.register_profile("migrator", deadline=None)
+settings.load_profile("migrator")
 
 
 def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
