@@ -397,37 +397,28 @@ class Mmu:
         idx = rows_rep * SPTE_ENT_NR + (gfns & (SPTE_ENT_NR - 1))
         return np.where(rows_rep < 0, -1, idx)
 
-    def protect_leaves(self, leaf_idx: NDArray[np.int64]) -> int:
-        """spte_write_protect(pt_protect=false) on leaves: W off, mmu-writable kept."""
+    def _clear_leaf_bit(self, leaf_idx: NDArray[np.int64], bit: int, keep: int, stat: str) -> int:
+        """Clear ``bit`` (``keep`` = ~bit) on the leaves that have it; count them in ``stat``."""
         if leaf_idx.size == 0:
             return 0
-        flat = self.levels[1].flat
-        f = flat[leaf_idx]
-        m = (f & SPTE_WRITABLE) != 0
+        f = self.levels[1].flat[leaf_idx]
+        m = (f & bit) != 0
         if not m.any():
             return 0
         sel = leaf_idx[m]
         fm = f[m]
-        self.spte_write(1, sel, fm & _NOT_W, fm)
+        self.spte_write(1, sel, fm & keep, fm)
         n = int(sel.size)
-        self.stats["sptes_write_protected"] += n
+        self.stats[stat] += n
         return n
+
+    def protect_leaves(self, leaf_idx: NDArray[np.int64]) -> int:
+        """spte_write_protect(pt_protect=false) on leaves: W off, mmu-writable kept."""
+        return self._clear_leaf_bit(leaf_idx, SPTE_WRITABLE, _NOT_W, "sptes_write_protected")
 
     def clear_dirty_leaves(self, leaf_idx: NDArray[np.int64]) -> int:
         """spte_clear_dirty (PML): D off, the spte stays writable."""
-        if leaf_idx.size == 0:
-            return 0
-        flat = self.levels[1].flat
-        f = flat[leaf_idx]
-        m = (f & SPTE_DIRTY) != 0
-        if not m.any():
-            return 0
-        sel = leaf_idx[m]
-        fm = f[m]
-        self.spte_write(1, sel, fm & _NOT_D, fm)
-        n = int(sel.size)
-        self.stats["sptes_dirty_cleared"] += n
-        return n
+        return self._clear_leaf_bit(leaf_idx, SPTE_DIRTY, _NOT_D, "sptes_dirty_cleared")
 
     def zap_leaves(self, leaf_idx: NDArray[np.int64]) -> int:
         """drop_spte(): clear the leaves (the caller then drops the rmap)."""
