@@ -101,13 +101,14 @@ class _Progress:
         if self._bar is None:
             if time.monotonic() - self._t0 < 1.0:
                 return  # only migrations longer than a second get a bar
+            from rich.console import Console
             from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                                        TimeElapsedColumn, TransferSpeedColumn)
 
             self._bar = Progress(TextColumn("[bold]migrating[/] pass {task.fields[passes]}"), BarColumn(),
                                  DownloadColumn(), TransferSpeedColumn(),
                                  TextColumn("remaining {task.fields[remaining]}"), TimeElapsedColumn(),
-                                 transient=True, file=sys.stderr)
+                                 transient=True, console=Console(file=sys.stderr))
             self._bar.start()
             self._task = self._bar.add_task("mig", total=ram.get("total", 0), passes=0, remaining="")
         total = ram.get("total", 0)
