@@ -232,7 +232,10 @@ class VM:
 
         if not self.is_destination:
             raise _generic("'-incoming' was not specified on the command line")
-        if self.incoming_uri != "defer" or self.incoming is not None:
+        # QEMU (qmp_migrate_incoming) only latches "started" once listening
+        # succeeded: a bad URI or an unusable path can be retried.
+        started = self.incoming is not None and self.incoming.listening.is_set()
+        if self.incoming_uri != "defer" or started:
             raise _generic("The incoming migration has already been started")
         try:
             parse_uri(uri)
@@ -263,7 +266,7 @@ class VM:
         info = {"status": status.value}
         now = time.perf_counter_ns()
         if status in (S.SETUP,):
-            return info | {"total-time": (now - c.start_ns) // 1_000_000}
+            return info  # QEMU: has_total_time = false while in setup
         if status in (S.ACTIVE, S.DEVICE, S.CANCELLING, S.COMPLETED):
             total = c.total_time_ms if c.total_time_ms is not None else (now - c.start_ns) // 1_000_000
             info["total-time"] = total
