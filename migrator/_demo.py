@@ -58,7 +58,12 @@ async def _connect(path: str, proc: subprocess.Popen, timeout: float = 30.0) -> 
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"migrator process exited with {proc.returncode} before its QMP socket appeared")
+            why = ""
+            log = getattr(proc, "log_file", None)
+            if log is not None:
+                log.seek(0)
+                why = ": " + log.read().strip()[-500:]
+            raise RuntimeError(f"migrator process exited with {proc.returncode} before its QMP socket appeared{why}")
         if os.path.exists(path):
             qmp = QMPClient(os.path.basename(path))
             try:
@@ -139,6 +144,7 @@ async def run_demo(args) -> dict:
     def spawn(name, extra):
         logs[name] = open(os.path.join(tmp, f"{name}.log"), "w+")
         procs[name] = subprocess.Popen(base + extra, stdout=logs[name], stderr=subprocess.STDOUT)
+        procs[name].log_file = logs[name]  # so a start-up failure can show why
 
     file_mode = args.transport == "file"
     spawn("src", ["--workload", args.workload, "--qmp", f"unix:{src_qmp}", "--label", "source"])
