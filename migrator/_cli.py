@@ -97,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "compare":
         from ._compare import compare_main
 
-        return compare_main(argv[1:])
+        try:
+            return compare_main(argv[1:])
+        except OSError as exc:  # e.g. an unwritable --out: a clear error, not a traceback
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"migrator compare: error: {where}{exc.strerror or exc}", file=sys.stderr)
+            return 1
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.cmd == "run":
