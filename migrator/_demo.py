@@ -272,7 +272,11 @@ def demo_main(args) -> int:
         from ._report import write_report
 
         hist = MigrationHistory.from_json(res["history"])
-        write_report([hist], Path(args.report))
+        try:
+            write_report([hist], Path(args.report))
+        except OSError as exc:  # an unwritable --report DIR: clear error, no traceback
+            print(f"migrator demo: --report {args.report}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     logs = res.pop("logs", {})
     if args.json:
         print(json.dumps(res))
