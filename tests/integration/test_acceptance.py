@@ -31,3 +31,14 @@ async def test_refused_destination_fails_and_source_keeps_running(tmp_path):
         setups = [e for e in src.qmp.events if e["event"] == "MIGRATION"]
         assert [e["data"]["status"] for e in setups] == ["setup", "failed"]
         assert (await src.qmp.execute("query-status"))["status"] == "running"
+
+
+def test_demo_shows_why_a_child_failed_to_start():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "migrator", "demo", "--memory", "1K", "--quiet"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "positive multiple of 4096" in proc.stderr  # the child's own reason, not just its exit code
