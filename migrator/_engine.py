@@ -28,6 +28,7 @@ On any error the destination is FAILED and its vCPUs never run.
 
 from __future__ import annotations
 
+import json
 import struct
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,23 @@ DEVICE_SECTION_VERSION = 1
 #: 0 and no devices.  Stock QEMU requires the CONFIGURATION section to name the
 #: destination's machine type, so a RAM-only stream loads into ``-M none``.
 MACHINE_NAME = "none"
+
+
+def pack_device_state(running: bool, vcpu_state: bytes) -> bytes:
+    """Our device section's payload: one JSON line (the source's run state, the
+    role QEMU's "globalstate" section plays), then the vCPU controller's blob."""
+    return json.dumps({"running": bool(running)}).encode() + b"\n" + vcpu_state
+
+
+def unpack_device_state(payload: bytes) -> tuple[bool, bytes]:
+    head, sep, vcpu_state = payload.partition(b"\n")
+    try:
+        meta = json.loads(head) if sep else None
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict) or not isinstance(meta.get("running"), bool):
+        raise MigrationError("malformed device state: no run-state header")
+    return meta["running"], vcpu_state
 
 
 def error_desc(exc: BaseException) -> str:
@@ -395,7 +413,7 @@ class OutgoingMigration:
         if not self.caps.x_ram_only:
             self._section_id += 1
             sid = self._section_id
-            state = vm.vcpus.save_state()
+            state = pack_device_state(self._vm_was_running, vm.vcpus.save_state())
             await self._send(enc.section_full(sid, DEVICE_SECTION, 0, DEVICE_SECTION_VERSION)
                              + enc.device_state(state) + enc.section_footer(sid))
         await self._send(enc.eof())
@@ -489,10 +507,14 @@ class IncomingMigration:
             self.counters.start_ns = time.perf_counter_ns()
             device_state = await self._receive(chan)
             t0 = time.perf_counter_ns()
+            source_running = True  # a RAM-only stream carries no run state
             if device_state is not None:
-                vm.vcpus.load_state(device_state)
+                source_running, vcpu_state = unpack_device_state(device_state)
+                vm.vcpus.load_state(vcpu_state)
             vm.state.goto(S.COMPLETED)
-            if vm.autostart:
+            # QEMU (process_incoming_migration_bh): start only if the source
+            # was running and autostart is on; a paused source stays paused.
+            if vm.autostart and source_running:
                 await vm.vm_start()
             else:
                 vm.set_runstate("paused")

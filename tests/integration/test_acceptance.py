@@ -42,3 +42,19 @@ def test_demo_shows_why_a_child_failed_to_start():
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert "positive multiple of 4096" in proc.stderr  # the child's own reason, not just its exit code
+
+
+async def test_paused_source_gives_a_paused_destination(tmp_path, trio_timeout):
+    """QEMU carries the source's run state (globalstate): a guest that was
+    paused when it left must not start running on the destination."""
+    uri = f"file:{tmp_path / 'paused.stream'}"
+    async with vm_process(tmp_path, "src", memory="16M", workload="ab,rate=5000") as src:
+        await src.qmp.execute("stop")
+        await src.qmp.execute("migrate", {"uri": uri})
+        assert (await src.qmp.wait_migration())["status"] == "completed"
+    async with vm_process(tmp_path, "dst", "--incoming", uri, memory="16M") as dst:  # no -S
+        assert (await dst.qmp.wait_migration())["status"] == "completed"
+        st = await dst.qmp.execute("query-status")
+        assert st["running"] is False and st["status"] == "paused", st
+        await dst.qmp.execute("cont")
+        assert (await dst.qmp.execute("query-status"))["running"] is True
