@@ -197,6 +197,21 @@ def _first_oserror(exc: BaseException | None) -> OSError | None:
     return exc if isinstance(exc, OSError) and exc.errno is not None else None
 
 
+def _advance(views: list[memoryview], i: int, nbytes: int) -> int:
+    """Skip ``nbytes`` written from ``views[i:]`` (a partial vectored write):
+    drop the fully written views, trim a partly written one in place; return
+    the index of the first view with bytes left."""
+    while nbytes:
+        v = views[i]
+        if nbytes >= v.nbytes:
+            nbytes -= v.nbytes
+            i += 1
+        else:
+            views[i] = v[nbytes:]
+            nbytes = 0
+    return i
+
+
 def _as_bytes_views(buffers: Sequence[Any]) -> list[memoryview]:
     views = []
     for b in buffers:
@@ -312,14 +327,7 @@ class SocketChannel(Channel):
                 self.bytes_sent += sent
                 if sent < sum(v.nbytes for v in batch):
                     self.partial_sends += 1
-                while sent:
-                    v = views[i]
-                    if sent >= v.nbytes:
-                        sent -= v.nbytes
-                        i += 1
-                    else:
-                        views[i] = v[sent:]
-                        sent = 0
+                i = _advance(views, i, sent)
 
     async def receive_into(self, decoder: StreamDecoder, sizehint: int = RECV_CHUNK_BYTES) -> int:
         self._check_open()
@@ -405,14 +413,7 @@ class FileChannel(Channel):
         while i < len(views):
             n = os.writev(self._fd, views[i : i + _IOV_MAX])
             total += n
-            while n:
-                v = views[i]
-                if n >= v.nbytes:
-                    n -= v.nbytes
-                    i += 1
-                else:
-                    views[i] = v[n:]
-                    n = 0
+            i = _advance(views, i, n)
         return total
 
     async def receive_into(self, decoder: StreamDecoder, sizehint: int = FILE_CHUNK_BYTES) -> int:
