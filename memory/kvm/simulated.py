@@ -636,19 +636,8 @@ class SimKVM:
         # once: nothing runs in between here), THEN protect those pages.
         np.copyto(bitmap, words)
         words.fill(0)
-        nz = np.flatnonzero(bitmap)
-        mmu = self._mmus[ms.as_id]
-        for c in range(0, nz.size, _CHUNK_WORDS):
-            pages = _bitmap_pages(bitmap, nz[c : c + _CHUNK_WORDS])
-            pages = pages[ms.rmap[pages]]  # the rmap walk
-            leaves = mmu.leaf_index(ms.base_gfn + pages)
-            if self.pml:
-                mmu.clear_dirty_leaves(leaves)
-            else:
-                mmu.protect_leaves(leaves)
+        self._protect_logged_pages(ms, bitmap, 0)
         self._unlock(t0)
-        if nz.size:
-            self._stats["tlb_flushes"] += 1
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: NDArray[np.uint64]) -> None:
         """KVM_CLEAR_DIRTY_LOG (manual protect only).
@@ -690,17 +679,25 @@ class SimKVM:
         given = bitmap[:nwords]
         cleared = given & live  # mask &= atomic_long_fetch_andnot(mask, p)
         live &= ~given
-        nz = np.flatnonzero(cleared)
+        self._protect_logged_pages(ms, cleared, first_page)
+        self._unlock(t0)
+
+    def _protect_logged_pages(self, ms, words: NDArray[np.uint64], first_page: int) -> None:
+        """kvm_arch_mmu_enable_log_dirty_pt_masked: for every page whose bit is
+        set in ``words`` (bit 0 = ``first_page``), walk the rmap and
+        write-protect its leaf (PML: clear its D bit instead); one TLB flush
+        if anything was returned.  Caller holds mmu_lock.  Cost grows with
+        the number of set bits, processed in chunks of words."""
+        nz = np.flatnonzero(words)
         mmu = self._mmus[ms.as_id]
         for c in range(0, nz.size, _CHUNK_WORDS):
-            pages = first_page + _bitmap_pages(cleared, nz[c : c + _CHUNK_WORDS])
-            pages = pages[ms.rmap[pages]]
+            pages = first_page + _bitmap_pages(words, nz[c : c + _CHUNK_WORDS])
+            pages = pages[ms.rmap[pages]]  # the rmap walk
             leaves = mmu.leaf_index(ms.base_gfn + pages)
             if self.pml:
                 mmu.clear_dirty_leaves(leaves)
             else:
                 mmu.protect_leaves(leaves)
-        self._unlock(t0)
         if nz.size:
             self._stats["tlb_flushes"] += 1
 
