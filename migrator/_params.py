@@ -39,6 +39,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Final
 
 from ._commands import BOOL, SIZE, STR_OR_NULL, UINT8, UINT32, UINT64, Enum, command
+from ._status import RUNNING_STATES as _STATUS_RUNNING_STATES
 from .errors import QMPError
 
 __all__ = [
@@ -86,23 +87,9 @@ MIGRATION_CAPABILITIES: Final[tuple[str, ...]] = (
 #: Capabilities this migrator implements (may be set to true).
 SUPPORTED_CAPABILITIES: Final = frozenset({"events", "auto-converge", "x-ram-only"})
 
-#: ``MigrationStatus`` values for which QEMU's ``migration_is_running()`` is true.
-RUNNING_STATES: Final = frozenset(
-    {
-        "setup",
-        "wait-unplug",
-        "active",
-        "pre-switchover",
-        "device",
-        "cancelling",
-        "postcopy-device",
-        "postcopy-active",
-        "postcopy-paused",
-        "postcopy-recover-setup",
-        "postcopy-recover",
-        "colo",
-    }
-)
+#: ``MigrationStatus`` values for which QEMU's ``migration_is_running()`` is true
+#: (the one list lives with the state table).
+RUNNING_STATES: Final = frozenset(s.value for s in _STATUS_RUNNING_STATES)
 
 MIGRATION_ACTIVE_DESC: Final = "There's a migration process in progress"
 

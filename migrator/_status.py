@@ -57,8 +57,12 @@ DESTINATION_TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     S.FAILED: frozenset({S.SETUP}),
 }
 
-#: States in which a migration is in flight (QEMU's migration_is_running).
-RUNNING_STATES = frozenset({S.SETUP, S.ACTIVE, S.DEVICE, S.CANCELLING, S.PRE_SWITCHOVER, S.WAIT_UNPLUG})
+#: States in which a migration is in flight (QEMU's migration_is_running, + COLO).
+RUNNING_STATES = frozenset({
+    S.SETUP, S.WAIT_UNPLUG, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE, S.CANCELLING,
+    S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER_SETUP,
+    S.POSTCOPY_RECOVER, S.COLO,
+})
 
 
 class MigrationState:
