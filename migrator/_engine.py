@@ -485,8 +485,8 @@ class IncomingMigration:
         self.ram = RAMLoadState([b for b, _ in vm.ram_blocks()], fresh=True)
         self.error_desc: str | None = None
         self.counters = MigrationCounters()
+        #: set once listening succeeded (migrate-incoming may be retried before)
         self.listening = trio.Event()
-        self.resume_ms: float | None = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         vm = self.vm
@@ -506,7 +506,6 @@ class IncomingMigration:
                 chan = await listener.accept()
             self.counters.start_ns = time.perf_counter_ns()
             device_state = await self._receive(chan)
-            t0 = time.perf_counter_ns()
             source_running = True  # a RAM-only stream carries no run state
             if device_state is not None:
                 source_running, vcpu_state = unpack_device_state(device_state)
@@ -518,7 +517,6 @@ class IncomingMigration:
                 await vm.vm_start()
             else:
                 vm.set_runstate("paused")
-            self.resume_ms = (time.perf_counter_ns() - t0) / 1e6
             await self._ack(chan, 0)
         except (MigrationError, OSError, Exception) as exc:  # noqa: BLE001 - any failure -> FAILED
             if not isinstance(exc, (MigrationError, OSError, ProtocolError)):

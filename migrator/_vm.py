@@ -56,7 +56,6 @@ class VM:
         self.server = None  # QMPServer, set by run()
         self._nursery: trio.Nursery | None = None
         self.dirty_rate: dict = {"status": "unstarted"}
-        self.events_log: list = []
 
     # -- plumbing -------------------------------------------------------------
     @property
