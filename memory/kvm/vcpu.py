@@ -97,7 +97,13 @@ class RealVCPU:
         self._run_map = mmap.mmap(self.fd, vm.vcpu_mmap_size, flags=mmap.MAP_SHARED,
                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.run_u8 = np.frombuffer(self._run_map, dtype=np.uint8)
-        self._stats: StatsReader | None = None
+        # Opened now: KVM_GET_STATS_FD is a vCPU ioctl, it waits for vcpu->mutex,
+        # which KVM_RUN holds while the guest runs; reading the stats fd later
+        # takes no lock, so statistics can be read from a running vCPU.
+        try:
+            self._stats: StatsReader | None = StatsReader(self.fd)
+        except OSError:
+            self._stats = None
         self.set_cpuid2(vm.get_supported_cpuid())
         vm._register_vcpu(self)
 
@@ -202,9 +208,10 @@ class RealVCPU:
         self.set_regs(regs)
 
     def kernel_stats(self) -> dict[str, int]:
+        """The vCPU's binary stats (empty where the kernel has none)."""
+        if self._stats is None:
+            return {}
         try:
-            if self._stats is None:
-                self._stats = StatsReader(self.fd)
             return self._stats.read()
         except OSError:
             return {}

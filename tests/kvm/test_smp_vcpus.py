@@ -1,0 +1,192 @@
+"""RealVCPUs with several vCPU threads (``--smp N`` on real KVM), in process:
+the per-vCPU split of the ab guest, exact vm_stop, halt, throttling,
+statistics and the vCPU-count check of a state load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trio
+
+from memory.kvm.guests import LAYOUT, check_guests_ram, load_guest_image, vcpu_ranges
+from memory.kvm.guests._image import IOPB_SIZE, TSS_SIZE, tss_base_limit, vcpu_slot_gpa
+from memory.kvm.vcpu import RealMachine, VCPUStateError, parse_vcpu_state
+
+pytestmark = pytest.mark.kvm
+START = LAYOUT["DATA_START"]
+
+
+async def _wait_for(pred, timeout=20.0, poll=0.005):
+    with trio.fail_after(timeout):
+        while not pred():
+            await trio.sleep(poll)
+
+
+def _bad(m: RealMachine, smp: int) -> list[int]:
+    return [check_guests_ram(m.ram.host, a, b).bad for a, b in vcpu_ranges(START, m.ram.used_length, smp)]
+
+
+# ---------------------------------------------------------------- layout (no KVM needed)
+
+@pytest.mark.parametrize("start,end,n", [(START, START + 4096 * 10, 3), (START, 64 << 20, 2), (START, START + 4096, 1),
+                                         (START, START + 4096 * 12, 12)])
+def test_vcpu_ranges_split_the_data_range_contiguously(start, end, n):
+    r = vcpu_ranges(start, end, n)
+    assert len(r) == n and r[0][0] == start and r[-1][1] == end
+    assert all(a[1] == b[0] for a, b in zip(r, r[1:]))
+    sizes = [b - a for a, b in r]
+    assert all(s % 4096 == 0 and s > 0 for s in sizes) and max(sizes) - min(sizes) <= 4096
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_vcpu_ranges_refuses_more_vcpus_than_pages():
+    with pytest.raises(ValueError):
+        vcpu_ranges(START, START + 4096, 2)
+
+
+def test_image_gives_each_vcpu_its_tss_stack_and_slot():
+    n = LAYOUT["VCPU_MAX"]
+    ram = np.zeros(4 << 20, np.uint8)
+    entry = load_guest_image(ram, "ab", vcpus=n)
+    q = ram.view(np.uint64)
+    bitmap = LAYOUT["TSS_GPA"] + TSS_SIZE
+    tss_spans, stacks = [], []
+    for i in range(n):
+        e = entry.for_vcpu(i)
+        base, limit = e.segments["tr"].base, e.segments["tr"].limit
+        assert (base, limit) == tss_base_limit(i) and e.segments["tr"].selector == LAYOUT["TSS_SEL"]
+        iomap = int.from_bytes(ram[base + 102 : base + 104].tobytes(), "little")
+        rsp0 = int.from_bytes(ram[base + 4 : base + 12].tobytes(), "little")
+        assert base + iomap == bitmap and limit == iomap + IOPB_SIZE  # the one shared bitmap, 0xff byte included
+        tss_spans.append((base, base + TSS_SIZE))
+        stacks.append(rsp0)
+        slot = vcpu_slot_gpa(i) // 8
+        assert e.gprs["r15"] == vcpu_slot_gpa(i) and q[slot + LAYOUT["VC_INDEX"] // 8] == i
+    spans = sorted(tss_spans)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # TSSes do not overlap
+    assert spans[0][0] >= LAYOUT["IDT_GPA"] + 16 * LAYOUT["IDT_VECTORS"]  # nor the IDT
+    assert len(set(stacks)) == n and min(stacks) - LAYOUT["KSTACK_SIZE"] >= bitmap + IOPB_SIZE + 1
+    assert vcpu_slot_gpa(n) <= LAYOUT["CTRL_GPA"] + 4096
+    ranges = [(int(q[vcpu_slot_gpa(i) // 8]), int(q[vcpu_slot_gpa(i) // 8 + 1])) for i in range(n)]
+    assert ranges == vcpu_ranges(START, len(ram), n)
+    with pytest.raises(ValueError):
+        load_guest_image(ram, "ab", vcpus=n + 1)
+    with pytest.raises(ValueError):
+        load_guest_image(ram, "selftest", vcpus=2)
+    with pytest.raises(ValueError):
+        entry.for_vcpu(n)
+
+
+# ---------------------------------------------------------------- real vCPU threads
+
+async def test_two_vcpus_run_their_shares_and_vm_stop_is_exact(require_kvm):
+    with RealMachine("ab", 8 << 20, log_dirty=False, smp=2) as m:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(m.vcpus.run)
+            for cycle in range(5):
+                at = [m.ctrl.vcpu(i, "pass") for i in range(2)]
+                await m.vcpus.vm_start()
+                await _wait_for(lambda: all(m.ctrl.vcpu(i, "pass") >= at[i] + 5 for i in range(2)))
+                await m.vcpus.vm_stop()
+                # once vm_stop returned, neither vCPU writes anything any more
+                assert not any(c.in_run for c in m.vcpus._ctls)
+                snap = m.ram.host.copy()
+                await trio.sleep(0.03)
+                assert np.array_equal(snap, m.ram.host), f"a vCPU kept writing after vm_stop (cycle {cycle})"
+                assert _bad(m, 2) == [0, 0]
+            st = m.vcpus.statistics()
+            per = st["vcpus"]
+            assert st["smp"] == 2 and len(per) == 2 and st["stops"] == 5
+            assert st["passes"] == sum(v["passes"] for v in per) == m.ctrl["pass"]
+            for i, ((a, b), v) in enumerate(zip(vcpu_ranges(START, 8 << 20, 2), per)):
+                # VC_WRITES counts every page store: the zeroing pass, one per page per
+                # completed pass, and the pages of the current pass already at pass+1
+                # (less one if the stop fell between the page store and the count)
+                share = (b - a) // 4096
+                ahead = int(np.count_nonzero(m.ram.host[a:b:4096] == (v["passes"] + 1) % 256))
+                partial = v["pages-written"] - share * (v["passes"] + 1)
+                assert ahead - 1 <= partial <= ahead, (i, partial, ahead)
+                assert v["faults"]["pf_taken"] >= 1 and v["mmu-lock-wait-ns"] is None
+                assert v["exits"]["intr"] == 5  # each vCPU thread honoured each stop
+            # only vCPU 0 prints
+            assert per[1]["exits"].get("io", 0) == 0 and per[0]["exits"]["io"] == st["serial_bytes"]
+            nursery.cancel_scope.cancel()
+
+
+async def test_statistics_of_running_vcpus_do_not_block(require_kvm):
+    """The kernel stats fd is read while both vCPUs sit in KVM_RUN (a vCPU
+    ioctl there would wait for vcpu->mutex until the next exit)."""
+    with RealMachine("ab", 8 << 20, log_dirty=False, smp=2) as m:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(m.vcpus.run)
+            await m.vcpus.vm_start()
+            await _wait_for(lambda: m.ctrl["pass"] >= 10)
+            def read_all():
+                m.vm.statistics()
+                return m.vcpus.vcpu_statistics()
+
+            with trio.fail_after(2):  # abandoned on timeout: the stop at teardown unblocks it
+                for _ in range(20):
+                    per = await trio.to_thread.run_sync(read_all, abandon_on_cancel=True)
+            assert all(v["faults"] for v in per)
+            await m.vcpus.vm_stop()
+            nursery.cancel_scope.cancel()
+
+
+async def test_every_vcpu_halts_and_resumes(require_kvm):
+    with RealMachine("ab", 4 << 20, log_dirty=False, smp=2) as m:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(m.vcpus.run)
+            await m.vcpus.vm_start()
+            await _wait_for(lambda: min(m.ctrl.vcpu(i, "pass") for i in range(2)) >= 3)
+            m.ctrl["halt_req"] = 1
+            await _wait_for(m.vcpus.halted)
+            assert m.ctrl["halts"] == 2  # one hlt per vCPU, each on its own kernel stack
+            at = [m.ctrl.vcpu(i, "pass") for i in range(2)]
+            await trio.sleep(0.05)
+            assert [m.ctrl.vcpu(i, "pass") for i in range(2)] == at
+            m.ctrl["halt_req"] = 0
+            m.vcpus.wake()
+            await _wait_for(lambda: all(m.ctrl.vcpu(i, "pass") > at[i] + 2 for i in range(2)))
+            await m.vcpus.vm_stop()
+            assert _bad(m, 2) == [0, 0]
+            assert m.vcpus.statistics()["halts"] == 2
+            nursery.cancel_scope.cancel()
+
+
+async def test_throttle_sleeps_every_vcpu(require_kvm):
+    with RealMachine("ab", 4 << 20, log_dirty=False, smp=2) as m:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(m.vcpus.run)
+            m.vcpus.set_throttle(50)
+            await m.vcpus.vm_start()
+            await _wait_for(lambda: all(v["throttle-sleep-ns"] > 0 for v in m.vcpus.vcpu_statistics()))
+            m.vcpus.set_throttle(0)
+            await m.vcpus.vm_stop()
+            assert _bad(m, 2) == [0, 0]
+            nursery.cancel_scope.cancel()
+
+
+async def test_state_load_checks_the_vcpu_count_before_touching_a_vcpu(require_kvm):
+    with RealMachine("ab", 4 << 20, log_dirty=False, smp=2) as src:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(src.vcpus.run)
+            await src.vcpus.vm_start()
+            await _wait_for(lambda: src.ctrl["pass"] >= 10)
+            await src.vcpus.vm_stop()
+            state = src.vcpus.save_state()
+            nursery.cancel_scope.cancel()
+        image = parse_vcpu_state(state)
+        assert [r.id for r in image.vcpus] == [0, 1]
+        assert image.vcpus[0].regs.r15 != image.vcpus[1].regs.r15  # each vCPU's own control slot
+    with RealMachine("ab", 4 << 20, log_dirty=False, load_image=False) as one:
+        before = bytes(one.vcpu.get_regs())
+        with pytest.raises(VCPUStateError, match=r"2 vCPU\(s\), this VM has 1 \(--smp 1\)"):
+            one.vcpus.load_state(state)
+        assert bytes(one.vcpu.get_regs()) == before  # nothing was loaded
+    with RealMachine("ab", 4 << 20, log_dirty=False, load_image=False, smp=2) as two:
+        two.vcpus.load_state(state)
+        assert [v.get_regs().rip for v in two.vcpus.vcpus] == [r.regs.rip for r in image.vcpus]
+        # a truncated payload is refused before any vCPU is touched
+        with pytest.raises(VCPUStateError, match="section"):
+            parse_vcpu_state(state[:-10])
