@@ -151,6 +151,20 @@ async def test_every_vcpu_halts_and_resumes(require_kvm):
             await m.vcpus.vm_stop()
             assert _bad(m, 2) == [0, 0]
             assert m.vcpus.statistics()["halts"] == 2
+            # a vCPU woken from hlt runs guest code again: vm_stop must wait for it
+            for _ in range(5):
+                m.ctrl["halt_req"] = 1
+                await m.vcpus.vm_start()
+                await _wait_for(m.vcpus.halted)
+                m.ctrl["halt_req"] = 0
+                at = [m.ctrl.vcpu(i, "pass") for i in range(2)]
+                m.vcpus.wake()
+                await _wait_for(lambda: all(m.ctrl.vcpu(i, "pass") > at[i] for i in range(2)))
+                await m.vcpus.vm_stop()
+                assert not any(c.in_run for c in m.vcpus._ctls), "vm_stop returned with a vCPU in KVM_RUN"
+                snap = m.ram.host.copy()
+                await trio.sleep(0.01)
+                assert np.array_equal(snap, m.ram.host)
             nursery.cancel_scope.cancel()
 
 
