@@ -30,8 +30,23 @@ REGS/SREGS describe an instruction boundary.  The Python SIGUSR1 handler
 does not kill the process; ``fcntl.ioctl`` raises ``InterruptedError``,
 which is ``KVM_EXIT_INTR``.
 
+With N vCPUs (``--smp N``) :meth:`RealVCPUs.vm_stop` first sets
+``running = False`` under the controller's condition, then kicks every vCPU,
+then waits for every vCPU's ``stopped`` event.  ``stopped`` is set only by
+the vCPU's own thread, and only when it is out of ``KVM_RUN`` for good:
+after the acknowledging ``KVM_EXIT_INTR``, while parked, or while halted.
+It is cleared under the same condition, before the thread runs guest code
+again: by ``vm_start`` for parked threads, and by the thread itself when it
+leaves a hlt (a vCPU woken from hlt while ``running`` would otherwise still
+carry the ``stopped`` it set when it halted, and ``vm_stop`` would return
+while it is in ``KVM_RUN``).  So when ``vm_stop`` returns no vCPU thread is
+in ``KVM_RUN`` and none will enter it before the next ``vm_start``.
+Counters written by vCPU threads are per vCPU (``_Ctl.stats``,
+``_Ctl.exit_reasons``): two threads never update the same counter.
+
 Throttling follows QEMU's cpu-throttle: every ``10 ms / (1 - pct)`` each
-vCPU is kicked and sleeps ``pct / (1 - pct) * 10 ms``.
+vCPU is kicked and sleeps ``pct / (1 - pct) * 10 ms``, each in its own
+thread (so every vCPU loses the same share of its time).
 """
 
 from __future__ import annotations

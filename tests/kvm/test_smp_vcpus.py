@@ -204,3 +204,10 @@ async def test_state_load_checks_the_vcpu_count_before_touching_a_vcpu(require_k
         # a truncated payload is refused before any vCPU is touched
         with pytest.raises(VCPUStateError, match="section"):
             parse_vcpu_state(state[:-10])
+
+
+def test_machine_refuses_more_vcpus_than_the_guest_layout_has():
+    from migrator._machine import AccelConfig, Machine
+
+    with pytest.raises(ValueError, match=f"at most {LAYOUT['VCPU_MAX']} vCPUs"):
+        Machine(memory_bytes=8 << 20, accel=AccelConfig(kind="kvm"), workload="ab", smp=LAYOUT["VCPU_MAX"] + 1)
