@@ -314,7 +314,7 @@ class RealVCPUs:
         self._serial_file = None
         self._active = False
         self._msr_rejected: list[int] = []
-        self._stats = Counter()  # controller-side (stops); per-vCPU counters live in each _Ctl
+        self._stats: Counter = Counter()  # controller-side (stops); per-vCPU counters live in each _Ctl
 
     # ------------------------------------------------------------ trio side
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -534,7 +534,7 @@ class RealVCPUs:
         self._require_stopped()
         msr_list = self.vm.get_msr_index_list()
         payload = bytearray()
-        header = {"format": "migrator-kvm-vcpu", "version": 1, "program": self.program, "vcpus": []}
+        header: dict = {"format": "migrator-kvm-vcpu", "version": 1, "program": self.program, "vcpus": []}
         for ctl in self._ctls:
             v = ctl.vcpu
             regs = v.get_regs()

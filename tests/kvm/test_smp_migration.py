@@ -22,7 +22,7 @@ from memory.kvm import kvm_usable
 from memory.kvm.guests import LAYOUT, check_guests_ram, vcpu_ranges
 from memory.kvm.guests._image import vcpu_slot_gpa
 
-from tests.integration.harness import free_port, pmem, vm_process
+from tests.integration.harness import free_port, migrate_live_then_converge, pmem, vm_process, wait_serial
 
 _ok, _why = kvm_usable()
 pytestmark = [pytest.mark.skipif(not _ok, reason=f"real KVM unusable: {_why}"),
@@ -48,12 +48,6 @@ def _uri(kind: str, tmp_path) -> str:
     return f"tcp:127.0.0.1:{free_port()}" if kind == "tcp" else f"unix:{tmp_path / 'mig.sock'}"
 
 
-async def _wait_for_b(serial, timeout=30):
-    with trio.fail_after(timeout):
-        while b"B" not in (serial.read_bytes() if serial.exists() else b""):
-            await trio.sleep(0.05)
-
-
 @pytest.mark.parametrize("mode,transport", [("bitmap", "tcp"), ("ring", "unix"), ("clear", "unix")])
 async def test_smp2_live_migration_resumes_every_vcpu(tmp_path, mode, transport):
     accel = f"kvm,dirty-log={mode}" + (",dirty-ring-size=1024" if mode == "ring" else "")
@@ -63,22 +57,17 @@ async def test_smp2_live_migration_resumes_every_vcpu(tmp_path, mode, transport)
     async with vm_process(tmp_path, "dst", "--incoming", uri, "-S", *smp, memory="64M", accel=accel) as dst, \
             vm_process(tmp_path, "src", "--serial", f"file:{serial}", *smp, memory="64M", accel=accel,
                        workload="ab") as src:
-        await _wait_for_b(serial)
-        stats = await src.qmp.execute("x-query-accel-stats")
+        await wait_serial(serial, timeout=30)
+        with trio.fail_after(30):  # and every vCPU through a few passes of its share
+            while min(v["passes"] for v in (stats := await src.qmp.execute("x-query-accel-stats"))["vcpus"]) < 3:
+                await trio.sleep(0.02)
         vcpus = stats["vcpus"]
         assert [v["cpu-index"] for v in vcpus] == list(range(SMP))
         for v in vcpus:
             assert v["pages-written"] > 0 and v["passes"] > 0 and v["mmu-lock-wait-ns"] is None
             assert {"pf_taken", "pf_fixed", "pf_fast", "pf_spurious", "pf_emulate"} <= set(v["faults"])
         assert stats["vcpu-controller"]["smp"] == SMP
-        # live phase at a trickle (pages already sent are re-dirtied), then converge
-        await src.qmp.execute("migrate-set-parameters", {"max-bandwidth": 4_000_000, "downtime-limit": 1})
-        await src.qmp.execute("migrate", {"uri": uri})
-        with trio.fail_after(30):
-            while (await src.qmp.execute("query-migrate")).get("ram", {}).get("transferred", 0) < 2 * MiB:
-                await trio.sleep(0.02)
-        await src.qmp.execute("migrate-set-parameters", {"max-bandwidth": 1_000_000_000, "downtime-limit": 30000})
-        info = await src.qmp.wait_migration(timeout=60)
+        info = await migrate_live_then_converge(src, uri, trickle=4_000_000, timeout=60)
         assert info["status"] == "completed", (info, src.log())
         assert info["ram"]["dirty-sync-count"] >= 2
         dinfo = await dst.qmp.wait_migration()
@@ -113,6 +102,8 @@ async def test_vcpu_count_mismatch_fails_the_destination_and_the_source_runs_on(
     async with vm_process(tmp_path, "dst", "--incoming", uri, "-S", "--smp", "1", memory="64M", accel=accel) as dst, \
             vm_process(tmp_path, "src", "--smp", str(SMP), memory="64M", accel=accel, workload="ab") as src:
         await trio.sleep(0.2)
+        # converge at once (the failure comes at the end, when the vCPU state is loaded)
+        await src.qmp.execute("migrate-set-parameters", {"max-bandwidth": 1_000_000_000, "downtime-limit": 30000})
         await src.qmp.execute("migrate", {"uri": uri})
         info = await src.qmp.wait_migration(timeout=60)
         assert info["status"] == "failed", info

@@ -4,6 +4,8 @@ statistics and the vCPU-count check of a state load."""
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 import numpy as np
 import pytest
 import trio
@@ -12,14 +14,20 @@ from memory.kvm.guests import LAYOUT, check_guests_ram, load_guest_image, vcpu_r
 from memory.kvm.guests._image import IOPB_SIZE, TSS_SIZE, tss_base_limit, vcpu_slot_gpa
 from memory.kvm.vcpu import RealMachine, VCPUStateError, parse_vcpu_state
 
+from tests.integration.harness import wait_until as _wait_for
+
 pytestmark = pytest.mark.kvm
 START = LAYOUT["DATA_START"]
 
 
-async def _wait_for(pred, timeout=20.0, poll=0.005):
-    with trio.fail_after(timeout):
-        while not pred():
-            await trio.sleep(poll)
+@asynccontextmanager
+async def _running(size: int, smp: int = 2):
+    """A RealMachine running the ab guest on ``smp`` vCPU threads (started stopped)."""
+    with RealMachine("ab", size, log_dirty=False, smp=smp) as m:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(m.vcpus.run)
+            yield m
+            nursery.cancel_scope.cancel()
 
 
 def _bad(m: RealMachine, smp: int) -> list[int]:
@@ -80,116 +88,101 @@ def test_image_gives_each_vcpu_its_tss_stack_and_slot():
 # ---------------------------------------------------------------- real vCPU threads
 
 async def test_two_vcpus_run_their_shares_and_vm_stop_is_exact(require_kvm):
-    with RealMachine("ab", 8 << 20, log_dirty=False, smp=2) as m:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(m.vcpus.run)
-            for cycle in range(5):
-                at = [m.ctrl.vcpu(i, "pass") for i in range(2)]
-                await m.vcpus.vm_start()
-                await _wait_for(lambda: all(m.ctrl.vcpu(i, "pass") >= at[i] + 5 for i in range(2)))
-                await m.vcpus.vm_stop()
-                # once vm_stop returned, neither vCPU writes anything any more
-                assert not any(c.in_run for c in m.vcpus._ctls)
-                snap = m.ram.host.copy()
-                await trio.sleep(0.03)
-                assert np.array_equal(snap, m.ram.host), f"a vCPU kept writing after vm_stop (cycle {cycle})"
-                assert _bad(m, 2) == [0, 0]
-            st = m.vcpus.statistics()
-            per = st["vcpus"]
-            assert st["smp"] == 2 and len(per) == 2 and st["stops"] == 5
-            assert st["passes"] == sum(v["passes"] for v in per) == m.ctrl["pass"]
-            for i, ((a, b), v) in enumerate(zip(vcpu_ranges(START, 8 << 20, 2), per)):
-                # VC_WRITES counts every page store: the zeroing pass, one per page per
-                # completed pass, and the pages of the current pass already at pass+1
-                # (less one if the stop fell between the page store and the count)
-                share = (b - a) // 4096
-                ahead = int(np.count_nonzero(m.ram.host[a:b:4096] == (v["passes"] + 1) % 256))
-                partial = v["pages-written"] - share * (v["passes"] + 1)
-                assert ahead - 1 <= partial <= ahead, (i, partial, ahead)
-                assert v["faults"]["pf_taken"] >= 1 and v["mmu-lock-wait-ns"] is None
-                assert v["exits"]["intr"] == 5  # each vCPU thread honoured each stop
-            # only vCPU 0 prints
-            assert per[1]["exits"].get("io", 0) == 0 and per[0]["exits"]["io"] == st["serial_bytes"]
-            nursery.cancel_scope.cancel()
+    async with _running(8 << 20) as m:
+        for cycle in range(5):
+            at = [m.ctrl.vcpu(i, "pass") for i in range(2)]
+            await m.vcpus.vm_start()
+            await _wait_for(lambda: all(m.ctrl.vcpu(i, "pass") >= at[i] + 5 for i in range(2)))
+            await m.vcpus.vm_stop()
+            # once vm_stop returned, neither vCPU writes anything any more
+            assert not any(c.in_run for c in m.vcpus._ctls)
+            snap = m.ram.host.copy()
+            await trio.sleep(0.03)
+            assert np.array_equal(snap, m.ram.host), f"a vCPU kept writing after vm_stop (cycle {cycle})"
+            assert _bad(m, 2) == [0, 0]
+        st = m.vcpus.statistics()
+        per = st["vcpus"]
+        assert st["smp"] == 2 and len(per) == 2 and st["stops"] == 5
+        assert st["passes"] == sum(v["passes"] for v in per) == m.ctrl["pass"]
+        for i, ((a, b), v) in enumerate(zip(vcpu_ranges(START, 8 << 20, 2), per)):
+            # VC_WRITES counts every page store: the zeroing pass, one per page per
+            # completed pass, and the pages of the current pass already at pass+1
+            # (less one if the stop fell between the page store and the count)
+            share = (b - a) // 4096
+            ahead = int(np.count_nonzero(m.ram.host[a:b:4096] == (v["passes"] + 1) % 256))
+            partial = v["pages-written"] - share * (v["passes"] + 1)
+            assert ahead - 1 <= partial <= ahead, (i, partial, ahead)
+            assert v["faults"]["pf_taken"] >= 1 and v["mmu-lock-wait-ns"] is None
+            assert v["exits"]["intr"] == 5  # each vCPU thread honoured each stop
+        # only vCPU 0 prints
+        assert per[1]["exits"].get("io", 0) == 0 and per[0]["exits"]["io"] == st["serial_bytes"]
 
 
 async def test_statistics_of_running_vcpus_do_not_block(require_kvm):
     """The kernel stats fd is read while both vCPUs sit in KVM_RUN (a vCPU
     ioctl there would wait for vcpu->mutex until the next exit)."""
-    with RealMachine("ab", 8 << 20, log_dirty=False, smp=2) as m:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(m.vcpus.run)
-            await m.vcpus.vm_start()
-            await _wait_for(lambda: m.ctrl["pass"] >= 10)
-            def read_all():
-                m.vm.statistics()
-                return m.vcpus.vcpu_statistics()
+    async with _running(8 << 20) as m:
+        await m.vcpus.vm_start()
+        await _wait_for(lambda: m.ctrl["pass"] >= 10)
+        def read_all():
+            m.vm.statistics()
+            return m.vcpus.vcpu_statistics()
 
-            with trio.fail_after(2):  # abandoned on timeout: the stop at teardown unblocks it
-                for _ in range(20):
-                    per = await trio.to_thread.run_sync(read_all, abandon_on_cancel=True)
-            assert all(v["faults"] for v in per)
-            await m.vcpus.vm_stop()
-            nursery.cancel_scope.cancel()
+        with trio.fail_after(2):  # abandoned on timeout: the stop at teardown unblocks it
+            for _ in range(20):
+                per = await trio.to_thread.run_sync(read_all, abandon_on_cancel=True)
+        assert all(v["faults"] for v in per)
+        await m.vcpus.vm_stop()
 
 
 async def test_every_vcpu_halts_and_resumes(require_kvm):
-    with RealMachine("ab", 4 << 20, log_dirty=False, smp=2) as m:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(m.vcpus.run)
-            await m.vcpus.vm_start()
-            await _wait_for(lambda: min(m.ctrl.vcpu(i, "pass") for i in range(2)) >= 3)
+    async with _running(4 << 20) as m:
+        await m.vcpus.vm_start()
+        await _wait_for(lambda: min(m.ctrl.vcpu(i, "pass") for i in range(2)) >= 3)
+        m.ctrl["halt_req"] = 1
+        await _wait_for(m.vcpus.halted)
+        assert m.ctrl["halts"] == 2  # one hlt per vCPU, each on its own kernel stack
+        at = [m.ctrl.vcpu(i, "pass") for i in range(2)]
+        await trio.sleep(0.05)
+        assert [m.ctrl.vcpu(i, "pass") for i in range(2)] == at
+        m.ctrl["halt_req"] = 0
+        m.vcpus.wake()
+        await _wait_for(lambda: all(m.ctrl.vcpu(i, "pass") > at[i] + 2 for i in range(2)))
+        await m.vcpus.vm_stop()
+        assert _bad(m, 2) == [0, 0]
+        assert m.vcpus.statistics()["halts"] == 2
+        # a vCPU woken from hlt runs guest code again: vm_stop must wait for it
+        for _ in range(5):
             m.ctrl["halt_req"] = 1
+            await m.vcpus.vm_start()
             await _wait_for(m.vcpus.halted)
-            assert m.ctrl["halts"] == 2  # one hlt per vCPU, each on its own kernel stack
-            at = [m.ctrl.vcpu(i, "pass") for i in range(2)]
-            await trio.sleep(0.05)
-            assert [m.ctrl.vcpu(i, "pass") for i in range(2)] == at
             m.ctrl["halt_req"] = 0
+            at = [m.ctrl.vcpu(i, "pass") for i in range(2)]
             m.vcpus.wake()
-            await _wait_for(lambda: all(m.ctrl.vcpu(i, "pass") > at[i] + 2 for i in range(2)))
+            await _wait_for(lambda: all(m.ctrl.vcpu(i, "pass") > at[i] for i in range(2)))
             await m.vcpus.vm_stop()
-            assert _bad(m, 2) == [0, 0]
-            assert m.vcpus.statistics()["halts"] == 2
-            # a vCPU woken from hlt runs guest code again: vm_stop must wait for it
-            for _ in range(5):
-                m.ctrl["halt_req"] = 1
-                await m.vcpus.vm_start()
-                await _wait_for(m.vcpus.halted)
-                m.ctrl["halt_req"] = 0
-                at = [m.ctrl.vcpu(i, "pass") for i in range(2)]
-                m.vcpus.wake()
-                await _wait_for(lambda: all(m.ctrl.vcpu(i, "pass") > at[i] for i in range(2)))
-                await m.vcpus.vm_stop()
-                assert not any(c.in_run for c in m.vcpus._ctls), "vm_stop returned with a vCPU in KVM_RUN"
-                snap = m.ram.host.copy()
-                await trio.sleep(0.01)
-                assert np.array_equal(snap, m.ram.host)
-            nursery.cancel_scope.cancel()
+            assert not any(c.in_run for c in m.vcpus._ctls), "vm_stop returned with a vCPU in KVM_RUN"
+            snap = m.ram.host.copy()
+            await trio.sleep(0.01)
+            assert np.array_equal(snap, m.ram.host)
 
 
 async def test_throttle_sleeps_every_vcpu(require_kvm):
-    with RealMachine("ab", 4 << 20, log_dirty=False, smp=2) as m:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(m.vcpus.run)
-            m.vcpus.set_throttle(50)
-            await m.vcpus.vm_start()
-            await _wait_for(lambda: all(v["throttle-sleep-ns"] > 0 for v in m.vcpus.vcpu_statistics()))
-            m.vcpus.set_throttle(0)
-            await m.vcpus.vm_stop()
-            assert _bad(m, 2) == [0, 0]
-            nursery.cancel_scope.cancel()
+    async with _running(4 << 20) as m:
+        m.vcpus.set_throttle(50)
+        await m.vcpus.vm_start()
+        await _wait_for(lambda: all(v["throttle-sleep-ns"] > 0 for v in m.vcpus.vcpu_statistics()))
+        m.vcpus.set_throttle(0)
+        await m.vcpus.vm_stop()
+        assert _bad(m, 2) == [0, 0]
 
 
 async def test_state_load_checks_the_vcpu_count_before_touching_a_vcpu(require_kvm):
-    with RealMachine("ab", 4 << 20, log_dirty=False, smp=2) as src:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(src.vcpus.run)
-            await src.vcpus.vm_start()
-            await _wait_for(lambda: src.ctrl["pass"] >= 10)
-            await src.vcpus.vm_stop()
-            state = src.vcpus.save_state()
-            nursery.cancel_scope.cancel()
+    async with _running(4 << 20) as src:
+        await src.vcpus.vm_start()
+        await _wait_for(lambda: src.ctrl["pass"] >= 10)
+        await src.vcpus.vm_stop()
+        state = src.vcpus.save_state()
         image = parse_vcpu_state(state)
         assert [r.id for r in image.vcpus] == [0, 1]
         assert image.vcpus[0].regs.r15 != image.vcpus[1].regs.r15  # each vCPU's own control slot
