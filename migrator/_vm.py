@@ -86,6 +86,7 @@ class VM:
             "memory-bytes": self.machine.memory_bytes,
             "page-size": TARGET_PAGE_SIZE,
             "accel": self.machine.accel.describe(),
+            "smp": self.machine.smp,
             "workload": self.machine.workload_name,
             "parameters": self.params.to_qmp(),
             "capabilities": sorted(self.options.capabilities.enabled),

@@ -52,6 +52,7 @@ thread (so every vCPU loses the same share of its time).
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import json
 import mmap
@@ -119,7 +120,7 @@ class RealVCPU:
             self._stats: StatsReader | None = StatsReader(self.fd)
         except OSError:
             self._stats = None
-        self.set_cpuid2(vm.get_supported_cpuid())
+        self.set_cpuid2(cpuid_for_vcpu(vm.get_supported_cpuid(), vcpu_id))
         vm._register_vcpu(self)
 
     # -- kvm_run fields
@@ -202,6 +203,23 @@ class RealVCPU:
         # > 1024 bytes: must be a mutable buffer (passed by pointer, GIL held)
         fcntl.ioctl(self.fd, K.KVM_SET_CPUID2, bytearray(cpuid), True)
 
+    def get_cpuid2(self) -> np.ndarray:
+        """``KVM_GET_CPUID2``: the vCPU's CPUID entries (structured array)."""
+        nent = 256
+        while True:
+            buf = bytearray(K.KVM_CPUID2_HEADER_SIZE + nent * 40)
+            struct.pack_into("<I", buf, 0, nent)
+            try:
+                fcntl.ioctl(self.fd, K.KVM_GET_CPUID2, buf, True)
+            except OSError as e:
+                if e.errno == errno.E2BIG and nent < 4096:
+                    nent *= 2
+                    continue
+                raise
+            n = struct.unpack_from("<I", buf, 0)[0]
+            return np.frombuffer(bytes(buf), dtype=np.dtype(K.KVM_CPUID_ENTRY2_DTYPE),
+                                 count=n, offset=K.KVM_CPUID2_HEADER_SIZE).copy()
+
     def apply_entry(self, entry: GuestEntry) -> None:
         """Start state of a test guest (SREGS, then MSRS, then REGS)."""
         sregs = self.get_sregs()
@@ -243,6 +261,20 @@ class RealVCPU:
                 pass
             os.close(self.fd)
             self.fd = -1
+
+
+def cpuid_for_vcpu(cpuid: bytes, apic_id: int) -> bytes:
+    """The supported CPUID (``struct kvm_cpuid2``) with vCPU ``apic_id``'s
+    APIC IDs, as QEMU gives each vCPU its own: leaf 1 EBX[31:24] (initial
+    APIC ID) and EDX of every subleaf of 0xB and 0x1F (x2APIC ID).  The
+    test guests do not read them; a guest enumerating CPUs would."""
+    buf = bytearray(cpuid)
+    (nent,) = struct.unpack_from("<I", buf, 0)
+    e = np.frombuffer(buf, dtype=np.dtype(K.KVM_CPUID_ENTRY2_DTYPE), count=nent, offset=K.KVM_CPUID2_HEADER_SIZE)
+    leaf1 = e["function"] == 1
+    e["ebx"][leaf1] = (e["ebx"][leaf1] & 0x00FFFFFF) | ((apic_id & 0xFF) << 24)
+    e["edx"][(e["function"] == 0xB) | (e["function"] == 0x1F)] = apic_id
+    return bytes(buf)
 
 
 class _Ctl:

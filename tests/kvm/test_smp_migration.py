@@ -96,7 +96,7 @@ async def test_smp2_live_migration_resumes_every_vcpu(tmp_path, mode, transport)
         assert [v["pages-written"] for v in dstats["vcpus"]] == [_slot(c, i, "writes") for i in range(SMP)]
         assert all(v["exits"].get("intr", 0) >= 1 for v in dstats["vcpus"])  # each vCPU thread ran and stopped
         history = await src.qmp.execute("x-query-migration-history")
-        assert history["status"] == "completed"
+        assert history["status"] == "completed" and history["setup"]["smp"] == SMP
 
 
 async def test_vcpu_count_mismatch_fails_the_destination_and_the_source_runs_on(tmp_path):

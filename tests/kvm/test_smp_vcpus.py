@@ -204,3 +204,11 @@ def test_machine_refuses_more_vcpus_than_the_guest_layout_has():
 
     with pytest.raises(ValueError, match=f"at most {LAYOUT['VCPU_MAX']} vCPUs"):
         Machine(memory_bytes=8 << 20, accel=AccelConfig(kind="kvm"), workload="ab", smp=LAYOUT["VCPU_MAX"] + 1)
+
+
+def test_each_vcpu_has_its_own_apic_id_in_cpuid(require_kvm):
+    with RealMachine("ab", 4 << 20, log_dirty=False, smp=3) as m:
+        for v in m.vcpus.vcpus:
+            c = v.get_cpuid2()
+            assert [int(x) >> 24 for x in c["ebx"][c["function"] == 1]] == [v.vcpu_id]
+            assert all(int(x) == v.vcpu_id for x in c["edx"][(c["function"] == 0xB) | (c["function"] == 0x1F)])
