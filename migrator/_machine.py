@@ -158,6 +158,8 @@ class Machine:
         from memory.workloads import make_workload
 
         a = self.accel
+        if self.smp != 1:  # not silently fewer vCPUs than asked for
+            raise ValueError(f"--smp {self.smp}: this simulated KVM runs one vCPU (use --accel kvm for more)")
         self.kvm = SimKVM(pml=a.pml)
         self._wp_all = a.write_protect_all
         self._manual = a.manual_protect
@@ -189,8 +191,12 @@ class Machine:
         self._listener_extra = {"dirty_ring": a.dirty_log == "ring"}
         program = self.workload_name if self.workload_name in ("ab", "selftest") else "ab"
         # --smp N: N vCPU threads; the ab guest splits its data range per vCPU
-        vcpus, _entry = create_vcpus(self.kvm, self.smp, ram=self.ram_block,
-                                     program=None if self.destination else program)
+        try:
+            vcpus, _entry = create_vcpus(self.kvm, self.smp, ram=self.ram_block,
+                                         program=None if self.destination else program)
+        except BaseException:
+            self.kvm.close()
+            raise
         self.vcpus = RealVCPUs(vcpus, program=program, ram=self.ram_block, serial_path=serial_path)
 
     def ram_blocks(self):

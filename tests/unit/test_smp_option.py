@@ -26,3 +26,10 @@ def test_cli_default_and_error(capsys):
     with pytest.raises(SystemExit):
         p.parse_args(["run", "--qmp", "unix:/x", "--smp", "0"])
     assert "vCPU count must be between 1 and" in capsys.readouterr().err
+
+
+def test_sim_refuses_more_than_one_vcpu():
+    from migrator._machine import AccelConfig, Machine
+
+    with pytest.raises(ValueError, match="--smp 2: this simulated KVM runs one vCPU"):
+        Machine(memory_bytes=4 << 20, accel=AccelConfig(kind="sim"), smp=2)
