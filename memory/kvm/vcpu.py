@@ -71,7 +71,7 @@ import trio
 
 from . import linux_kvm as K
 from ._backend import UserMemoryRegion
-from .guests import LAYOUT, Ctrl, GuestEntry, load_guest_image
+from .guests import LAYOUT, Ctrl, GuestEntry, ab_pages_written, load_guest_image
 from .real import RealKVM, StatsReader
 
 #: QEMU's CPU_THROTTLE_TIMESLICE_NS
@@ -639,9 +639,11 @@ class RealVCPUs:
     def vcpu_statistics(self) -> list[dict]:
         """One object per vCPU (``x-query-accel-stats`` ``"vcpus"``).
 
-        ``pages-written``: the ab guest's own counter (VC_WRITES of the vCPU's
-        control slot, one increment per page store, in guest RAM so it
-        migrates with it; ``None`` for other programs).  ``faults``: the
+        ``pages-written``: the ab guest's own count (VC_WRITES of the vCPU's
+        control slot, published by the guest once per pass, plus the pages
+        of the pass in progress read from RAM: :func:`ab_pages_written`); it
+        lives in guest RAM and registers, so it migrates with the guest;
+        ``None`` for other programs.  ``faults``: the
         ``pf_*`` statistics of the vCPU's KVM_GET_STATS_FD, names as the
         kernel spells them.  ``mmu-lock-wait-ns``: ``None``, KVM exposes no
         mmu_lock wait time (neither in the binary stats nor elsewhere
@@ -653,7 +655,8 @@ class RealVCPUs:
             kstats = ctl.vcpu.kernel_stats()
             out.append({
                 "cpu-index": ctl.vcpu.vcpu_id,
-                "pages-written": ctrl.vcpu(i, "writes") if ctrl is not None else None,
+                "pages-written": None if ctrl is None else ab_pages_written(
+                    self.ram.host, ctrl.vcpu(i, "start"), ctrl.vcpu(i, "end"), ctrl.vcpu(i, "writes")),
                 "passes": ctrl.vcpu(i, "pass") if ctrl is not None else None,
                 "faults": {k: v for k, v in kstats.items() if k.startswith("pf_")},
                 "mmu-lock-wait-ns": None,

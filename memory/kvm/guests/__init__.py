@@ -4,9 +4,9 @@ assembled ``*.bin`` (rebuild with ``python -m memory.kvm.guests.build``)."""
 
 from ._image import (LAYOUT, PROGRAMS, Ctrl, GuestEntry, Segment, load_guest_image, program_bytes,
                      vcpu_ranges)
-from .check import GuestRamCheck, check_guests_ram, check_guests_ram_loop
+from .check import GuestRamCheck, ab_pages_written, check_guests_ram, check_guests_ram_loop
 
 __all__ = [
     "LAYOUT", "PROGRAMS", "Ctrl", "GuestEntry", "Segment", "load_guest_image", "program_bytes", "vcpu_ranges",
-    "GuestRamCheck", "check_guests_ram", "check_guests_ram_loop",
+    "GuestRamCheck", "ab_pages_written", "check_guests_ram", "check_guests_ram_loop",
 ]

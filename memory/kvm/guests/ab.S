@@ -9,8 +9,13 @@
 #   1. vCPU 0 prints 'A' once on COM1;
 #   2. zero byte 0 of every 4 KiB page of its share;
 #   3. forever: increment byte 0 of every page of its share in ascending
-#      order, counting each write in VC_WRITES; count the pass in VC_PASS
-#      and (lock inc) in CTRL_PASS; vCPU 0 prints 'B' every 64 of its passes.
+#      order; count the pass in VC_PASS and (lock inc) in CTRL_PASS; vCPU 0
+#      prints 'B' every 64 of its passes.
+#
+# Page writes are counted in r14 (a register: the page loop does no extra
+# memory access) and published in VC_WRITES at the end of the zeroing pass
+# and of every pass, so VC_WRITES = share * (VC_PASS + 1) at a boundary; the
+# host adds the pages of the current pass (memory.kvm.guests.ab_pages_written).
 #
 # So within each share every page holds v, except pages not yet reached in
 # the current pass, which hold v-1: the invariant check_guests_ram()
@@ -32,22 +37,25 @@ entry:
 1:  mov rdi, [r15 + VC_START]
     mov rsi, [CTRL_STRIDE]
     mov r8, [r15 + VC_END]
+    mov r14, [r15 + VC_WRITES]   # 0 on a fresh start
 zero:
     mov byte ptr [rdi], 0
-    inc qword ptr [r15 + VC_WRITES]
+    inc r14
     add rdi, rsi
     cmp rdi, r8
     jb zero
+    mov [r15 + VC_WRITES], r14
     mov rbx, [r15 + VC_PASS]     # 0 on a fresh start
 outer:
     mov rdi, [r15 + VC_START]
 inner:
     inc byte ptr [rdi]
-    inc qword ptr [r15 + VC_WRITES]
+    inc r14
     add rdi, rsi
     cmp rdi, r8
     jb inner
     inc rbx
+    mov [r15 + VC_WRITES], r14
     mov [r15 + VC_PASS], rbx
     lock inc qword ptr [CTRL_PASS]
     test bl, 63
