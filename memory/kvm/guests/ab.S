@@ -12,10 +12,11 @@
 #      order; count the pass in VC_PASS and (lock inc) in CTRL_PASS; vCPU 0
 #      prints 'B' every 64 of its passes.
 #
-# Page writes are counted in r14 (a register: the page loop does no extra
-# memory access) and published in VC_WRITES at the end of the zeroing pass
-# and of every pass, so VC_WRITES = share * (VC_PASS + 1) at a boundary; the
-# host adds the pages of the current pass (memory.kvm.guests.ab_pages_written).
+# Page writes are counted per pass, not per page, so the page loop stays the
+# four instructions of QEMU's guest: r14 += pages of the share (r9) at the end of
+# the zeroing pass and of every pass, published in VC_WRITES, so VC_WRITES =
+# share * (VC_PASS + 1) at a boundary; the host adds the pages of the pass
+# in progress from RAM (memory.kvm.guests.ab_pages_written).
 #
 # So within each share every page holds v, except pages not yet reached in
 # the current pass, which hold v-1: the invariant check_guests_ram()
@@ -37,24 +38,29 @@ entry:
 1:  mov rdi, [r15 + VC_START]
     mov rsi, [CTRL_STRIDE]
     mov r8, [r15 + VC_END]
+    lea rax, [r8 + rsi - 1]      # r9 = pages written per pass: ceil((end - start) / stride)
+    sub rax, rdi
+    xor edx, edx
+    div rsi
+    mov r9, rax
     mov r14, [r15 + VC_WRITES]   # 0 on a fresh start
 zero:
     mov byte ptr [rdi], 0
-    inc r14
     add rdi, rsi
     cmp rdi, r8
     jb zero
+    add r14, r9
     mov [r15 + VC_WRITES], r14
     mov rbx, [r15 + VC_PASS]     # 0 on a fresh start
 outer:
     mov rdi, [r15 + VC_START]
 inner:
     inc byte ptr [rdi]
-    inc r14
     add rdi, rsi
     cmp rdi, r8
     jb inner
     inc rbx
+    add r14, r9
     mov [r15 + VC_WRITES], r14
     mov [r15 + VC_PASS], rbx
     lock inc qword ptr [CTRL_PASS]

@@ -73,9 +73,9 @@ def check_guests_ram_loop(ram: np.ndarray, start: int, end: int, *, base_gpa: in
 def ab_pages_written(ram: np.ndarray, start: int, end: int, published: int, *, base_gpa: int = 0) -> int:
     """Page writes of the ``ab`` vCPU whose share is ``[start, end)``.
 
-    ``published`` is the vCPU's VC_WRITES: the guest counts in a register and
-    publishes at the end of the zeroing pass and of every pass, so it equals
-    ``share * (passes + 1)`` there.  The pass in progress is read from RAM:
+    ``published`` is the vCPU's VC_WRITES: the guest adds the share's page
+    count at the end of the zeroing pass and of every pass, so it equals
+    ``share * (passes + 1)``.  The pass in progress is read from RAM:
     the pages of the share already holding ``passes + 1`` (the ab invariant;
     the value is distinct from the ``passes`` the others hold, mod 256).
     Exact while the vCPU is stopped; while it runs, a pass may complete
