@@ -52,7 +52,6 @@ thread (so every vCPU loses the same share of its time).
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import json
 import mmap
@@ -72,7 +71,7 @@ import trio
 from . import linux_kvm as K
 from ._backend import UserMemoryRegion
 from .guests import LAYOUT, Ctrl, GuestEntry, ab_pages_written, load_guest_image
-from .real import RealKVM, StatsReader
+from .real import RealKVM, StatsReader, get_cpuid2
 
 #: QEMU's CPU_THROTTLE_TIMESLICE_NS
 THROTTLE_TIMESLICE_S = 0.010
@@ -205,20 +204,8 @@ class RealVCPU:
 
     def get_cpuid2(self) -> np.ndarray:
         """``KVM_GET_CPUID2``: the vCPU's CPUID entries (structured array)."""
-        nent = 256
-        while True:
-            buf = bytearray(K.KVM_CPUID2_HEADER_SIZE + nent * 40)
-            struct.pack_into("<I", buf, 0, nent)
-            try:
-                fcntl.ioctl(self.fd, K.KVM_GET_CPUID2, buf, True)
-            except OSError as e:
-                if e.errno == errno.E2BIG and nent < 4096:
-                    nent *= 2
-                    continue
-                raise
-            n = struct.unpack_from("<I", buf, 0)[0]
-            return np.frombuffer(bytes(buf), dtype=np.dtype(K.KVM_CPUID_ENTRY2_DTYPE),
-                                 count=n, offset=K.KVM_CPUID2_HEADER_SIZE).copy()
+        raw = get_cpuid2(self.fd, K.KVM_GET_CPUID2)
+        return np.frombuffer(raw, dtype=np.dtype(K.KVM_CPUID_ENTRY2_DTYPE), offset=K.KVM_CPUID2_HEADER_SIZE)
 
     def apply_entry(self, entry: GuestEntry) -> None:
         """Start state of a test guest (SREGS, then MSRS, then REGS)."""
