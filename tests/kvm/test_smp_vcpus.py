@@ -9,7 +9,10 @@ from contextlib import asynccontextmanager
 import numpy as np
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from memory.kvm import kvm_usable
 from memory.kvm.guests import LAYOUT, check_guests_ram, load_guest_image, vcpu_ranges
 from memory.kvm.guests._image import IOPB_SIZE, TSS_SIZE, tss_base_limit, vcpu_slot_gpa
 from memory.kvm.vcpu import RealMachine, VCPUStateError, parse_vcpu_state
@@ -216,3 +219,35 @@ def test_each_vcpu_has_its_own_apic_id_in_cpuid(require_kvm):
             c = v.get_cpuid2()
             assert [int(x) >> 24 for x in c["ebx"][c["function"] == 1]] == [v.vcpu_id]
             assert all(int(x) == v.vcpu_id for x in c["edx"][(c["function"] == 0xB) | (c["function"] == 0x1F)])
+
+
+@pytest.fixture(scope="module")
+def two_vcpu_state():
+    ok, why = kvm_usable()
+    if not ok:
+        pytest.skip(f"real KVM unusable here: {why}")
+    with RealMachine("ab", 2 << 20, log_dirty=False, smp=2) as m:
+        return m.vcpus.save_state()  # stopped vCPUs at their entry state
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_corrupted_state_is_refused_with_a_state_error(two_vcpu_state, data):
+    """Any corruption of the blob (byte flips in the header or the payload,
+    truncation, junk appended) parses or raises VCPUStateError, never
+    another exception."""
+    blob = bytearray(two_vcpu_state)
+    for _ in range(data.draw(st.integers(1, 4))):
+        kind = data.draw(st.sampled_from(["flip", "truncate", "append"]))
+        if kind == "flip" and blob:
+            i = data.draw(st.integers(0, len(blob) - 1))
+            blob[i] = data.draw(st.integers(0, 255))
+        elif kind == "truncate":
+            del blob[data.draw(st.integers(0, len(blob))):]
+        else:
+            blob += data.draw(st.binary(max_size=64))
+    try:
+        image = parse_vcpu_state(bytes(blob))
+    except VCPUStateError:
+        return
+    assert all(isinstance(r.id, int) and isinstance(r.mp_state, int) for r in image.vcpus)
