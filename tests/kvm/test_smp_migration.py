@@ -97,6 +97,10 @@ async def test_smp2_live_migration_resumes_every_vcpu(tmp_path, mode, transport)
         for i, (lo, hi) in enumerate(RANGES):
             assert not np.array_equal(view_b[lo:hi:4096], view_c[lo:hi:4096]), f"vCPU {i}'s share did not change"
             assert _slot(c, i, "pass") > passes[i], i
+            # resumed, not restarted: a restart would re-zero the share, its pages
+            # would count the passes since the restart, not VC_PASS
+            p = _slot(c, i, "pass")
+            assert check_guests_ram(view_c, lo, hi).first_value in (p % 256, (p + 1) % 256), (i, p)
         dstats = await dst.qmp.execute("x-query-accel-stats")
         # the guest's page-write count continues from the source's (it lives in guest RAM and registers)
         assert [v["pages-written"] for v in dstats["vcpus"]] == _pages_written(c)
