@@ -190,6 +190,7 @@ async def test_state_load_checks_the_vcpu_count_before_touching_a_vcpu(require_k
         await _wait_for(lambda: src.ctrl["pass"] >= 10)
         await src.vcpus.vm_stop()
         state = src.vcpus.save_state()
+        ram = src.ram.host.copy()
         image = parse_vcpu_state(state)
         assert [r.id for r in image.vcpus] == [0, 1]
         assert image.vcpus[0].regs.r15 != image.vcpus[1].regs.r15  # each vCPU's own control slot
@@ -199,8 +200,22 @@ async def test_state_load_checks_the_vcpu_count_before_touching_a_vcpu(require_k
             one.vcpus.load_state(state)
         assert bytes(one.vcpu.get_regs()) == before  # nothing was loaded
     with RealMachine("ab", 4 << 20, log_dirty=False, load_image=False, smp=2) as two:
+        two.ram.host[:] = ram
         two.vcpus.load_state(state)
         assert [v.get_regs().rip for v in two.vcpus.vcpus] == [r.regs.rip for r in image.vcpus]
+        # both vCPUs carry on, each in its own share, from its own pass
+        at = [two.ctrl.vcpu(i, "pass") for i in range(2)]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(two.vcpus.run)
+            await two.vcpus.vm_start()
+            await _wait_for(lambda: all(two.ctrl.vcpu(i, "pass") >= at[i] + 3 for i in range(2)))
+            await two.vcpus.vm_stop()
+            nursery.cancel_scope.cancel()
+        assert _bad(two, 2) == [0, 0]
+        for i, (a, b) in enumerate(vcpu_ranges(START, 4 << 20, 2)):
+            p = two.ctrl.vcpu(i, "pass")
+            assert check_guests_ram(two.ram.host, a, b).first_value in (p % 256, (p + 1) % 256)
+        assert two.vcpus.serial_output.count(b"A") == 0  # resumed, not rebooted
         # a truncated payload is refused before any vCPU is touched
         with pytest.raises(VCPUStateError, match="section"):
             parse_vcpu_state(state[:-10])
