@@ -45,6 +45,15 @@ def _accel(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _smp(text: str) -> int:
+    from ._machine import parse_smp
+
+    try:
+        return parse_smp(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _workload(text: str):
     from memory.workloads import parse_workload
 
@@ -69,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sim[,write-protect-all=on|off][,manual-protect=on|off][,pml=on|off] | "
                           "kvm[,dirty-log=bitmap|clear|ring][,dirty-ring-size=N] | auto")
     run.add_argument("--memory", "-m", type=_size, default="256M", help="guest RAM size (e.g. 256M, 1G)")
+    run.add_argument("--smp", type=_smp, default=1, metavar="N",
+                     help="number of vCPUs (QEMU's -smp; kvm: N vCPU threads, the ab guest splits its pages)")
     run.add_argument("--workload", type=_workload, default="idle",
                      help="idle | ab | random | hotset [,rate=PAGES_PER_S][,seed=N]")
     run.add_argument("--qmp", type=_qmp_address, required=True, help="unix:PATH or tcp:HOST:PORT")
@@ -141,7 +152,7 @@ def _run(args, parser) -> int:
     try:
         vm = VM(memory_bytes=args.memory, accel=accel, workload=workload, workload_opts=wopts,
                 incoming=args.incoming, start_paused=args.start_paused,
-                serial_path=args.serial, label=args.label)
+                serial_path=args.serial, label=args.label, smp=args.smp)
     except (OSError, ValueError) as exc:
         print(f"migrator: {exc}", file=sys.stderr)
         return 1

@@ -30,10 +30,12 @@ from qemu.qmp import QMPClient
 
 
 def add_demo_arguments(p, size, accel, workload) -> None:
+    from ._cli import _smp
     p.add_argument("--memory", "-m", type=size, default="256M", help="guest RAM (default 256M)")
     p.add_argument("--workload", default="ab,rate=20000",
                    help="guest workload NAME[,rate=PAGES_PER_S] (default ab,rate=20000: 80 MB/s of writes)")
     p.add_argument("--accel", default="sim", help="accelerator for both sides (default sim)")
+    p.add_argument("--smp", type=_smp, default=1, metavar="N", help="vCPUs on both sides (default 1)")
     p.add_argument("--transport", choices=("unix", "tcp", "file"), default="tcp",
                    help="migration channel (default tcp on loopback)")
     p.add_argument("--max-bandwidth", type=int, help="bytes/s (QEMU default 134217728)")
@@ -137,7 +139,7 @@ async def run_demo(args) -> dict:
     else:
         uri = f"file:{os.path.join(tmp, 'migration.stream')}"
     mem = f"{args.memory}B"  # bytes (a bare number would mean MiB, as in QEMU)
-    base = [sys.executable, "-m", "migrator", "run", "--accel", args.accel, "--memory", mem]
+    base = [sys.executable, "-m", "migrator", "run", "--accel", args.accel, "--memory", mem, "--smp", str(args.smp)]
     logs = {}
     procs = {}
 

@@ -509,7 +509,10 @@ class IncomingMigration:
             source_running = True  # a RAM-only stream carries no run state
             if device_state is not None:
                 source_running, vcpu_state = unpack_device_state(device_state)
-                vm.vcpus.load_state(vcpu_state)
+                try:
+                    vm.vcpus.load_state(vcpu_state)  # validates everything before loading
+                except ValueError as exc:  # malformed, or not for this VM (e.g. another --smp)
+                    raise MigrationError(f"cannot load the vCPU state: {exc}") from exc
             vm.state.goto(S.COMPLETED)
             # QEMU (process_incoming_migration_bh): start only if the source
             # was running and autostart is on; a paused source stays paused.

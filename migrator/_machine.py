@@ -33,6 +33,24 @@ def parse_size(text: str) -> int:
     return value << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[unit]
 
 
+#: upper bound of ``--smp`` (QEMU's own limit depends on the machine type)
+SMP_MAX = 256
+
+
+def parse_smp(text: str | int) -> int:
+    """``--smp N`` or ``--smp cpus=N`` (QEMU's spelling): the vCPU count, an int >= 1."""
+    value = str(text).strip()
+    if value.startswith("cpus="):
+        value = value[5:]
+    try:
+        n = int(value, 10)
+    except ValueError:
+        raise ValueError(f"invalid --smp {text!r} (a vCPU count, e.g. 2)") from None
+    if not 1 <= n <= SMP_MAX:
+        raise ValueError(f"--smp {n}: the vCPU count must be between 1 and {SMP_MAX}")
+    return n
+
+
 def _onoff(key: str, value: str) -> bool:
     if value in ("on", "yes", "true"):
         return True
@@ -107,7 +125,7 @@ class Machine:
 
     def __init__(self, *, memory_bytes: int, accel: AccelConfig, workload: str = "idle",
                  workload_opts: dict | None = None, prefault: bool = False,
-                 serial_path: str | None = None, destination: bool = False) -> None:
+                 serial_path: str | None = None, destination: bool = False, smp: int = 1) -> None:
         from memory import MemorySystem
         from memory.kvm import KVMMemoryListener
 
@@ -116,6 +134,7 @@ class Machine:
         self.workload_name = workload
         self.workload_opts = dict(workload_opts or {})
         self.destination = destination
+        self.smp = parse_smp(smp)
         self.ms = MemorySystem()
         self.ram_mr = self.ms.memory_region_init_ram(self.RAM_IDSTR, memory_bytes)
         self.ram_block: RAMBlock = self.ram_mr.ram_block
@@ -139,6 +158,8 @@ class Machine:
         from memory.workloads import make_workload
 
         a = self.accel
+        if self.smp != 1:  # not silently fewer vCPUs than asked for
+            raise ValueError(f"--smp {self.smp}: this simulated KVM runs one vCPU (use --accel kvm for more)")
         self.kvm = SimKVM(pml=a.pml)
         self._wp_all = a.write_protect_all
         self._manual = a.manual_protect
@@ -155,10 +176,13 @@ class Machine:
         before any memslot logs dirty pages.  A destination loads no guest
         image: its RAM and vCPU state arrive with the migration.
         """
-        from memory.kvm import RealKVM, RealVCPU, RealVCPUs
-        from memory.kvm.guests import load_guest_image
+        from memory.kvm import RealKVM, RealVCPUs
+        from memory.kvm.guests import LAYOUT
+        from memory.kvm.vcpu import create_vcpus
 
         a = self.accel
+        if self.smp > LAYOUT["VCPU_MAX"]:
+            raise ValueError(f"--smp {self.smp}: the kvm test guests have room for at most {LAYOUT['VCPU_MAX']} vCPUs")
         self.kvm = RealKVM()
         if a.dirty_log == "ring":
             self.kvm.enable_dirty_ring(a.dirty_ring_size)
@@ -166,10 +190,14 @@ class Machine:
         self._manual = a.dirty_log == "clear"
         self._listener_extra = {"dirty_ring": a.dirty_log == "ring"}
         program = self.workload_name if self.workload_name in ("ab", "selftest") else "ab"
-        vcpu = RealVCPU(self.kvm, 0)
-        if not self.destination:
-            vcpu.apply_entry(load_guest_image(self.ram_block, program))
-        self.vcpus = RealVCPUs([vcpu], program=program, ram=self.ram_block, serial_path=serial_path)
+        # --smp N: N vCPU threads; the ab guest splits its data range per vCPU
+        try:
+            vcpus, _entry = create_vcpus(self.kvm, self.smp, ram=self.ram_block,
+                                         program=None if self.destination else program)
+        except BaseException:
+            self.kvm.close()
+            raise
+        self.vcpus = RealVCPUs(vcpus, program=program, ram=self.ram_block, serial_path=serial_path)
 
     def ram_blocks(self):
         return [(self.ram_block, self.ram_mr)]

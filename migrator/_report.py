@@ -318,7 +318,7 @@ def _setup_line(history: MigrationHistory) -> str:
     if _is_number(mem):
         bits.append(f"memory {mem / MIB:,.0f} MiB")
     bits.append(f"page size {page_size_bytes(history)} B")
-    for key in ("accel", "workload"):
+    for key in ("accel", "smp", "workload"):
         if setup.get(key):
             bits.append(f"{key} {setup[key]}")
     params = setup.get("parameters")

@@ -33,12 +33,12 @@ class VM:
     def __init__(self, *, memory_bytes: int, accel: AccelConfig, workload: str = "idle",
                  workload_opts: dict | None = None, incoming: str | None = None,
                  start_paused: bool = False, serial_path: str | None = None,
-                 label: str = "") -> None:
+                 label: str = "", smp: int = 1) -> None:
         self.incoming_uri = incoming
         self.is_destination = incoming is not None
         self.machine = Machine(memory_bytes=memory_bytes, accel=accel, workload=workload,
                                workload_opts=workload_opts, prefault=self.is_destination,
-                               serial_path=serial_path, destination=self.is_destination)
+                               serial_path=serial_path, destination=self.is_destination, smp=smp)
         self.ms = self.machine.ms
         self.vcpus = self.machine.vcpus
         self.kvm_listener = self.machine.kvm_listener
@@ -86,6 +86,7 @@ class VM:
             "memory-bytes": self.machine.memory_bytes,
             "page-size": TARGET_PAGE_SIZE,
             "accel": self.machine.accel.describe(),
+            "smp": self.machine.smp,
             "workload": self.machine.workload_name,
             "parameters": self.params.to_qmp(),
             "capabilities": sorted(self.options.capabilities.enabled),
@@ -383,8 +384,14 @@ class VM:
         return mig.counters.history.to_json()
 
     async def qmp_x_query_accel_stats(self) -> dict:
-        stats = {"kvm": self.machine.kvm.statistics(), "listener": self.kvm_listener_stats(),
-                 "vcpus": self.vcpus.statistics()}
+        controller = self.vcpus.statistics()
+        stats = {"kvm": self.machine.kvm.statistics(), "listener": self.kvm_listener_stats()}
+        if isinstance(controller.get("vcpus"), list):
+            # one object per vCPU under "vcpus", the controller's totals beside it
+            stats["vcpus"] = controller.pop("vcpus")
+            stats["vcpu-controller"] = controller
+        else:
+            stats["vcpus"] = controller
         return _jsonable(stats)
 
 

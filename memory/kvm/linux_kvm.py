@@ -216,6 +216,9 @@ class kvm_cpuid_entry2(_ct.Structure):
 
 
 KVM_CPUID2_HEADER_SIZE = 8  # struct kvm_cpuid2 {u32 nent; u32 padding; entries[]}
+#: struct kvm_cpuid_entry2 {u32 function, index, flags, eax, ebx, ecx, edx, padding[3]}
+KVM_CPUID_ENTRY2_DTYPE = [("function", "<u4"), ("index", "<u4"), ("flags", "<u4"), ("eax", "<u4"),
+                          ("ebx", "<u4"), ("ecx", "<u4"), ("edx", "<u4"), ("padding", "<u4", (3,))]
 KVM_MSR_LIST_HEADER_SIZE = 4  # struct kvm_msr_list {u32 nmsrs; u32 indices[]}
 
 # struct kvm_dirty_gfn {u32 flags; u32 slot; u64 offset}, as a numpy dtype.
@@ -269,6 +272,7 @@ KVM_SET_MSRS = _IOW(0x89, 8)
 KVM_GET_FPU = _IOR(0x8C, _ct.sizeof(kvm_fpu))
 KVM_SET_FPU = _IOW(0x8D, _ct.sizeof(kvm_fpu))
 KVM_SET_CPUID2 = _IOW(0x90, KVM_CPUID2_HEADER_SIZE)
+KVM_GET_CPUID2 = _IOWR(0x91, KVM_CPUID2_HEADER_SIZE)
 KVM_GET_MP_STATE = _IOR(0x98, _ct.sizeof(kvm_mp_state))
 KVM_SET_MP_STATE = _IOW(0x99, _ct.sizeof(kvm_mp_state))
 KVM_GET_VCPU_EVENTS = _IOR(0x9F, _ct.sizeof(kvm_vcpu_events))

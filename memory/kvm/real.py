@@ -48,6 +48,25 @@ def _ioctl_int(fd: int, request: int, arg: int = 0) -> int:
     return fcntl.ioctl(fd, request, arg)
 
 
+def get_cpuid2(fd: int, request: int) -> bytes:
+    """A ``struct kvm_cpuid2`` filling ioctl (KVM_GET_SUPPORTED_CPUID on
+    /dev/kvm, KVM_GET_CPUID2 on a vCPU): retried with a larger array on E2BIG;
+    returns the header and the ``nent`` entries the kernel wrote."""
+    nent = 64
+    while True:
+        buf = bytearray(K.KVM_CPUID2_HEADER_SIZE + nent * 40)
+        struct.pack_into("<I", buf, 0, nent)
+        try:
+            fcntl.ioctl(fd, request, buf, True)
+        except OSError as e:
+            if e.errno == errno.E2BIG and nent < 4096:
+                nent *= 2
+                continue
+            raise
+        n = struct.unpack_from("<I", buf, 0)[0]
+        return bytes(buf[: K.KVM_CPUID2_HEADER_SIZE + n * 40])
+
+
 class StatsReader:
     """``KVM_GET_STATS_FD`` binary statistics of a VM or vCPU fd.
 
@@ -198,19 +217,7 @@ class RealKVM:
 
     def get_supported_cpuid(self) -> bytes:
         """``struct kvm_cpuid2`` with every supported leaf (for KVM_SET_CPUID2)."""
-        nent = 64
-        while True:
-            buf = bytearray(K.KVM_CPUID2_HEADER_SIZE + nent * 40)
-            struct.pack_into("<I", buf, 0, nent)
-            try:
-                fcntl.ioctl(self.kvm_fd, K.KVM_GET_SUPPORTED_CPUID, buf, True)
-            except OSError as e:
-                if e.errno == errno.E2BIG and nent < 4096:
-                    nent *= 2
-                    continue
-                raise
-            n = struct.unpack_from("<I", buf, 0)[0]
-            return bytes(buf[: K.KVM_CPUID2_HEADER_SIZE + n * 40])
+        return get_cpuid2(self.kvm_fd, K.KVM_GET_SUPPORTED_CPUID)
 
     def get_msr_index_list(self) -> list[int]:
         """``KVM_GET_MSR_INDEX_LIST``: the MSRs to migrate."""

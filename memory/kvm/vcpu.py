@@ -30,8 +30,23 @@ REGS/SREGS describe an instruction boundary.  The Python SIGUSR1 handler
 does not kill the process; ``fcntl.ioctl`` raises ``InterruptedError``,
 which is ``KVM_EXIT_INTR``.
 
+With N vCPUs (``--smp N``) :meth:`RealVCPUs.vm_stop` first sets
+``running = False`` under the controller's condition, then kicks every vCPU,
+then waits for every vCPU's ``stopped`` event.  ``stopped`` is set only by
+the vCPU's own thread, and only when it is out of ``KVM_RUN`` for good:
+after the acknowledging ``KVM_EXIT_INTR``, while parked, or while halted.
+It is cleared under the same condition, before the thread runs guest code
+again: by ``vm_start`` for parked threads, and by the thread itself when it
+leaves a hlt (a vCPU woken from hlt while ``running`` would otherwise still
+carry the ``stopped`` it set when it halted, and ``vm_stop`` would return
+while it is in ``KVM_RUN``).  So when ``vm_stop`` returns no vCPU thread is
+in ``KVM_RUN`` and none will enter it before the next ``vm_start``.
+Counters written by vCPU threads are per vCPU (``_Ctl.stats``,
+``_Ctl.exit_reasons``): two threads never update the same counter.
+
 Throttling follows QEMU's cpu-throttle: every ``10 ms / (1 - pct)`` each
-vCPU is kicked and sleeps ``pct / (1 - pct) * 10 ms``.
+vCPU is kicked and sleeps ``pct / (1 - pct) * 10 ms``, each in its own
+thread (so every vCPU loses the same share of its time).
 """
 
 from __future__ import annotations
@@ -47,6 +62,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -54,8 +70,8 @@ import trio
 
 from . import linux_kvm as K
 from ._backend import UserMemoryRegion
-from .guests import LAYOUT, Ctrl, GuestEntry, load_guest_image
-from .real import RealKVM, StatsReader
+from .guests import LAYOUT, Ctrl, GuestEntry, ab_pages_written, load_guest_image
+from .real import RealKVM, StatsReader, get_cpuid2
 
 #: QEMU's CPU_THROTTLE_TIMESLICE_NS
 THROTTLE_TIMESLICE_S = 0.010
@@ -96,8 +112,14 @@ class RealVCPU:
         self._run_map = mmap.mmap(self.fd, vm.vcpu_mmap_size, flags=mmap.MAP_SHARED,
                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.run_u8 = np.frombuffer(self._run_map, dtype=np.uint8)
-        self._stats: StatsReader | None = None
-        self.set_cpuid2(vm.get_supported_cpuid())
+        # Opened now: KVM_GET_STATS_FD is a vCPU ioctl, it waits for vcpu->mutex,
+        # which KVM_RUN holds while the guest runs; reading the stats fd later
+        # takes no lock, so statistics can be read from a running vCPU.
+        try:
+            self._stats: StatsReader | None = StatsReader(self.fd)
+        except OSError:
+            self._stats = None
+        self.set_cpuid2(cpuid_for_vcpu(vm.get_supported_cpuid(), vcpu_id))
         vm._register_vcpu(self)
 
     # -- kvm_run fields
@@ -180,6 +202,11 @@ class RealVCPU:
         # > 1024 bytes: must be a mutable buffer (passed by pointer, GIL held)
         fcntl.ioctl(self.fd, K.KVM_SET_CPUID2, bytearray(cpuid), True)
 
+    def get_cpuid2(self) -> np.ndarray:
+        """``KVM_GET_CPUID2``: the vCPU's CPUID entries (structured array)."""
+        raw = get_cpuid2(self.fd, K.KVM_GET_CPUID2)
+        return np.frombuffer(raw, dtype=np.dtype(K.KVM_CPUID_ENTRY2_DTYPE), offset=K.KVM_CPUID2_HEADER_SIZE)
+
     def apply_entry(self, entry: GuestEntry) -> None:
         """Start state of a test guest (SREGS, then MSRS, then REGS)."""
         sregs = self.get_sregs()
@@ -196,12 +223,15 @@ class RealVCPU:
             self.set_msr(index, value)
         regs = K.kvm_regs()
         regs.rip, regs.rsp, regs.rflags = entry.rip, entry.rsp, entry.rflags
+        for name, value in entry.gprs.items():
+            setattr(regs, name, value)
         self.set_regs(regs)
 
     def kernel_stats(self) -> dict[str, int]:
+        """The vCPU's binary stats (empty where the kernel has none)."""
+        if self._stats is None:
+            return {}
         try:
-            if self._stats is None:
-                self._stats = StatsReader(self.fd)
             return self._stats.read()
         except OSError:
             return {}
@@ -220,6 +250,20 @@ class RealVCPU:
             self.fd = -1
 
 
+def cpuid_for_vcpu(cpuid: bytes, apic_id: int) -> bytes:
+    """The supported CPUID (``struct kvm_cpuid2``) with vCPU ``apic_id``'s
+    APIC IDs, as QEMU gives each vCPU its own: leaf 1 EBX[31:24] (initial
+    APIC ID) and EDX of every subleaf of 0xB and 0x1F (x2APIC ID).  The
+    test guests do not read them; a guest enumerating CPUs would."""
+    buf = bytearray(cpuid)
+    (nent,) = struct.unpack_from("<I", buf, 0)
+    e = np.frombuffer(buf, dtype=np.dtype(K.KVM_CPUID_ENTRY2_DTYPE), count=nent, offset=K.KVM_CPUID2_HEADER_SIZE)
+    leaf1 = e["function"] == 1
+    e["ebx"][leaf1] = (e["ebx"][leaf1] & 0x00FFFFFF) | ((apic_id & 0xFF) << 24)
+    e["edx"][(e["function"] == 0xB) | (e["function"] == 0x1F)] = apic_id
+    return bytes(buf)
+
+
 class _Ctl:
     """Per-vCPU run control shared by the vCPU thread and the controller."""
 
@@ -234,6 +278,9 @@ class _Ctl:
         self.stopped.set()
         self.halted = False
         self.halt_wake = False
+        #: written only by this vCPU's thread (no lost updates between threads)
+        self.stats: Counter = Counter()
+        self.exit_reasons: Counter = Counter()
 
     def kick(self, *, stop: bool = False, throttle: bool = False) -> None:
         with self.lock:
@@ -286,8 +333,7 @@ class RealVCPUs:
         self._serial_file = None
         self._active = False
         self._msr_rejected: list[int] = []
-        self._stats = Counter()
-        self._exit_reasons: Counter = Counter()
+        self._stats: Counter = Counter()  # controller-side (stops); per-vCPU counters live in each _Ctl
 
     # ------------------------------------------------------------ trio side
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -406,6 +452,9 @@ class RealVCPUs:
                             self._cond.wait(0.05)
                             continue
                         ctl.halted = ctl.halt_wake = False
+                        # it runs guest code again: under _cond, so a vm_stop
+                        # either saw it halted and parked it, or waits for it
+                        ctl.stopped.clear()
                 self._run_until_kicked(ctl, vcpu)
         finally:
             with ctl.lock:
@@ -422,7 +471,7 @@ class RealVCPUs:
             reason = vcpu.run_once()
             with ctl.lock:
                 ctl.in_run = False
-            self._exit_reasons[reason] += 1
+            ctl.exit_reasons[reason] += 1
             if reason == K.KVM_EXIT_INTR:
                 # Pending I/O was completed by this KVM_RUN: registers are at an
                 # instruction boundary.
@@ -437,12 +486,12 @@ class RealVCPUs:
             if reason == K.KVM_EXIT_IO:
                 self._handle_io(ctl, vcpu)
             elif reason == K.KVM_EXIT_HLT:
-                self._stats["halts"] += 1
+                ctl.stats["halts"] += 1
                 with self._cond:
                     ctl.halted = True
                 return
             elif reason == K.KVM_EXIT_DIRTY_RING_FULL:
-                self._stats["ring_full_exits"] += 1
+                ctl.stats["ring_full_exits"] += 1
                 if self.on_ring_full is not None:
                     self.on_ring_full(vcpu.vcpu_id)
                 else:
@@ -462,17 +511,17 @@ class RealVCPUs:
         with self._cond:
             self._cond.wait_for(lambda: ctl.stop_pending or self._quit or not self.running,
                                 timeout=ratio * THROTTLE_TIMESLICE_S)
-        self._stats["throttle_sleep_ns"] += time.perf_counter_ns() - t0
+        ctl.stats["throttle_sleep_ns"] += time.perf_counter_ns() - t0
 
     def _handle_io(self, ctl: _Ctl, vcpu: RealVCPU) -> None:
         direction, size, port, count, data = vcpu.io_exit()
         if direction == K.KVM_EXIT_IO_IN:
-            self._stats["io_in"] += 1  # reads see whatever is in the buffer (zeros)
+            ctl.stats["io_in"] += 1  # reads see whatever is in the buffer (zeros)
             return
         if port == LAYOUT["PORT_SERIAL"]:
             out = data[::size] if size > 1 else data
             self.serial_output += out
-            self._stats["serial_bytes"] += len(out)
+            ctl.stats["serial_bytes"] += len(out)
             if self._serial_file is not None:
                 self._serial_file.write(out)
             if self.serial is not None:
@@ -485,12 +534,12 @@ class RealVCPUs:
             raise VCPUError(f"guest exception {info}", vcpu_id=vcpu.vcpu_id, exit_reason=K.KVM_EXIT_IO, **info)
         else:
             if port == LAYOUT["PORT_SYNC"]:
-                self._stats["syncs"] += 1
+                ctl.stats["syncs"] += 1
             handler = self.io_handlers.get(port)
             if handler is not None:
                 handler(vcpu.vcpu_id, data)
             elif port != LAYOUT["PORT_SYNC"]:
-                self._stats["io_unhandled"] += 1
+                ctl.stats["io_unhandled"] += 1
 
     # ------------------------------------------------------------ state
     def _require_stopped(self) -> None:
@@ -498,13 +547,13 @@ class RealVCPUs:
             raise RuntimeError("vCPU state can only be moved while the vCPUs are stopped")
 
     def save_state(self) -> bytes:
-        """All vCPU state: a JSON header describing the sections, then the raw
-        structs (REGS, SREGS, FPU, VCPU_EVENTS, MP_STATE) and every MSR of
-        KVM_GET_MSR_INDEX_LIST that can be read."""
+        """Every vCPU's state, in vCPU order: a JSON header describing the
+        sections, then the raw structs (REGS, SREGS, FPU, VCPU_EVENTS,
+        MP_STATE) and every MSR of KVM_GET_MSR_INDEX_LIST that can be read."""
         self._require_stopped()
         msr_list = self.vm.get_msr_index_list()
         payload = bytearray()
-        header = {"format": "migrator-kvm-vcpu", "version": 1, "program": self.program, "vcpus": []}
+        header: dict = {"format": "migrator-kvm-vcpu", "version": 1, "program": self.program, "vcpus": []}
         for ctl in self._ctls:
             v = ctl.vcpu
             regs = v.get_regs()
@@ -534,49 +583,186 @@ class RealVCPUs:
         hj = json.dumps(header, sort_keys=True).encode()
         return STATE_MAGIC + struct.pack("<I", len(hj)) + hj + bytes(payload)
 
+    def check_state(self, image: VCPUStateImage) -> None:
+        """The state fits this VM: one record per vCPU of ours, same ids in
+        the same order (QEMU matches the ``cpu`` sections by instance id; a
+        source with another ``-smp`` fails the load the same way)."""
+        ours = [v.vcpu_id for v in self.vcpus]
+        theirs = [st.id for st in image.vcpus]
+        if len(theirs) != len(ours):
+            raise VCPUStateError(
+                f"the migration stream carries the state of {len(theirs)} vCPU(s), this VM has {len(ours)} "
+                f"(--smp {len(ours)}); start the destination with --smp {len(theirs)}")
+        if theirs != ours:
+            raise VCPUStateError(f"vCPU ids {theirs} in the stream, this VM has {ours}")
+
     def load_state(self, data: bytes) -> None:
-        """Destination side, before the first run.  CPUID was set when the
-        vCPU was created; then SREGS, MSRS, REGS, FPU, EVENTS, MP_STATE."""
+        """Destination side, before the first run: parse and validate the
+        whole blob (:func:`parse_vcpu_state`, :meth:`check_state`) before
+        touching any vCPU, then :meth:`apply_state`."""
         self._require_stopped()
-        if data[:8] != STATE_MAGIC:
-            raise ValueError(f"not a vCPU state blob (magic {data[:8]!r})")
-        (hlen,) = struct.unpack_from("<I", data, 8)
-        header = json.loads(data[12 : 12 + hlen])
-        payload = memoryview(data)[12 + hlen :]
-        if header.get("format") != "migrator-kvm-vcpu" or header.get("version") != 1:
-            raise ValueError(f"unknown vCPU state format {header.get('format')!r} v{header.get('version')}")
-        if len(header["vcpus"]) != len(self._ctls):
-            raise ValueError(f"state has {len(header['vcpus'])} vCPUs, this VM {len(self._ctls)}")
-        self.program = header.get("program") or self.program
-        for ctl, st in zip(self._ctls, header["vcpus"]):
+        image = parse_vcpu_state(data)
+        self.check_state(image)
+        self.apply_state(image)
+
+    def apply_state(self, image: VCPUStateImage) -> None:
+        """Load validated state into every vCPU.  CPUID was set when the vCPU
+        was created; then SREGS, MSRS, REGS, FPU, EVENTS, MP_STATE."""
+        self._require_stopped()
+        self.program = image.program or self.program
+        for ctl, st in zip(self._ctls, image.vcpus):
             v = ctl.vcpu
-
-            def blob(name: str) -> bytes:
-                off, n = st["sections"][name]
-                return bytes(payload[off : off + n])
-
-            v.set_sregs(K.kvm_sregs.from_buffer_copy(blob("sregs")))
-            for index, value in st["msrs"]:
+            v.set_sregs(st.sregs)
+            for index, value in st.msrs:
                 if not v.set_msr(index, value):
                     self._msr_rejected.append(index)  # e.g. MSR_KVM_ASYNC_PF_INT here
-            v.set_regs(K.kvm_regs.from_buffer_copy(blob("regs")))
-            v.set_fpu(K.kvm_fpu.from_buffer_copy(blob("fpu")))
-            v.set_vcpu_events(K.kvm_vcpu_events.from_buffer_copy(blob("events")))
-            v.set_mp_state(struct.unpack("<I", blob("mp_state"))[0])
-            ctl.halted = bool(st.get("halted"))
+            v.set_regs(st.regs)
+            v.set_fpu(st.fpu)
+            v.set_vcpu_events(st.events)
+            v.set_mp_state(st.mp_state)
+            ctl.halted = st.halted
+
+    # ------------------------------------------------------------ statistics
+    def vcpu_statistics(self) -> list[dict]:
+        """One object per vCPU (``x-query-accel-stats`` ``"vcpus"``).
+
+        ``pages-written``: the ab guest's own count (VC_WRITES of the vCPU's
+        control slot, published by the guest once per pass, plus the pages
+        of the pass in progress read from RAM: :func:`ab_pages_written`); it
+        lives in guest RAM and registers, so it migrates with the guest;
+        ``None`` for other programs.  ``faults``: the
+        ``pf_*`` statistics of the vCPU's KVM_GET_STATS_FD, names as the
+        kernel spells them.  ``mmu-lock-wait-ns``: ``None``, KVM exposes no
+        mmu_lock wait time (neither in the binary stats nor elsewhere
+        without tracing).
+        """
+        ctrl = Ctrl(self.ram) if self.ram is not None and self.program == "ab" else None
+        out = []
+        for i, ctl in enumerate(self._ctls):
+            kstats = ctl.vcpu.kernel_stats()
+            out.append({
+                "cpu-index": ctl.vcpu.vcpu_id,
+                "pages-written": None if ctrl is None else ab_pages_written(
+                    self.ram.host, ctrl.vcpu(i, "start"), ctrl.vcpu(i, "end"), ctrl.vcpu(i, "writes")),
+                "passes": ctrl.vcpu(i, "pass") if ctrl is not None else None,
+                "faults": {k: v for k, v in kstats.items() if k.startswith("pf_")},
+                "mmu-lock-wait-ns": None,
+                "exits": {_EXIT_NAMES.get(r, str(r)): n for r, n in ctl.exit_reasons.items()},
+                "kvm-exits": kstats.get("exits"),
+                "throttle-sleep-ns": ctl.stats["throttle_sleep_ns"],
+                "halted": ctl.halted,
+            })
+        return out
 
     def statistics(self) -> dict:
+        """Controller totals (exits, serial bytes, stops, throttle...) and
+        ``"vcpus"``: :meth:`vcpu_statistics`."""
+        totals: Counter = Counter()
+        exits: Counter = Counter()
+        for ctl in self._ctls:
+            totals.update(ctl.stats)  # adds
+            exits.update(ctl.exit_reasons)
         out = dict(self._stats)
-        out["exits"] = {_EXIT_NAMES.get(r, str(r)): n for r, n in self._exit_reasons.items()}
-        out["exits_total"] = sum(self._exit_reasons.values())
-        out["serial_bytes"] = self._stats["serial_bytes"]
+        out.update(totals)
+        out["exits"] = {_EXIT_NAMES.get(r, str(r)): n for r, n in exits.items()}
+        out["exits_total"] = sum(exits.values())
+        out["serial_bytes"] = out.get("serial_bytes", 0)
         out["msr_rejected"] = list(self._msr_rejected)
         out["throttle_pct"] = self.throttle_pct
+        out["smp"] = len(self._ctls)
         if self.ram is not None and self.program == "ab":
             out["passes"] = Ctrl(self.ram)["pass"]
         if self.ram is not None and self.program == "selftest":
             out["guest_syncs"] = Ctrl(self.ram)["syncs"]
+        out["vcpus"] = self.vcpu_statistics()
         return out
+
+
+class VCPUStateError(ValueError):
+    """A vCPU state blob that cannot be loaded (malformed, or not for this VM)."""
+
+
+@dataclass(frozen=True)
+class VCPUStateRecord:
+    """One vCPU's state as parsed from the blob (the kernel's structs)."""
+
+    id: int
+    halted: bool
+    sregs: K.kvm_sregs
+    regs: K.kvm_regs
+    fpu: K.kvm_fpu
+    events: K.kvm_vcpu_events
+    mp_state: int
+    msrs: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class VCPUStateImage:
+    program: str | None
+    vcpus: tuple[VCPUStateRecord, ...]
+
+
+_SECTION_TYPES = {"sregs": K.kvm_sregs, "regs": K.kvm_regs, "fpu": K.kvm_fpu, "events": K.kvm_vcpu_events}
+
+
+def parse_vcpu_state(data: bytes) -> VCPUStateImage:
+    """Parse and validate a :meth:`RealVCPUs.save_state` blob without touching
+    any vCPU: magic, header, every section inside the payload with the size
+    of its struct, MSRs as (u32 index, u64 value).  Raises
+    :class:`VCPUStateError` naming the first problem."""
+    data = bytes(data)
+    if data[:8] != STATE_MAGIC:
+        raise VCPUStateError(f"not a vCPU state blob (magic {data[:8]!r})")
+    if len(data) < 12:
+        raise VCPUStateError("vCPU state blob truncated in its header length")
+    (hlen,) = struct.unpack_from("<I", data, 8)
+    try:
+        header = json.loads(data[12 : 12 + hlen])
+    except ValueError as exc:
+        raise VCPUStateError(f"vCPU state header is not JSON: {exc}") from None
+    payload = memoryview(data)[12 + hlen :]
+    if not isinstance(header, dict):
+        raise VCPUStateError("vCPU state header is not an object")
+    if header.get("format") != "migrator-kvm-vcpu" or header.get("version") != 1:
+        raise VCPUStateError(f"unknown vCPU state format {header.get('format')!r} v{header.get('version')}")
+    vcpus = header.get("vcpus")
+    if not isinstance(vcpus, list) or not vcpus:
+        raise VCPUStateError("vCPU state lists no vCPUs")
+    records = []
+    for n, st in enumerate(vcpus):
+        where = f"vCPU state record {n}"
+        try:
+            vid, halted, sections, msrs = st["id"], st.get("halted", False), st["sections"], st["msrs"]
+        except (TypeError, KeyError) as exc:
+            raise VCPUStateError(f"{where}: missing field {exc}") from None
+        if not isinstance(vid, int) or not isinstance(halted, bool) or not isinstance(sections, dict):
+            raise VCPUStateError(f"{where}: malformed id/halted/sections")
+        blobs = {}
+        for name in STATE_SECTIONS:
+            sec = sections.get(name)
+            size = 4 if name == "mp_state" else ctypes.sizeof(_SECTION_TYPES[name])
+            if (not isinstance(sec, list) or len(sec) != 2 or not all(isinstance(x, int) for x in sec)
+                    or sec[1] != size or not 0 <= sec[0] <= len(payload) - size):
+                raise VCPUStateError(f"{where} (vCPU {vid}): section {name!r} {sec!r} is not {size} bytes "
+                                     f"inside the {len(payload)}-byte payload")
+            blobs[name] = bytes(payload[sec[0] : sec[0] + size])
+        if not isinstance(msrs, list) or not all(
+                isinstance(m, list) and len(m) == 2 and all(isinstance(x, int) for x in m)
+                and 0 <= m[0] < 1 << 32 and 0 <= m[1] < 1 << 64 for m in msrs):
+            raise VCPUStateError(f"{where} (vCPU {vid}): malformed MSR list")
+        records.append(VCPUStateRecord(
+            id=vid, halted=halted,
+            sregs=K.kvm_sregs.from_buffer_copy(blobs["sregs"]),
+            regs=K.kvm_regs.from_buffer_copy(blobs["regs"]),
+            fpu=K.kvm_fpu.from_buffer_copy(blobs["fpu"]),
+            events=K.kvm_vcpu_events.from_buffer_copy(blobs["events"]),
+            mp_state=struct.unpack("<I", blobs["mp_state"])[0],
+            msrs=tuple((m[0], m[1]) for m in msrs),
+        ))
+    program = header.get("program")
+    if program is not None and not isinstance(program, str):
+        raise VCPUStateError("vCPU state: program is not a string")
+    return VCPUStateImage(program=program, vcpus=tuple(records))
 
 
 _EXIT_NAMES = {v: k[len("KVM_EXIT_"):].lower() for k, v in vars(K).items() if k.startswith("KVM_EXIT_")
@@ -622,8 +808,23 @@ class GuestPageWriter:
                                 rip=regs.rip)
 
 
+def create_vcpus(vm: RealKVM, smp: int = 1, *, ram=None, program: str | None = None,
+                 ctrl: dict[str, int] | None = None) -> tuple[list[RealVCPU], GuestEntry | None]:
+    """Create vCPUs 0..smp-1 (after the dirty ring was enabled, if any).
+    With ``ram`` and ``program`` the guest image is built for ``smp`` vCPUs
+    first (``ab`` splits its data range per vCPU, see
+    :func:`memory.kvm.guests.vcpu_ranges`) and each vCPU gets its own entry
+    state; without, the vCPUs are left for ``load_state`` (a destination)."""
+    entry = load_guest_image(ram, program, vcpus=smp, **(ctrl or {})) if program is not None else None
+    vcpus = [RealVCPU(vm, i) for i in range(smp)]
+    if entry is not None:
+        for i, v in enumerate(vcpus):
+            v.apply_entry(entry.for_vcpu(i))
+    return vcpus, entry
+
+
 class RealMachine:
-    """A complete test machine: VM, guest image in the RAM block, vCPU 0.
+    """A complete test machine: VM, guest image in the RAM block, ``smp`` vCPUs.
 
     ``dirty_log``: ``"bitmap"`` (classic GET_DIRTY_LOG), ``"clear"``
     (MANUAL_DIRTY_LOG_PROTECT2 with ENABLE|INITIALLY_SET, as QEMU enables it)
@@ -645,6 +846,7 @@ class RealMachine:
         log_dirty: bool = True,
         load_image: bool = True,
         ctrl: dict[str, int] | None = None,
+        smp: int = 1,
         **vcpus_kwargs,
     ) -> None:
         if dirty_log not in ("bitmap", "clear", "ring"):
@@ -661,15 +863,14 @@ class RealMachine:
                 self.vm.enable_dirty_ring(ring_size)
             elif dirty_log == "clear":
                 self.vm.enable_cap(K.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, K.KVM_DIRTY_LOG_MANUAL_CAPS)
-            self.entry = load_guest_image(ram_block, program, **(ctrl or {})) if load_image else None
             if create_memslot:
                 self.vm.set_user_memory_region(UserMemoryRegion(
                     slot=0, flags=K.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0, guest_phys_addr=0,
                     memory_size=ram_block.used_length, host=ram_block.host))
-            self.vcpu = RealVCPU(self.vm, 0)
-            if self.entry is not None:
-                self.vcpu.apply_entry(self.entry)
-            self.vcpus = RealVCPUs([self.vcpu], program=program, ram=ram_block, **vcpus_kwargs)
+            vcpus, self.entry = create_vcpus(self.vm, smp, ram=ram_block, program=program if load_image else None,
+                                             ctrl=ctrl)
+            self.vcpu = vcpus[0]
+            self.vcpus = RealVCPUs(vcpus, program=program, ram=ram_block, **vcpus_kwargs)
         except BaseException:
             self.vm.close()
             raise
@@ -685,4 +886,5 @@ class RealMachine:
         self.close()
 
 
-__all__ = ["RealVCPU", "RealVCPUs", "RealMachine", "GuestPageWriter", "VCPUError", "install_kick_handler"]
+__all__ = ["RealVCPU", "RealVCPUs", "RealMachine", "GuestPageWriter", "VCPUError", "VCPUStateError",
+           "VCPUStateImage", "VCPUStateRecord", "parse_vcpu_state", "create_vcpus", "install_kick_handler"]

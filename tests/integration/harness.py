@@ -184,3 +184,30 @@ async def pmem(vm: VMProcess, tmp_path, size: int, name: str) -> bytes:
         data = f.read()
     os.unlink(path)
     return data
+
+
+async def wait_until(pred, timeout: float = 20.0, poll: float = 0.005) -> None:
+    """Poll ``pred()`` until it is true (``trio.TooSlowError`` after ``timeout`` s)."""
+    with trio.fail_after(timeout):
+        while not pred():
+            await trio.sleep(poll)
+
+
+async def wait_serial(path, text: bytes = b"B", timeout: float = 60.0) -> None:
+    """Wait until the guest's serial log (a ``--serial file:`` path) contains ``text``."""
+    await wait_until(lambda: text in (path.read_bytes() if path.exists() else b""), timeout, 0.05)
+
+
+async def migrate_live_then_converge(src: VMProcess, uri: str, *, trickle: int = 3_000_000,
+                                     live_bytes: int = 2 << 20, timeout: float = 90.0) -> dict:
+    """QEMU's migration-test flow: migrate at a trickle with a 1 ms downtime
+    limit until ``live_bytes`` were sent (pages already sent keep being
+    re-dirtied by the guest), then lift the limits and wait for the end;
+    returns the source's final ``query-migrate``."""
+    await src.qmp.execute("migrate-set-parameters", {"max-bandwidth": trickle, "downtime-limit": 1})
+    await src.qmp.execute("migrate", {"uri": uri})
+    with trio.fail_after(30):
+        while (await src.qmp.execute("query-migrate")).get("ram", {}).get("transferred", 0) < live_bytes:
+            await trio.sleep(0.02)
+    await src.qmp.execute("migrate-set-parameters", {"max-bandwidth": 1_000_000_000, "downtime-limit": 30000})
+    return await src.qmp.wait_migration(timeout=timeout)

@@ -9,14 +9,10 @@ import trio
 from memory.kvm.guests import LAYOUT, check_guests_ram
 from memory.kvm.vcpu import RealMachine
 
+from tests.integration.harness import wait_until as _wait_for
+
 pytestmark = pytest.mark.kvm
 START = LAYOUT["DATA_START"]
-
-
-async def _wait_for(pred, timeout=20.0, poll=0.005):
-    with trio.fail_after(timeout):
-        while not pred():
-            await trio.sleep(poll)
 
 
 def _check(m: RealMachine):

@@ -16,7 +16,7 @@ import trio
 from memory.kvm import kvm_usable
 from memory.workloads import AB_START, check_guests_ram
 
-from tests.integration.harness import free_port, pmem, vm_process
+from tests.integration.harness import free_port, migrate_live_then_converge, pmem, vm_process, wait_serial
 
 _ok, _why = kvm_usable()
 pytestmark = [pytest.mark.skipif(not _ok, reason=f"real KVM unusable: {_why}"),
@@ -34,19 +34,8 @@ async def test_live_migrate_running_ab_guest(tmp_path, mode, trio_timeout):
     async with vm_process(tmp_path, "dst", "--incoming", uri, "-S", memory="256M", accel=accel) as dst, \
             vm_process(tmp_path, "src", "--serial", f"file:{serial}", memory="256M", accel=accel,
                        workload="ab") as src:
-        # wait for the guest's first 'B' (64 passes), as QEMU's test does
-        with trio.fail_after(60):
-            while b"B" not in (serial.read_bytes() if serial.exists() else b""):
-                await trio.sleep(0.05)
-        await src.qmp.execute("migrate-set-parameters", {"max-bandwidth": 3_000_000, "downtime-limit": 1})
-        await src.qmp.execute("migrate", {"uri": uri})
-        # live phase: pages already sent keep being re-dirtied by the guest
-        with trio.fail_after(30):
-            while (await src.qmp.execute("query-migrate")).get("ram", {}).get("transferred", 0) < 2 * MiB:
-                await trio.sleep(0.02)
-        # converge
-        await src.qmp.execute("migrate-set-parameters", {"max-bandwidth": 1_000_000_000, "downtime-limit": 30000})
-        info = await src.qmp.wait_migration(timeout=90)
+        await wait_serial(serial)  # the guest's first 'B' (64 passes), as QEMU's test does
+        info = await migrate_live_then_converge(src, uri)
         assert info["status"] == "completed", (info, src.log())
         assert info["ram"]["dirty-sync-count"] >= 2
         dinfo = await dst.qmp.wait_migration()

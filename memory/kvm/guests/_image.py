@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +103,24 @@ class GuestEntry:
     idt: tuple[int, int]
     segments: dict[str, Segment] = field(default_factory=dict)
     msrs: dict[int, int] = field(default_factory=dict)
+    #: general registers set at entry besides rip/rsp/rflags (ab: r15 = control slot)
+    gprs: dict[str, int] = field(default_factory=dict)
+    #: vCPUs the image was built for (TSSes, kernel stacks, control slots)
+    vcpus: int = 1
+
+    def for_vcpu(self, index: int) -> GuestEntry:
+        """The entry state of vCPU ``index``: its own TSS (TR base and limit;
+        the selector and GDT are shared, TR's hidden part is what the CPU
+        uses), hence its own kernel stack, and for ``ab`` its control slot."""
+        if not 0 <= index < self.vcpus:
+            raise ValueError(f"vCPU {index}: the image was built for {self.vcpus} vCPU(s)")
+        base, limit = tss_base_limit(index)
+        segments = dict(self.segments)
+        segments["tr"] = replace(segments["tr"], base=base, limit=limit)
+        gprs = dict(self.gprs)
+        if "r15" in gprs:
+            gprs["r15"] = vcpu_slot_gpa(index)
+        return replace(self, segments=segments, gprs=gprs)
 
 
 def program_bytes(program: str) -> bytes:
@@ -116,6 +134,37 @@ def _host_view(ram) -> np.ndarray:
     if not isinstance(host, np.ndarray) or host.dtype != np.uint8 or host.ndim != 1:
         raise TypeError("need a RAMBlock or a 1-D uint8 numpy view of guest RAM")
     return host
+
+
+def tss_base_limit(index: int) -> tuple[int, int]:
+    """TSS base and limit of vCPU ``index``.  vCPU 0's TSS sits at TSS_GPA
+    followed by the I/O bitmap; vCPU i >= 1 has a 104-byte TSS TSS_STRIDE * i
+    below it (between the IDT and TSS_GPA) whose I/O map base is the offset
+    of that same bitmap, so all vCPUs share one bitmap."""
+    base = LAYOUT["TSS_GPA"] - LAYOUT["TSS_STRIDE"] * index
+    return base, (LAYOUT["TSS_GPA"] + TSS_SIZE - base) + IOPB_SIZE
+
+
+def vcpu_slot_gpa(index: int) -> int:
+    """GPA of vCPU ``index``'s control slot (VC_* fields)."""
+    return LAYOUT["VCPU_CTRL_GPA"] + LAYOUT["VCPU_CTRL_SIZE"] * index
+
+
+def vcpu_ranges(start: int, end: int, vcpus: int) -> list[tuple[int, int]]:
+    """The per-vCPU split of the data range ``[start, end)``: contiguous
+    shares in vCPU order, page-aligned, the first ``npages % vcpus`` one page
+    longer (so ``vcpu_ranges(s, e, 1) == [(s, e)]``)."""
+    npages = (end - start) // PAGE_SIZE
+    if vcpus < 1 or npages < vcpus:
+        raise ValueError(f"cannot split {npages} data pages over {vcpus} vCPU(s)")
+    q, r = divmod(npages, vcpus)
+    out, a = [], start
+    for i in range(vcpus):
+        b = a + PAGE_SIZE * (q + (i < r))
+        out.append((a, b))
+        a = b
+    out[-1] = (out[-1][0], end)
+    return out
 
 
 def _gdt_bytes() -> bytes:
@@ -144,14 +193,21 @@ def _idt_bytes() -> bytes:
     return bytes(table)
 
 
-def load_guest_image(ram, program: str, **ctrl: int) -> GuestEntry:
-    """Write ``program`` and its page tables, GDT, IDT, TSS and control page
+def load_guest_image(ram, program: str, *, vcpus: int = 1, **ctrl: int) -> GuestEntry:
+    """Write ``program`` and its page tables, GDT, IDT, TSSes and control page
     into guest RAM (a RAMBlock or its host view; byte 0 = GPA 0).
 
     The data range defaults to [DATA_START, end of RAM).  ``ctrl`` overrides
     control-page fields by lower-case name without the ``CTRL_`` prefix
     (``start=``, ``end=``, ``iteration=``, ``per_loop=``, ``rng=``...).
+    ``vcpus``: how many vCPUs run the program (only ``ab`` runs on more than
+    one); the data range is split by :func:`vcpu_ranges` into their control
+    slots.  Returns vCPU 0's entry; ``entry.for_vcpu(i)`` gives vCPU i's.
     """
+    if not 1 <= vcpus <= LAYOUT["VCPU_MAX"]:
+        raise ValueError(f"{vcpus} vCPUs: the test guests' layout has room for 1..{LAYOUT['VCPU_MAX']}")
+    if vcpus > 1 and program != "ab":
+        raise ValueError(f"guest program {program!r} runs on one vCPU (only 'ab' splits its range per vCPU)")
     host = _host_view(ram)
     size = len(host)
     if size < LAYOUT["DATA_START"]:
@@ -184,6 +240,11 @@ def load_guest_image(ram, program: str, **ctrl: int) -> GuestEntry:
     low[t : t + TSS_SIZE] = np.frombuffer(bytes(tss), np.uint8)
     low[t + TSS_SIZE : t + TSS_SIZE + IOPB_SIZE] = 0  # every port allowed
     low[t + TSS_LIMIT] = 0xFF  # the bitmap's terminating byte
+    for i in range(1, vcpus):  # the other vCPUs' TSSes share vCPU 0's bitmap
+        base, limit = tss_base_limit(i)
+        struct.pack_into("<Q", tss, 4, LAYOUT["KSTACK_TOP"] - LAYOUT["KSTACK_SIZE"] * i)
+        struct.pack_into("<H", tss, 102, limit - IOPB_SIZE)
+        low[base : base + TSS_SIZE] = np.frombuffer(bytes(tss), np.uint8)
     c = LAYOUT["CODE_GPA"]
     low[c : c + len(code)] = np.frombuffer(code, np.uint8)
 
@@ -205,6 +266,12 @@ def load_guest_image(ram, program: str, **ctrl: int) -> GuestEntry:
         not (LAYOUT["DATA_START"] <= fields["start"] < fields["end"] <= size) or fields["start"] % PAGE_SIZE
     ):
         raise ValueError(f"bad data range [{fields['start']:#x}, {fields['end']:#x})")
+    if program == "ab":
+        for i, (a, b) in enumerate(vcpu_ranges(fields["start"], fields["end"], vcpus)):
+            slot = vcpu_slot_gpa(i) // 8
+            q[slot + LAYOUT["VC_START"] // 8] = a
+            q[slot + LAYOUT["VC_END"] // 8] = b
+            q[slot + LAYOUT["VC_INDEX"] // 8] = i
 
     user_data = Segment(LAYOUT["USER_DS"], type=3, dpl=3, db=1)
     entry = GuestEntry(
@@ -225,6 +292,8 @@ def load_guest_image(ram, program: str, **ctrl: int) -> GuestEntry:
             "ldt": Segment(0, type=2, dpl=0, s=0, g=0, limit=0xFFFF, present=0, unusable=1),
         },
         msrs={MSR_STAR: (LAYOUT["USER32_CS"] << 48) | (LAYOUT["KERNEL_CS"] << 32)},
+        gprs={"r15": vcpu_slot_gpa(0)} if program == "ab" else {},
+        vcpus=vcpus,
     )
     return entry
 
@@ -241,3 +310,9 @@ class Ctrl:
 
     def __setitem__(self, name: str, value: int) -> None:
         self._q[(LAYOUT["CTRL_" + name.upper()] - LAYOUT["CTRL_GPA"]) // 8] = value
+
+    def vcpu(self, index: int, name: str) -> int:
+        """Field ``VC_<NAME>`` of vCPU ``index``'s control slot (``start``,
+        ``end``, ``pass``, ``writes``, ``index``)."""
+        off = vcpu_slot_gpa(index) - LAYOUT["CTRL_GPA"] + LAYOUT["VC_" + name.upper()]
+        return int(self._q[off // 8])

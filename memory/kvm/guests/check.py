@@ -68,3 +68,24 @@ def check_guests_ram_loop(ram: np.ndarray, start: int, end: int, *, base_gpa: in
             else:
                 bad += 1
     return bad
+
+
+def ab_pages_written(ram: np.ndarray, start: int, end: int, published: int, *, base_gpa: int = 0) -> int:
+    """Page writes of the ``ab`` vCPU whose share is ``[start, end)``.
+
+    ``published`` is the vCPU's VC_WRITES: the guest adds the share's page
+    count at the end of the zeroing pass and of every pass, so it equals
+    ``share * (passes + 1)``.  The pass in progress is read from RAM:
+    the pages of the share already holding ``passes + 1`` (the ab invariant;
+    the value is distinct from the ``passes`` the others hold, mod 256).
+    Exact while the vCPU is stopped; while it runs, a pass may complete
+    between the load of VC_WRITES and the scan, so the figure can lag by at
+    most one pass of the share.  0 during the zeroing pass.
+    """
+    share = (end - start) // PAGE_SIZE
+    if published <= 0 or share <= 0:
+        return 0
+    passes = published // share - 1
+    v = ram[start - base_gpa : end - base_gpa : PAGE_SIZE]
+    ahead = int(np.count_nonzero(v == (passes + 1) % 256))
+    return published + min(ahead, share)
