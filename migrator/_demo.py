@@ -207,6 +207,13 @@ async def run_demo(args) -> dict:
             result["destination-status"] = await dst.execute("query-status")
         else:
             result["ram_match"] = False
+        if dst is not None:
+            # the destination's own moments (first byte, stream received,
+            # device state loaded, acknowledged, resumed -- by the `cont`
+            # above, since it runs with -S), merged into the source's history
+            dst_hist = await dst.execute("x-query-migration-history")
+            if dst_hist.get("destination"):
+                result["history"]["destination"] = dst_hist["destination"]
     finally:
         progress.close()
         for q in (src, dst):

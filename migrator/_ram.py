@@ -50,8 +50,11 @@ _ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 @dataclass
 class SyncResult:
-    new_dirty_pages: int
+    new_dirty_pages: int  #: bits newly set in bmap (QEMU's num_dirty_pages_period)
     sync_ns: int
+    #: dirty bits fetched by this sync, also those of pages still pending:
+    #: the pages the guest wrote since the previous fetch
+    found_dirty_pages: int = 0
 
 
 class _BlockState:
@@ -100,16 +103,19 @@ class RAMSaveState:
             self.last_stage = True
         self.dirty_sync_count += 1
         self.ms.memory_global_dirty_log_sync(last_stage)
-        new = 0
+        new = found = 0
         dm = self.ms.dirty_memory
         for bs in self.blocks:
             words = dm.xchg_words(self._client, bs.ram_addr_word, bs.nwords)
+            if not words.any():
+                continue
+            found += int(np.bitwise_count(words).sum())
             fresh = words & ~bs.bmap
             count = int(np.bitwise_count(fresh).sum())
             if count:
                 bs.bmap |= words
                 new += count
-            if not last_stage and words.any():
+            if not last_stage:
                 # Mark the clear_bmap chunks that got dirty bits (QEMU marks
                 # the whole synced range; the effect is the same): a chunk
                 # with no bit in this sync has nothing fetched-but-unprotected
@@ -129,7 +135,7 @@ class RAMSaveState:
         self.migration_dirty_pages += new
         self.num_dirty_pages_period += new
         self.ms.memory_global_after_dirty_log_sync()
-        return SyncResult(new, time.perf_counter_ns() - t0)
+        return SyncResult(new, time.perf_counter_ns() - t0, found)
 
     @property
     def pending_bytes(self) -> int:

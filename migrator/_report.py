@@ -36,7 +36,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from ._history import DowntimeBreakdown, IterationRecord, MigrationHistory
+from ._history import (BOOL_FIELDS, LIST_FIELDS, DowntimeBreakdown, IterationRecord,
+                       MigrationHistory)
 from .errors import MigratorError
 from ._plots import DOWNTIME_PARTS, MIB, PLOTS, PlotRun, page_size_bytes, parameter, \
     render_plots, thresholds_bytes
@@ -188,16 +189,19 @@ def history_from_document(data: Any) -> MigrationHistory:
         for key in _REQUIRED_ITERATION_KEYS:
             if key not in row and key.replace("-", "_") not in row:
                 raise ValueError(f"iterations[{i}]: missing '{key}'")
-    if data.get("downtime") is not None and not isinstance(data["downtime"], dict):
-        raise ValueError(f"'downtime' must be an object or null, got {_kind(data['downtime'])}")
-    for key in ("total-time-ms", "setup-time-ms"):
+    for key in ("downtime", "downtime-prediction", "destination"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ValueError(f"'{key}' must be an object or null, got {_kind(data[key])}")
+    for key in ("total-time-ms", "setup-time-ms", "start-unix-ms"):
         if data.get(key) is not None and not _is_number(data[key]):
             raise ValueError(f"'{key}' must be a number or null, got {data[key]!r}")
     history = MigrationHistory.from_json(data)  # raises ValueError on a schema mismatch
     for i, rec in enumerate(history.iterations):
         _check_record_types(rec, f"iterations[{i}]")
-    if history.downtime is not None:
-        _check_record_types(history.downtime, "downtime")
+    for name in ("downtime", "downtime_prediction", "destination"):
+        part = getattr(history, name)
+        if part is not None:
+            _check_record_types(part, name.replace("_", "-"))
     return history
 
 
@@ -223,13 +227,16 @@ def load_history(path: Path) -> MigrationHistory:
         raise ReportInputError(path, str(exc)) from exc
 
 
-def _check_record_types(rec: IterationRecord | DowntimeBreakdown, where: str) -> None:
+def _check_record_types(rec, where: str) -> None:
     for f in fields(rec):
         value = getattr(rec, f.name)
         key = f.name.replace("_", "-")
-        if f.name == "final":
+        if f.name in BOOL_FIELDS:
             if not isinstance(value, bool):
                 raise ValueError(f"{where}.{key} must be true/false, got {value!r}")
+        elif f.name in LIST_FIELDS:
+            if not isinstance(value, list) or not all(_is_number(v) for v in value):
+                raise ValueError(f"{where}.{key} must be a list of numbers, got {value!r}")
         elif not _is_number(value):
             raise ValueError(f"{where}.{key} must be a number, got {value!r}")
 
