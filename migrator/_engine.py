@@ -263,8 +263,10 @@ class OutgoingMigration:
         self._window_t0 = time.perf_counter_ns()
         await self._send(enc.header() + enc.configuration(MACHINE_NAME))
         # ram_save_setup
+        mode = getattr(getattr(vm, "kvm_listener", None), "mode", None)
         self.ram = RAMSaveState(vm.ms, vm.ram_blocks(),
-                                clear_bitmap_shift=self.params.x_clear_bitmap_shift)
+                                clear_bitmap_shift=self.params.x_clear_bitmap_shift,
+                                log_keeps_bits=getattr(mode, "value", None) == "manual-protect")
         vm.ms.memory_global_dirty_log_start(GLOBAL_DIRTY_MIGRATION)
         self._dirty_log_started = True
         self._period_start_ns = time.perf_counter_ns()
