@@ -39,6 +39,9 @@ def add_demo_arguments(p, size, accel, workload) -> None:
     p.add_argument("--max-bandwidth", type=int, help="bytes/s (QEMU default 134217728)")
     p.add_argument("--downtime-limit", type=int, help="ms (QEMU default 300)")
     p.add_argument("--auto-converge", action="store_true", help="enable the auto-converge capability")
+    p.add_argument("--predictive-switchover", action="store_true",
+                   help="set x-predictive-switchover: switch over when the predicted downtime fits "
+                        "downtime-limit (not QEMU's rule)")
     p.add_argument("--json", action="store_true", help="print one JSON object (query-migrate, history, ram_match)")
     p.add_argument("--quiet", action="store_true", help="no progress, only the summary")
     p.add_argument("--report", metavar="DIR", help="write a convergence report of this migration to DIR")
@@ -164,6 +167,8 @@ async def run_demo(args) -> dict:
             params["max-bandwidth"] = args.max_bandwidth
         if args.downtime_limit is not None:
             params["downtime-limit"] = args.downtime_limit
+        if getattr(args, "predictive_switchover", False):
+            params["x-predictive-switchover"] = True
         if params:
             await src.execute("migrate-set-parameters", params)
         if not file_mode:
@@ -177,9 +182,11 @@ async def run_demo(args) -> dict:
             progress.update(info)
             if info.get("status") in ("completed", "failed", "cancelled"):
                 break
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline and not result.get("timed-out"):
+                # cancel, then report what happened (the history of a
+                # migration that did not converge is worth reading)
                 await src.execute("migrate_cancel")
-                raise RuntimeError("migration did not finish in time; cancelled")
+                result["timed-out"] = True
             await asyncio.sleep(0.05)
         progress.close()
         result["query-migrate"] = info
@@ -274,6 +281,8 @@ def demo_main(args) -> int:
     except Exception as exc:  # report cleanly, never a traceback for a failed demo
         print(f"migrator demo: {exc}", file=sys.stderr)
         return 1
+    if res.get("timed-out"):
+        print(f"migrator demo: migration did not finish in {args.timeout:g} s; cancelled", file=sys.stderr)
     if args.report:
         from ._history import MigrationHistory
         from ._report import write_report

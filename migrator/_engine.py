@@ -73,7 +73,8 @@ RP_WAIT_S = 10.0
 #: median (one slow or fast window is noise; the headroom below absorbs it).
 PREDICT_WINDOWS = 5
 #: ... a window counts only with at least this much sending in it (a window
-#: of QEMU's default 128 MiB/s sends its 12.8 MiB in ~10 ms here)
+#: of QEMU's default 128 MiB/s sends its 12.8 MiB in ~10 ms here), and is
+#: preferred when it sent at least this many bytes
 PREDICT_MIN_SEND_S = 0.001
 PREDICT_MIN_SEND_BYTES = 1 << 20
 #: a page in the last stage: the page and its be64 offset|flags header
@@ -196,8 +197,10 @@ class OutgoingMigration:
         # downtime model inputs (see _predict_downtime)
         self._win_send_ns = 0
         self._win_send_bytes = 0
-        self._throughputs: deque[float] = deque(maxlen=PREDICT_WINDOWS)
+        #: (bytes/s, whether the window sent PREDICT_MIN_SEND_BYTES)
+        self._throughputs: deque[tuple[float, bool]] = deque(maxlen=PREDICT_WINDOWS)
         self._last_sync_ms = 0.0
+        self._last_iter_throughput = 0.0
         self._prediction: DowntimePrediction | None = None
 
     @property
@@ -390,7 +393,14 @@ class OutgoingMigration:
         if avail:
             bw = float(avail)
         elif self._throughputs:
-            bw = statistics.median(self._throughputs)
+            # windows that sent little (zero pages are 9 bytes) say little
+            # about bytes/s; use them only when there is nothing else
+            full = [t for t, enough in self._throughputs if enough]
+            bw = statistics.median(full or [t for t, _ in self._throughputs])
+        elif self._last_iter_throughput:
+            # no window completed yet (a migration shorter than 100 ms): the
+            # last iteration's sending
+            bw = self._last_iter_throughput
         else:
             return None
         pages = pending_bytes // TARGET_PAGE_SIZE
@@ -444,6 +454,8 @@ class OutgoingMigration:
         rec.bytes = c.transferred - self._iter_bytes0
         rec.sending_ms = self._iter_send_ns / 1e6
         rec.throughput_bytes_per_s = rec.bytes / (self._iter_send_ns / 1e9) if self._iter_send_ns else 0.0
+        if self._iter_send_ns >= PREDICT_MIN_SEND_S * 1e9:
+            self._last_iter_throughput = rec.throughput_bytes_per_s
         # protection of this iteration: in the sync (WP-all) plus lazy CLEARs while sending
         rec.write_protect_time_ms = (self._protect_ns() - self._last_wp_ns_before_sync) / 1e6
         rec.duration_ms = (time.perf_counter_ns() - self._iter_start_ns) / 1e6
@@ -496,8 +508,9 @@ class OutgoingMigration:
         self._window_t0 = now
         self._window_pages = 0
         # the downtime model's sample of this window (see _predict_downtime)
-        if self._win_send_ns >= PREDICT_MIN_SEND_S * 1e9 and self._win_send_bytes >= PREDICT_MIN_SEND_BYTES:
-            self._throughputs.append(self._win_send_bytes / (self._win_send_ns / 1e9))
+        if self._win_send_ns >= PREDICT_MIN_SEND_S * 1e9:
+            self._throughputs.append((self._win_send_bytes / (self._win_send_ns / 1e9),
+                                      self._win_send_bytes >= PREDICT_MIN_SEND_BYTES))
         self._win_send_ns = 0
         self._win_send_bytes = 0
 
