@@ -558,6 +558,9 @@ class OutgoingMigration:
             want = BATCH_PAGES
             if limited and self._limiter.budget_bytes:
                 want = max(MIN_BATCH_PAGES, min(want, self._limiter.budget_bytes // 16 // TARGET_PAGE_SIZE))
+            # sending time = finding, gathering and sending a batch (the
+            # whole per-byte cost of the sender, which the last stage pays too)
+            t0, b0 = time.perf_counter_ns(), c.transferred
             batch = ram.next_batch(want)
             if batch is None:
                 return True
@@ -570,7 +573,6 @@ class OutgoingMigration:
                 rec.normal_pages += normal
                 rec.zero_pages += zero
             self._window_pages += normal + zero
-            t0, b0 = time.perf_counter_ns(), c.transferred
             await self._send(buffers)
             spent = time.perf_counter_ns() - t0
             self._iter_send_ns += spent

@@ -36,7 +36,9 @@ Which number is which (the engine knows exact figures; QEMU's
   period of at least 1 s, recomputed only at a sync that ends such a period
   (ram.c ``migration_update_rates``), so 0 until the first second is over.
 * ``throughput-bytes-per-s`` = ``bytes`` / ``sending-ms``: what the
-  iteration achieved while it was sending (rate-limit sleeps excluded).
+  iteration achieved while it was sending; sending time is finding,
+  gathering and writing its page batches (rate-limit sleeps and the
+  section framing between ram_save_iterate calls excluded).
 * ``bandwidth-bytes-per-s`` is QEMU's estimate at that sync: bytes of the
   last completed >= 100 ms window / its length (``migration_update_counters``).
 * ``switchover-bandwidth-bytes-per-s`` and ``threshold-bytes`` are what the

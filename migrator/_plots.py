@@ -65,6 +65,8 @@ DOWNTIME_PARTS: tuple[tuple[str, str], ...] = (
 )
 
 _FIG_SIZE_IN = (9.0, 4.8)
+#: more runs than this in one plot: drop per-point annotations, slant labels
+MANY_RUNS = 3
 _DPI = 110
 
 
@@ -162,7 +164,12 @@ def figure(name: str, runs: list[PlotRun]) -> Figure:
         "throttle.png": _plot_throttle,
         "timeline.png": _plot_timeline,
     }
-    size = (_FIG_SIZE_IN[0], 6.0) if name == "timeline.png" else _FIG_SIZE_IN
+    size = _FIG_SIZE_IN
+    if name == "timeline.png":
+        size = (_FIG_SIZE_IN[0], max(6.0, 1.2 + 0.45 * sum(1 + (r.history.destination is not None)
+                                                            for r in runs)))
+    elif name == "downtime.png" and len(runs) > MANY_RUNS:
+        size = (_FIG_SIZE_IN[0], 6.5)
     fig = Figure(figsize=size, dpi=_DPI, layout="constrained")
     drawers[name](fig, runs, colors)
     return fig
@@ -195,6 +202,7 @@ def _plot_remaining(fig: Figure, runs: list[PlotRun], colors: list) -> None:
     positive += [t / MIB for run in runs for t in thresholds_bytes(run.history) if t]
     floor = min(positive) / 2 if positive else 1.0
     drew_threshold = drew_switchover = drew_decided = False
+    many = len(runs) > MANY_RUNS  # an overlay (a sweep): markers only, no per-point text
     for run, color in zip(runs, colors):
         recs = run.history.iterations
         if not recs:
@@ -204,7 +212,7 @@ def _plot_remaining(fig: Figure, runs: list[PlotRun], colors: list) -> None:
         live = [i for i, r in enumerate(recs) if not r.final]
         ax.plot([t_s[i] for i in live], [rem[i] for i in live], "o-", color=color,
                 label=run.label, markersize=4)
-        for i in live:
+        for i in live if not many else ():
             ax.annotate(str(recs[i].iteration), (t_s[i], rem[i]), textcoords="offset points",
                         xytext=(0, 5), ha="center", fontsize=7, color=color)
         # Each sync's threshold over the interval that led to it (what the
@@ -224,8 +232,9 @@ def _plot_remaining(fig: Figure, runs: list[PlotRun], colors: list) -> None:
                     note += f"\npredicted {recs[i].predicted_downtime_ms:,.0f} ms fits"
                 elif thr[i] is not None:
                     note += f"\n< threshold {thr[i] / MIB:,.1f} MiB"
-                ax.annotate(note, (t_s[i], rem[i]), textcoords="offset points", xytext=(-8, -4),
-                            ha="right", va="top", fontsize=7, color=color)
+                if not many:
+                    ax.annotate(note, (t_s[i], rem[i]), textcoords="offset points", xytext=(-8, -4),
+                                ha="right", va="top", fontsize=7, color=color)
                 drew_decided = True
         finals = [i for i, r in enumerate(recs) if r.final]
         if finals:
@@ -235,13 +244,16 @@ def _plot_remaining(fig: Figure, runs: list[PlotRun], colors: list) -> None:
                 ax.plot([t_s[before[-1]], t_s[f]], [rem[before[-1]], rem[f]], "--", color=color)
             ax.plot([t_s[f]], [rem[f]], "*", color=color, markersize=13, markeredgecolor="k")
             ax.axvline(t_s[f], color=color, linestyle="-.", linewidth=0.8, alpha=0.7)
-            ax.annotate("switchover", (t_s[f], 1.0), xycoords=("data", "axes fraction"),
-                        xytext=(-3, -12), textcoords="offset points", rotation=90,
-                        ha="right", va="top", fontsize=7, color=color)
+            if not many:
+                ax.annotate("switchover", (t_s[f], 1.0), xycoords=("data", "axes fraction"),
+                            xytext=(-3, -12), textcoords="offset points", rotation=90,
+                            ha="right", va="top", fontsize=7, color=color)
             drew_switchover = True
         elif run.history.status in ("cancelled", "failed") and live:
             ax.plot([t_s[live[-1]]], [rem[live[-1]]], "X", color=color, markersize=10,
                     markeredgecolor="k")
+            if many:
+                continue
             ax.annotate(run.history.status, (t_s[live[-1]], rem[live[-1]]),
                         textcoords="offset points", xytext=(0, -16), ha="center", va="top",
                         fontsize=8, color=color)
@@ -401,14 +413,16 @@ def _plot_downtime(fig: Figure, runs: list[PlotRun], colors: list) -> None:
     ax.set_ylabel("downtime (ms)")
     part_colors = colormaps["Set2"].colors
     xs = list(range(len(runs)))
+    many = len(runs) > MANY_RUNS
     labelled: set[str] = set()
     top = 0.0
     limits: list[float | None] = [parameter(r.history, "downtime-limit") for r in runs]
     for x, run in zip(xs, runs):
         dt = run.history.downtime
         if dt is None:
-            ax.text(x, 0, f"no downtime\n({run.history.status})", ha="center", va="bottom",
-                    fontsize=8, color="0.35")
+            ax.text(x, 0, f"no downtime ({run.history.status})" if many else
+                    f"no downtime\n({run.history.status})", ha="center", va="bottom",
+                    fontsize=7 if many else 8, color="0.35", rotation=90 if many else 0)
             continue
         bottom = 0.0
         for (field_name, label), pc in zip(DOWNTIME_PARTS, part_colors):
@@ -424,8 +438,9 @@ def _plot_downtime(fig: Figure, runs: list[PlotRun], colors: list) -> None:
                    label=None if "other" in labelled else "other (total - parts)")
             labelled.add("other")
             bottom += other
-        ax.annotate(f"{max(bottom, dt.total_ms):.1f} ms", (x, max(bottom, dt.total_ms)),
-                    textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+        ax.annotate(f"{max(bottom, dt.total_ms):.0f}" if many else f"{max(bottom, dt.total_ms):.1f} ms",
+                    (x, max(bottom, dt.total_ms)), textcoords="offset points", xytext=(0, 3),
+                    ha="center", fontsize=6 if many else 8)
         top = max(top, bottom, dt.total_ms)
     # What was promised at the switchover: the engine's prediction and QEMU's
     # expected downtime (remaining / bandwidth) of the deciding row.
@@ -437,8 +452,9 @@ def _plot_downtime(fig: Figure, runs: list[PlotRun], colors: list) -> None:
         if pred is not None and pred.total_ms > 0:
             ax.plot([x + 0.33], [pred.total_ms], marker="<", color="k", markersize=8, linestyle="none",
                     label=None if drew_pred else "predicted (engine model)")
-            ax.annotate(f"{pred.total_ms:.0f}", (x + 0.36, pred.total_ms), xytext=(4, -3),
-                        textcoords="offset points", fontsize=7)
+            if not many:
+                ax.annotate(f"{pred.total_ms:.0f}", (x + 0.36, pred.total_ms), xytext=(4, -3),
+                            textcoords="offset points", fontsize=7)
             drew_pred = True
             top = max(top, pred.total_ms)
         decided = [r for r in run.history.iterations if r.switchover]
@@ -446,8 +462,9 @@ def _plot_downtime(fig: Figure, runs: list[PlotRun], colors: list) -> None:
             exp = decided[-1].expected_downtime_ms
             ax.plot([x - 0.33], [exp], marker=">", color="0.45", markersize=8, linestyle="none",
                     label=None if drew_exp else "QEMU expected (remaining / bandwidth)")
-            ax.annotate(f"{exp:.0f}", (x - 0.36, exp), xytext=(-4, -3), textcoords="offset points",
-                        fontsize=7, ha="right")
+            if not many:
+                ax.annotate(f"{exp:.0f}", (x - 0.36, exp), xytext=(-4, -3), textcoords="offset points",
+                            fontsize=7, ha="right")
             drew_exp = True
             top = max(top, exp)
     # downtime-limit is a target for the switchover decision, not a cap: the
@@ -461,8 +478,12 @@ def _plot_downtime(fig: Figure, runs: list[PlotRun], colors: list) -> None:
                       label=None if drew_limit else "downtime-limit")
             drew_limit = True
             top = max(top, limit)
-    ax.set_xticks(xs, [r.label if limit is None else f"{r.label}\n(downtime-limit {limit:g} ms)"
-                       for r, limit in zip(runs, limits)], fontsize="small")
+    if many:
+        ax.set_xticks(xs, [r.label for r in runs], fontsize=6, rotation=55, ha="right",
+                      rotation_mode="anchor")
+    else:
+        ax.set_xticks(xs, [r.label if limit is None else f"{r.label}\n(downtime-limit {limit:g} ms)"
+                           for r, limit in zip(runs, limits)], fontsize="small")
     for tick, color in zip(ax.get_xticklabels(), colors):
         tick.set_color(color)
     ax.set_xlim(-0.7, max(len(runs) - 1, 0) + 0.7)

@@ -77,8 +77,8 @@ COLUMNS = (
     ("dirty-pages-rate (QEMU)", "query-migrate's dirty-pages-rate as QEMU computes it: pages "
      "newly set in the migration bitmap over a period of at least 1 s, updated only at a sync "
      "that ends such a period, so 0 in a migration shorter than a second"),
-    ("throughput (achieved)", "bytes the iteration sent / time it spent sending (rate-limit "
-     "sleeps excluded)"),
+    ("throughput (achieved)", "bytes the iteration sent / time it spent finding, gathering and "
+     "writing its pages (rate-limit sleeps excluded)"),
     ("bandwidth (QEMU estimate)", "bytes of the last completed >= 100 ms window / its length "
      "(migration_update_counters), as known at this sync; query-migrate's mbps is the same "
      "window in Mbit/s"),
