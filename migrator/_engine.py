@@ -151,6 +151,8 @@ class MigrationCounters:
     mbps: float = 0.0
     pages_per_second: float = 0.0
     bandwidth_bytes_per_ms: float = 0.0
+    #: expected_bw_per_ms of the last migration_update_counters (the threshold's)
+    switchover_bandwidth_bytes_per_ms: float = 0.0
     threshold_bytes: int = 0
     expected_downtime_ms: int = 0
     cpu_throttle_percentage: int = 0
@@ -318,7 +320,7 @@ class OutgoingMigration:
         self._last_sync_ns = now
         if self.caps.events:
             vm.emit_event("MIGRATION_PASS", {"pass": c.dirty_sync_count})
-        expected_bw_ms = self._expected_bw_ms()
+        expected_bw_ms = c.switchover_bandwidth_bytes_per_ms  # what threshold_bytes was built from
         prediction = self._predict_downtime(ram.pending_bytes)
         rec = IterationRecord(
             iteration=c.dirty_sync_count,
@@ -500,6 +502,7 @@ class OutgoingMigration:
         spent_ms = max((now - self._window_t0) / 1e6, 1e-3)
         c.bandwidth_bytes_per_ms = lim.bandwidth_bytes_per_s / 1000
         expected_bw = self._expected_bw_ms()
+        c.switchover_bandwidth_bytes_per_ms = expected_bw
         c.threshold_bytes = int(expected_bw * self.params.downtime_limit)
         c.mbps = lim.bandwidth_bytes_per_s * 8 / 1e6
         c.pages_per_second = self._window_pages * 1000 / spent_ms

@@ -73,12 +73,23 @@ def _from_json(cls, data: dict):
     return cls(**kwargs)
 
 
+class _Record:
+    """JSON with QAPI-style hyphenated keys; unknown keys are ignored on load."""
+
+    def to_json(self) -> dict:
+        return _to_json(self)
+
+    @classmethod
+    def from_json(cls, data: dict):
+        return _from_json(cls, data)
+
+
 LIST_FIELDS = frozenset({"vcpu_write_rates_pages_per_s"})
 BOOL_FIELDS = frozenset({"final", "switchover", "resumed_by_cont"})
 
 
 @dataclass
-class IterationRecord:
+class IterationRecord(_Record):
     """One dirty sync and the sending that followed it until the next sync.
 
     Times are milliseconds since the migration started; rates per second.
@@ -115,16 +126,9 @@ class IterationRecord:
     #: pages each vCPU wrote / interval (empty when the vCPUs do not count them)
     vcpu_write_rates_pages_per_s: list[float] = field(default_factory=list)
 
-    def to_json(self) -> dict:
-        return _to_json(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> "IterationRecord":
-        return _from_json(cls, data)
-
 
 @dataclass
-class DowntimeBreakdown:
+class DowntimeBreakdown(_Record):
     """Where the downtime went (milliseconds)."""
 
     stop_vcpus_ms: float = 0.0
@@ -134,16 +138,9 @@ class DowntimeBreakdown:
     destination_resume_ms: float = 0.0
     total_ms: float = 0.0
 
-    def to_json(self) -> dict:
-        return _to_json(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> "DowntimeBreakdown":
-        return _from_json(cls, data)
-
 
 @dataclass
-class DowntimePrediction:
+class DowntimePrediction(_Record):
     """The engine's prediction of the stop-and-copy time, at the switchover.
 
     ``total_ms = final_sync_ms + last_pages_ms + tail_ms``: the last sync
@@ -164,16 +161,9 @@ class DowntimePrediction:
     tail_ms: float = 0.0
     total_ms: float = 0.0
 
-    def to_json(self) -> dict:
-        return _to_json(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> "DowntimePrediction":
-        return _from_json(cls, data)
-
 
 @dataclass
-class DestinationTimeline:
+class DestinationTimeline(_Record):
     """What the destination saw, in wall-clock ms (``time.time()``, Unix epoch).
 
     Recorded by the destination (``x-query-migration-history`` there) and
@@ -189,13 +179,6 @@ class DestinationTimeline:
     resumed_unix_ms: float = 0.0  # the vCPUs run (0 with -S)
     acknowledged_unix_ms: float = 0.0  # the return-path reply was sent
     resumed_by_cont: bool = False  # started with -S: resumed_unix_ms is the later ``cont``
-
-    def to_json(self) -> dict:
-        return _to_json(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> "DestinationTimeline":
-        return _from_json(cls, data)
 
 
 @dataclass

@@ -154,7 +154,7 @@ def figure(name: str, runs: list[PlotRun]) -> Figure:
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    palette = colormaps["tab10"].colors
+    palette = colormaps["tab10" if len(runs) <= 10 else "tab20"].colors
     colors = [palette[i % len(palette)] for i in range(len(runs))]
     drawers = {
         "remaining.png": _plot_remaining,
