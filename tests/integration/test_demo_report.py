@@ -30,23 +30,56 @@ import check_report_html  # noqa: E402
 RATE = 20_000  # the README's workload, pages/s
 
 
+ATTEMPTS = 3
+
+
+def _guest_kept_its_rate(res: dict) -> bool:
+    """Whether the simulated guest itself wrote ~RATE pages/s in every interval.
+
+    It runs when the sender waits and its credit is capped at 0.1 s, so a
+    starved machine (load far above its 2 cores) makes it write less: its
+    own count (the vCPU controller's, independent of the dirty log) says so.
+    """
+    rows = [r for r in res["history"]["iterations"][1:] if not r["final"]]
+    return all(sum(r["vcpu-write-rates-pages-per-s"]) >= 0.8 * RATE for r in rows)
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "report"
-
-    async def run():
+    async def run(out):
         with trio.fail_after(170):
             return await trio.run_process(
-            [sys.executable, "-m", "migrator", "demo", "--memory", "256M", "--workload", f"ab,rate={RATE}",
-             "--report", str(out), "--json"], capture_stdout=True, capture_stderr=True, check=False)
+                [sys.executable, "-m", "migrator", "demo", "--memory", "256M", "--workload", f"ab,rate={RATE}",
+                 "--report", str(out), "--json"], capture_stdout=True, capture_stderr=True, check=False)
 
-    proc = trio.run(run)
-    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-    return json.loads(proc.stdout), out
+    for attempt in range(ATTEMPTS):  # again only if the machine starved the guest
+        out = tmp_path_factory.mktemp("demo") / "report"
+        proc = trio.run(run, out)
+        assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+        res = json.loads(proc.stdout)
+        if _guest_kept_its_rate(res):
+            break
+    return res, out
+
+
+def test_every_precopy_row_shows_what_the_guest_wrote(demo):
+    """Whatever the machine's load: the exact dirty rate is the guest's own
+    write rate in that interval (ab writes each page once per interval here:
+    256 MiB at 20,000 pages/s takes 3.3 s to wrap)."""
+    res, _ = demo
+    rows = [r for r in res["history"]["iterations"] if not r["final"]]
+    assert len(rows) >= 2, "the demo should take at least one pass after the setup sync"
+    for r in rows[1:]:
+        wrote = sum(r["vcpu-write-rates-pages-per-s"])
+        assert r["exact-dirty-rate-pages-per-s"] == pytest.approx(wrote, rel=0.30), r
 
 
 def test_every_precopy_row_shows_the_guests_dirty_rate(demo):
     res, _ = demo
+    if not _guest_kept_its_rate(res):
+        pytest.skip(f"the machine starved the simulated guest below 80 % of {RATE} pages/s "
+                    f"in {ATTEMPTS} runs (see its own write count); the rate check needs a guest "
+                    "that ran at its rate")
     rows = [r for r in res["history"]["iterations"] if not r["final"]]
     assert len(rows) >= 2, "the demo should take at least one pass after the setup sync"
     for r in rows[1:]:
@@ -54,10 +87,11 @@ def test_every_precopy_row_shows_the_guests_dirty_rate(demo):
 
 
 def test_summary_peak_dirty_rate_is_the_guests(demo):
-    _, out = demo
+    res, out = demo
     summary = json.loads((out / "report.json").read_text())["runs"][0]["summary"]
     assert summary["peak-dirty-rate-bytes-per-s"] > 0
-    assert summary["peak-dirty-rate-bytes-per-s"] == pytest.approx(RATE * 4096, rel=0.30)
+    if _guest_kept_its_rate(res):
+        assert summary["peak-dirty-rate-bytes-per-s"] == pytest.approx(RATE * 4096, rel=0.30)
     md = (out / "report.md").read_text()
     assert re.search(r"\| peak dirty rate \(exact\) \| [1-9][0-9.,]* MiB/s \|", md)
 
