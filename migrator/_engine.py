@@ -727,8 +727,8 @@ class IncomingMigration:
                 self._stamp("resumed_unix_ms")
             else:
                 vm.set_runstate("paused")
+            self._stamp("acknowledged_unix_ms")  # just before the reply goes out
             await self._ack(chan, 0)
-            self._stamp("acknowledged_unix_ms")
         except (MigrationError, OSError, Exception) as exc:  # noqa: BLE001 - any failure -> FAILED
             if not isinstance(exc, (MigrationError, OSError, ProtocolError)):
                 vm.log(f"incoming migration failed with an unexpected error: {exc!r}")

@@ -177,7 +177,7 @@ class DestinationTimeline(_Record):
     stream_received_unix_ms: float = 0.0  # EOF decoded: the whole stream is in
     device_state_loaded_unix_ms: float = 0.0
     resumed_unix_ms: float = 0.0  # the vCPUs run (0 with -S)
-    acknowledged_unix_ms: float = 0.0  # the return-path reply was sent
+    acknowledged_unix_ms: float = 0.0  # the return-path reply is sent (stamped just before)
     resumed_by_cont: bool = False  # started with -S: resumed_unix_ms is the later ``cont``
 
 

@@ -584,11 +584,11 @@ def _plot_timeline(fig: Figure, runs: list[PlotRun], colors: list) -> None:
     for run, color in zip(runs, colors):
         src, dst, dt_start = _timeline_spans(run.history)
         y_src = len(lanes)
-        lanes.append(f"{run.label}\nsource")
+        lanes.append("source" if len(runs) == 1 else f"{run.label}\nsource")
         y_dst = None
         if dst:
             y_dst = len(lanes)
-            lanes.append(f"{run.label}\ndestination")
+            lanes.append("destination" if len(runs) == 1 else f"{run.label}\ndestination")
         for ax in (ax_all, ax_zoom):
             for k, (t0, length, label, kind) in enumerate(src):
                 if kind in part_colors:

@@ -209,7 +209,10 @@ def test_timeline_has_destination_lane(two, tmp_path):
     for want in ("first byte", "stream received (EOF)", "device state loaded", "acknowledged", "resumed"):
         assert want in labels
     fig = figure("timeline.png", [PlotRun("r", with_dst)])
-    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["r\nsource", "r\ndestination"]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["source", "destination"]
+    fig = figure("timeline.png", [PlotRun("r", with_dst), PlotRun("q", h)])
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["r\nsource", "r\ndestination",
+                                                                     "q\nsource"]
     # the report says when, in words, too
     paths = write_report([with_dst], tmp_path)
     assert "stream received at 250.0 ms" in paths.markdown.read_text()
