@@ -265,13 +265,22 @@ def _summary(res: dict) -> str:
             f"{k.replace('-ms', '')} {v:.1f}" for k, v in dt.items() if k != "total-ms") + " (ms)")
     if "destination-status" in res:
         lines.append(f"destination       {res['destination-status'].get('status')} after cont")
+    pred = hist.get("downtime-prediction") or {}
+    if pred.get("total-ms") is not None:
+        lines.append(f"downtime predicted {pred['total-ms']:.1f} ms at the switchover (engine model)")
     if hist.get("iterations"):
         lines.append("")
-        lines.append(f"{'pass':>4} {'t(ms)':>8} {'dirty':>8} {'sent':>8} {'zero':>8} {'remaining':>12} {'MB/s':>8} {'thr%':>4}")
+        lines.append("dirty/s = exact dirty rate (pages this sync found / time since the previous one); "
+                     "est MB/s = QEMU's bandwidth estimate")
+        lines.append(f"{'pass':>4} {'t(ms)':>8} {'dirty':>8} {'dirty/s':>8} {'sent':>8} {'zero':>8} "
+                     f"{'remaining':>12} {'est MB/s':>8} {'thr%':>4}")
         for r in hist["iterations"]:
-            lines.append(f"{r['iteration']:>4} {r['time-ms']:>8.1f} {r['dirty-pages']:>8} {r['normal-pages']:>8} "
+            rate = r.get("exact-dirty-rate-pages-per-s", 0.0)
+            mark = " switchover" if r.get("switchover") else (" final" if r.get("final") else "")
+            lines.append(f"{r['iteration']:>4} {r['time-ms']:>8.1f} {r['dirty-pages']:>8} "
+                         f"{rate:>8.0f} {r['normal-pages']:>8} "
                          f"{r['zero-pages']:>8} {r['remaining-bytes']:>12} "
-                         f"{r['bandwidth-bytes-per-s'] / 1e6:>8.1f} {r['throttle-pct']:>4}")
+                         f"{r['bandwidth-bytes-per-s'] / 1e6:>8.1f} {r['throttle-pct']:>4}{mark}")
     return "\n".join(lines)
 
 
