@@ -221,6 +221,9 @@ class OutgoingMigration:
     async def run(self) -> None:
         vm, c = self.vm, self.counters
         c.start_ns = time.perf_counter_ns()
+        # QEMU (migrate_fd_connect): expected-downtime starts at downtime-limit
+        # until migration_update_counters has an estimate
+        c.expected_downtime_ms = self.params.downtime_limit
         c.history = MigrationHistory(label=vm.label, status="setup", setup=vm.describe_setup(),
                                      start_unix_ms=time.time() * 1000)
         vm.state.goto(S.SETUP)

@@ -126,3 +126,22 @@ async def test_two_vcpus_recorded_live(tmp_path):
         # a loaded machine slows both simulated vCPUs alike (they run when the
         # sender waits), so the check is their ratio, not their absolute rates
         assert v0 > 0 and v1 > 0 and v1 / v0 == pytest.approx(want, rel=0.3)
+
+
+async def test_expected_downtime_starts_at_the_limit(tmp_path):
+    """QEMU's migrate_fd_connect sets expected_downtime = downtime-limit; it
+    changes only once a sync ended a >= 1 s dirty-rate period."""
+    vm = VM(memory_bytes=32 << 20, accel=AccelConfig(kind="sim"), workload="fill", label="in-process")
+    vm.options.parameters = vm.options.parameters.apply(max_bandwidth=16 << 20, downtime_limit=123)
+    seen = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(vm.run)
+        await vm.qmp_migrate(f"file:{tmp_path / 'stream'}")
+        with trio.fail_after(60):
+            while vm.state.status not in (S.COMPLETED, S.FAILED, S.CANCELLED):
+                info = await vm.qmp_query_migrate()
+                if info.get("status") == "active":
+                    seen.append(info["expected-downtime"])
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    assert seen and seen[0] == 123
