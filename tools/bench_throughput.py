@@ -56,6 +56,7 @@ Usage::
 
     python tools/bench_throughput.py [--json] [--memory 1G] [--runs 3]
         [--transports tcp,unix] [--skip idle,sync] [--sync-sizes 1G,16G,256G]
+        [--switchover qemu,predictive] [--downtime-limit 300]
         [--profile DIR]   # py-spy flame data of both migrator processes
 
 ``--json`` prints one JSON object per line; otherwise a table.
