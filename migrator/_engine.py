@@ -364,12 +364,15 @@ class OutgoingMigration:
             return []
         per = st.get("vcpus") if isinstance(st, dict) else None
         if isinstance(per, list) and per:
-            written = [int(v.get("pages-written", v.get("pages_written", 0))) for v in per
-                       if isinstance(v, dict)]
-        elif isinstance(st, dict) and isinstance(st.get("pages_written"), int):
-            written = [st["pages_written"]]
+            values = [v.get("pages-written", v.get("pages_written")) if isinstance(v, dict) else None
+                      for v in per]
+        elif isinstance(st, dict):
+            values = [st.get("pages_written")]
         else:
-            return []
+            values = [None]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return []  # a vCPU that does not count (e.g. a real-KVM program other than ab)
+        written = [int(v) for v in values]
         prev, self._vcpu_written_prev = self._vcpu_written_prev, written
         if prev is None or len(prev) != len(written) or interval_ms <= 0:
             return []

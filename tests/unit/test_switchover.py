@@ -145,3 +145,24 @@ async def test_expected_downtime_starts_at_the_limit(tmp_path):
                 await trio.sleep(0.02)
         nursery.cancel_scope.cancel()
     assert seen and seen[0] == 123
+
+
+@pytest.mark.parametrize("before, after, want", [
+    ({"vcpus": [{"pages-written": 0}, {"pages-written": 5}]},
+     {"vcpus": [{"pages-written": 10}, {"pages-written": 35}]}, [1000.0, 3000.0]),
+    ({"pages_written": 0}, {"pages_written": 20}, [2000.0]),
+    ({"vcpus": [{"pages-written": None}]}, {"vcpus": [{"pages-written": None}]}, []),  # real KVM, not ab
+    ({"vcpus": [{"cpu-index": 0}]}, {"vcpus": [{"cpu-index": 0}]}, []),
+    ({}, {}, []),
+], ids=["two", "one", "none-count", "no-key", "empty"])
+def test_vcpu_write_rates_from_any_controller(before, after, want):
+    """Per-vCPU rates from whatever the vCPU controller reports; a controller
+    that does not count gives none (and never breaks the sync)."""
+    from migrator._engine import OutgoingMigration
+
+    answers = iter([before, after])
+    vcpus = type("VCPUs", (), {"statistics": lambda self: next(answers)})()
+    vm = type("StubVM", (), {"vcpus": vcpus, "params": None, "caps": None})()
+    mig = OutgoingMigration(vm, "file:/nonexistent")
+    assert mig._vcpu_write_rates(0.0) == []  # the first sync: only the baseline
+    assert mig._vcpu_write_rates(10.0) == want  # 10 ms later
