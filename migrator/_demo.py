@@ -41,6 +41,9 @@ def add_demo_arguments(p, size, accel, workload) -> None:
     p.add_argument("--max-bandwidth", type=int, help="bytes/s (QEMU default 134217728)")
     p.add_argument("--downtime-limit", type=int, help="ms (QEMU default 300)")
     p.add_argument("--auto-converge", action="store_true", help="enable the auto-converge capability")
+    p.add_argument("--predictive-switchover", action="store_true",
+                   help="set x-predictive-switchover: switch over when the predicted downtime fits "
+                        "downtime-limit (not QEMU's rule)")
     p.add_argument("--json", action="store_true", help="print one JSON object (query-migrate, history, ram_match)")
     p.add_argument("--quiet", action="store_true", help="no progress, only the summary")
     p.add_argument("--report", metavar="DIR", help="write a convergence report of this migration to DIR")
@@ -166,6 +169,8 @@ async def run_demo(args) -> dict:
             params["max-bandwidth"] = args.max_bandwidth
         if args.downtime_limit is not None:
             params["downtime-limit"] = args.downtime_limit
+        if getattr(args, "predictive_switchover", False):
+            params["x-predictive-switchover"] = True
         if params:
             await src.execute("migrate-set-parameters", params)
         if not file_mode:
@@ -179,9 +184,11 @@ async def run_demo(args) -> dict:
             progress.update(info)
             if info.get("status") in ("completed", "failed", "cancelled"):
                 break
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline and not result.get("timed-out"):
+                # cancel, then report what happened (the history of a
+                # migration that did not converge is worth reading)
                 await src.execute("migrate_cancel")
-                raise RuntimeError("migration did not finish in time; cancelled")
+                result["timed-out"] = True
             await asyncio.sleep(0.05)
         progress.close()
         result["query-migrate"] = info
@@ -209,6 +216,13 @@ async def run_demo(args) -> dict:
             result["destination-status"] = await dst.execute("query-status")
         else:
             result["ram_match"] = False
+        if dst is not None:
+            # the destination's own moments (first byte, stream received,
+            # device state loaded, acknowledged, resumed -- by the `cont`
+            # above, since it runs with -S), merged into the source's history
+            dst_hist = await dst.execute("x-query-migration-history")
+            if dst_hist.get("destination"):
+                result["history"]["destination"] = dst_hist["destination"]
     finally:
         progress.close()
         for q in (src, dst):
@@ -253,13 +267,22 @@ def _summary(res: dict) -> str:
             f"{k.replace('-ms', '')} {v:.1f}" for k, v in dt.items() if k != "total-ms") + " (ms)")
     if "destination-status" in res:
         lines.append(f"destination       {res['destination-status'].get('status')} after cont")
+    pred = hist.get("downtime-prediction") or {}
+    if pred.get("total-ms") is not None:
+        lines.append(f"downtime predicted {pred['total-ms']:.1f} ms at the switchover (engine model)")
     if hist.get("iterations"):
         lines.append("")
-        lines.append(f"{'pass':>4} {'t(ms)':>8} {'dirty':>8} {'sent':>8} {'zero':>8} {'remaining':>12} {'MB/s':>8} {'thr%':>4}")
+        lines.append("dirty/s = exact dirty rate (pages this sync found / time since the previous one); "
+                     "est MB/s = QEMU's bandwidth estimate")
+        lines.append(f"{'pass':>4} {'t(ms)':>8} {'dirty':>8} {'dirty/s':>8} {'sent':>8} {'zero':>8} "
+                     f"{'remaining':>12} {'est MB/s':>8} {'thr%':>4}")
         for r in hist["iterations"]:
-            lines.append(f"{r['iteration']:>4} {r['time-ms']:>8.1f} {r['dirty-pages']:>8} {r['normal-pages']:>8} "
+            rate = r.get("exact-dirty-rate-pages-per-s", 0.0)
+            mark = " switchover" if r.get("switchover") else (" final" if r.get("final") else "")
+            lines.append(f"{r['iteration']:>4} {r['time-ms']:>8.1f} {r['dirty-pages']:>8} "
+                         f"{rate:>8.0f} {r['normal-pages']:>8} "
                          f"{r['zero-pages']:>8} {r['remaining-bytes']:>12} "
-                         f"{r['bandwidth-bytes-per-s'] / 1e6:>8.1f} {r['throttle-pct']:>4}")
+                         f"{r['bandwidth-bytes-per-s'] / 1e6:>8.1f} {r['throttle-pct']:>4}{mark}")
     return "\n".join(lines)
 
 
@@ -269,6 +292,8 @@ def demo_main(args) -> int:
     except Exception as exc:  # report cleanly, never a traceback for a failed demo
         print(f"migrator demo: {exc}", file=sys.stderr)
         return 1
+    if res.get("timed-out"):
+        print(f"migrator demo: migration did not finish in {args.timeout:g} s; cancelled", file=sys.stderr)
     if args.report:
         from ._history import MigrationHistory
         from ._report import write_report

@@ -6,11 +6,15 @@ Source (:class:`OutgoingMigration`) follows migration/migration.c:
   ``memory_global_dirty_log_start(MIGRATION)``, first sync = dirty-sync-count
   1), the ``ram`` START section with the MEM_SIZE block list; SETUP -> ACTIVE.
 * iterations (``migration_iteration_run``): pending = dirty pages x page
-  size (an estimate, no sync); only when it drops below the threshold is it
-  replaced by an exact figure, which **syncs**; complete when pending <=
-  threshold, where threshold = bandwidth (bytes/ms over >= 100 ms windows) x
-  downtime-limit; otherwise ``ram_save_iterate`` (a PART section: send dirty
-  pages while under the rate limit, for at most 50 ms).
+  size (an estimate, no sync); only when it is at most the threshold is it
+  replaced by an exact figure, which **syncs**; complete when pending is 0
+  or below the threshold, where threshold = expected_bw x downtime-limit and
+  expected_bw = ``avail-switchover-bandwidth`` if set, else the bandwidth
+  (bytes/ms over >= 100 ms windows); otherwise ``ram_save_iterate`` (a PART
+  section: send dirty pages while under the rate limit, for at most 50 ms).
+  With ``x-predictive-switchover`` (ours, off by default) the test is
+  instead "the predicted stop-and-copy time fits in downtime-limit", see
+  :meth:`OutgoingMigration._predict_downtime`.
 * switchover: downtime starts, vCPUs stop, ACTIVE -> DEVICE, last-stage sync,
   every remaining page (unthrottled), the device section (vCPU/workload
   state, unless ``x-ram-only``), EOF, then the destination's return-path
@@ -29,8 +33,10 @@ On any error the destination is FAILED and its vCPUs never run.
 from __future__ import annotations
 
 import json
+import statistics
 import struct
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import trio
@@ -40,8 +46,10 @@ from transport import (NEED_DATA, Configuration, ConnectionClosed, DeviceState, 
                        ProtocolError, RamEOS, RamMemSize, RamPages, RamZeroPages, RateLimiter,
                        SectionEnd, SectionFooter, SectionFull, SectionPart, SectionStart,
                        StreamDecoder, StreamEncoder, StreamHeader, listen_channel, open_channel)
+from transport.channel import SOCKET_BUFFER_BYTES
 
-from ._history import DowntimeBreakdown, IterationRecord, MigrationHistory
+from ._history import (DestinationTimeline, DowntimeBreakdown, DowntimePrediction, IterationRecord,
+                       MigrationHistory)
 from ._ram import RAMLoadState, RAMSaveState
 from ._status import MigrationStatus as S
 from .errors import MigrationError
@@ -60,6 +68,34 @@ PERIODIC_SYNC_S = 5.0
 RP_MSG_SHUT = 1
 RP_SHUT_FMT = ">HHI"
 RP_WAIT_S = 10.0
+#: Downtime model (x-predictive-switchover and the predicted-downtime column):
+#: sending windows whose throughput is remembered; the prediction takes their
+#: median (one slow or fast window is noise; the headroom below absorbs it).
+PREDICT_WINDOWS = 5
+#: ... a window counts only with at least this much sending in it (a window
+#: of QEMU's default 128 MiB/s sends its 12.8 MiB in ~10 ms here), and is
+#: preferred when it sent at least this many bytes
+PREDICT_MIN_SEND_S = 0.001
+PREDICT_MIN_SEND_BYTES = 1 << 20
+#: a page in the last stage: the page and its be64 offset|flags header
+#: (RAM_SAVE_FLAG_CONTINUE: no block name); a conservative guess since a
+#: zero page costs 9 bytes
+LAST_STAGE_BYTES_PER_PAGE = TARGET_PAGE_SIZE + 8
+#: destination load + resume + return-path reply before one was measured
+#: (2-3 ms on this machine for the sim accelerator, tcp and unix)
+DEFAULT_RESUME_MS = 3.0
+#: bytes still to drain when the source has written its last one.  Up to
+#: SO_SNDBUF + the peer's SO_RCVBUF can be in flight, but measured (1 GiB
+#: bulk, tcp and unix, 1-1.4 GB/s) drain + resume + reply took 1.3-6.6 ms,
+#: which one buffer's worth plus DEFAULT_RESUME_MS matches.
+INFLIGHT_BYTES = SOCKET_BUFFER_BYTES
+#: x-predictive-switchover: switch at once when the prediction is at most
+#: this fraction of downtime-limit; between it and the limit only when
+#: waiting no longer helps (pending shrank by less than PREDICT_STALL since
+#: the previous sync), so a pass that is still draining pending buys the
+#: headroom that a slower last stage would need.
+PREDICT_HEADROOM = 0.75
+PREDICT_STALL = 0.10
 
 RAM_SECTION = "ram"
 RAM_SECTION_VERSION = 4
@@ -115,6 +151,8 @@ class MigrationCounters:
     mbps: float = 0.0
     pages_per_second: float = 0.0
     bandwidth_bytes_per_ms: float = 0.0
+    #: expected_bw_per_ms of the last migration_update_counters (the threshold's)
+    switchover_bandwidth_bytes_per_ms: float = 0.0
     threshold_bytes: int = 0
     expected_downtime_ms: int = 0
     cpu_throttle_percentage: int = 0
@@ -155,6 +193,17 @@ class OutgoingMigration:
         self._dirty_rate_high_cnt = 0
         self._iteration_record: IterationRecord | None = None
         self._iter_bytes0 = 0
+        self._iter_send_ns = 0
+        self._prev_sync_ns: int | None = None
+        self._vcpu_written_prev: list[int] | None = None
+        # downtime model inputs (see _predict_downtime)
+        self._win_send_ns = 0
+        self._win_send_bytes = 0
+        #: (bytes/s, whether the window sent PREDICT_MIN_SEND_BYTES)
+        self._throughputs: deque[tuple[float, bool]] = deque(maxlen=PREDICT_WINDOWS)
+        self._last_sync_ms = 0.0
+        self._last_iter_throughput = 0.0
+        self._prediction: DowntimePrediction | None = None
 
     @property
     def params(self):
@@ -172,7 +221,11 @@ class OutgoingMigration:
     async def run(self) -> None:
         vm, c = self.vm, self.counters
         c.start_ns = time.perf_counter_ns()
-        c.history = MigrationHistory(label=vm.label, status="setup", setup=vm.describe_setup())
+        # QEMU (migrate_fd_connect): expected-downtime starts at downtime-limit
+        # until migration_update_counters has an estimate
+        c.expected_downtime_ms = self.params.downtime_limit
+        c.history = MigrationHistory(label=vm.label, status="setup", setup=vm.describe_setup(),
+                                     start_unix_ms=time.time() * 1000)
         vm.state.goto(S.SETUP)
         error: BaseException | None = None
         try:
@@ -218,8 +271,10 @@ class OutgoingMigration:
         self._window_t0 = time.perf_counter_ns()
         await self._send(enc.header() + enc.configuration(MACHINE_NAME))
         # ram_save_setup
+        mode = getattr(getattr(vm, "kvm_listener", None), "mode", None)
         self.ram = RAMSaveState(vm.ms, vm.ram_blocks(),
-                                clear_bitmap_shift=self.params.x_clear_bitmap_shift)
+                                clear_bitmap_shift=self.params.x_clear_bitmap_shift,
+                                log_keeps_bits=getattr(mode, "value", None) == "manual-protect")
         vm.ms.memory_global_dirty_log_start(GLOBAL_DIRTY_MIGRATION)
         self._dirty_log_started = True
         self._period_start_ns = time.perf_counter_ns()
@@ -243,10 +298,21 @@ class OutgoingMigration:
         vm, c, ram = self.vm, self.counters, self.ram
         self._close_iteration_record()
         self._last_wp_ns_before_sync = self._protect_ns()
+        pending_before = ram.pending_bytes
         result = ram.bitmap_sync(last_stage)
         c.dirty_sync_count = ram.dirty_sync_count
         c.dirty_bytes_last_sync = ram.pending_bytes
         now = time.perf_counter_ns()
+        # Exact rate: the dirty bits this sync fetched over the time since the
+        # previous fetch.  Both ends are syncs, so every page written in
+        # between is in exactly one of them (a page written twice counts once,
+        # as a dirty *page* should).
+        interval_ms = 0.0 if self._prev_sync_ns is None else (now - self._prev_sync_ns) / 1e6
+        self._prev_sync_ns = now
+        exact_rate = result.found_dirty_pages * 1000 / interval_ms if interval_ms > 0 else 0.0
+        vcpu_rates = self._vcpu_write_rates(interval_ms)
+        if not last_stage:
+            self._last_sync_ms = result.sync_ns / 1e6
         if not first and not last_stage and now - self._period_start_ns > 1_000_000_000:
             self._trigger_throttle()
             period_ms = (now - self._period_start_ns) / 1e6
@@ -257,23 +323,136 @@ class OutgoingMigration:
         self._last_sync_ns = now
         if self.caps.events:
             vm.emit_event("MIGRATION_PASS", {"pass": c.dirty_sync_count})
-        bw_ms = c.bandwidth_bytes_per_ms
+        expected_bw_ms = c.switchover_bandwidth_bytes_per_ms  # what threshold_bytes was built from
+        prediction = self._predict_downtime(ram.pending_bytes)
         rec = IterationRecord(
             iteration=c.dirty_sync_count,
             time_ms=(now - c.start_ns) / 1e6,
             dirty_pages=result.new_dirty_pages,
             remaining_bytes=ram.pending_bytes,
-            bandwidth_bytes_per_s=bw_ms * 1000.0,
+            bandwidth_bytes_per_s=c.bandwidth_bytes_per_ms * 1000.0,
             dirty_rate_pages_per_s=float(c.dirty_pages_rate),
-            expected_downtime_ms=(ram.pending_bytes / bw_ms) if bw_ms else 0.0,
+            expected_downtime_ms=(ram.pending_bytes / expected_bw_ms) if expected_bw_ms else 0.0,
             sync_time_ms=result.sync_ns / 1e6,
             throttle_pct=vm.vcpus.throttle_pct if hasattr(vm.vcpus, "throttle_pct") else c.cpu_throttle_percentage,
             final=last_stage,
+            interval_ms=interval_ms,
+            found_dirty_pages=result.found_dirty_pages,
+            exact_dirty_rate_pages_per_s=exact_rate,
+            switchover_bandwidth_bytes_per_s=expected_bw_ms * 1000.0,
+            threshold_bytes=c.threshold_bytes,
+            pending_before_bytes=pending_before,
+            predicted_downtime_ms=0.0 if prediction is None else prediction.total_ms,
+            vcpu_write_rates_pages_per_s=vcpu_rates,
         )
         self._iteration_record = rec
         self._iter_bytes0 = c.transferred
+        self._iter_send_ns = 0
         self._iter_start_ns = now
         c.history.iterations.append(rec)
+
+    def _vcpu_write_rates(self, interval_ms: float) -> list[float]:
+        """Pages each vCPU wrote since the previous sync / the interval.
+
+        From the vCPU controller's statistics: a ``"vcpus"`` list of per-vCPU
+        dicts with ``pages-written`` (or ``pages_written``), or one
+        ``pages_written`` for a single vCPU; [] if it counts nothing.
+        """
+        try:
+            st = self.vm.vcpus.statistics()
+        except Exception:  # noqa: BLE001 - statistics are best effort
+            return []
+        per = st.get("vcpus") if isinstance(st, dict) else None
+        if isinstance(per, list) and per:
+            values = [v.get("pages-written", v.get("pages_written")) if isinstance(v, dict) else None
+                      for v in per]
+        elif isinstance(st, dict):
+            values = [st.get("pages_written")]
+        else:
+            values = [None]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return []  # a vCPU that does not count (e.g. a real-KVM program other than ab)
+        written = [int(v) for v in values]
+        prev, self._vcpu_written_prev = self._vcpu_written_prev, written
+        if prev is None or len(prev) != len(written) or interval_ms <= 0:
+            return []
+        return [(w - p) * 1000 / interval_ms for w, p in zip(written, prev)]
+
+    def _expected_bw_ms(self) -> float:
+        """QEMU's expected_bw_per_ms: avail-switchover-bandwidth if set, else the estimate."""
+        avail = self.params.avail_switchover_bandwidth
+        return avail / 1000 if avail else self.counters.bandwidth_bytes_per_ms
+
+    def _predict_downtime(self, pending_bytes: int) -> DowntimePrediction | None:
+        """The stop-and-copy time if the guest stopped now (None: nothing measured yet).
+
+        Built from what the last stage costs, not from the last window of the
+        bulk phase: the last sync costs what the previous one did; the
+        pending pages go at the median sending throughput of the last
+        PREDICT_WINDOWS windows (bytes / time spent sending, rate-limit sleeps
+        excluded: the last stage is unthrottled, and the receiver sets its
+        pace through the socket's back-pressure); then the bytes still in
+        the socket buffers drain at that pace and the destination loads the
+        device state, resumes and replies (DEFAULT_RESUME_MS).  A user's
+        ``avail-switchover-bandwidth`` is trusted over the measurement, as
+        QEMU trusts it for its threshold.
+        """
+        avail = self.params.avail_switchover_bandwidth
+        if avail:
+            bw = float(avail)
+        elif self._throughputs:
+            # windows that sent little (zero pages are 9 bytes) say little
+            # about bytes/s; use them only when there is nothing else
+            full = [t for t, enough in self._throughputs if enough]
+            bw = statistics.median(full or [t for t, _ in self._throughputs])
+        elif self._last_iter_throughput:
+            # no window completed yet (a migration shorter than 100 ms): the
+            # last iteration's sending
+            bw = self._last_iter_throughput
+        else:
+            return None
+        pages = pending_bytes // TARGET_PAGE_SIZE
+        last_pages_ms = pages * LAST_STAGE_BYTES_PER_PAGE / bw * 1000
+        inflight = min(self.counters.transferred + pages * LAST_STAGE_BYTES_PER_PAGE, INFLIGHT_BYTES)
+        tail_ms = inflight / bw * 1000 + DEFAULT_RESUME_MS
+        return DowntimePrediction(
+            pending_bytes=pending_bytes, bytes_per_page=float(LAST_STAGE_BYTES_PER_PAGE),
+            throughput_bytes_per_s=bw, final_sync_ms=self._last_sync_ms,
+            last_pages_ms=last_pages_ms, tail_ms=tail_ms,
+            total_ms=self._last_sync_ms + last_pages_ms + tail_ms)
+
+    def _may_sync(self, pending: int) -> bool:
+        """Whether the estimate is low enough to be replaced by an exact figure (a sync).
+
+        QEMU: ``pending <= threshold``.  x-predictive-switchover: the predicted
+        stop-and-copy time of the estimate is at most downtime-limit.
+        """
+        if self.params.x_predictive_switchover:
+            pred = self._predict_downtime(pending)
+            return not pending or (pred is not None and pred.total_ms <= self.params.downtime_limit)
+        return pending <= self.counters.threshold_bytes
+
+    def _fits(self, pending: int, previous_remaining: int | None) -> bool:
+        """The switchover test on the exact ``pending`` right after a sync.
+
+        QEMU (default): ``pending < threshold`` (or nothing pending).  With
+        ``x-predictive-switchover``: predicted stop-and-copy time <=
+        PREDICT_HEADROOM x downtime-limit, or <= downtime-limit once the
+        previous sync's remaining did not shrink by PREDICT_STALL (never
+        before a throughput was measured).
+        """
+        if not pending:
+            return True
+        if not self.params.x_predictive_switchover:
+            return pending < self.counters.threshold_bytes
+        pred = self._predict_downtime(pending)
+        if pred is None:
+            return False
+        limit = self.params.downtime_limit
+        if pred.total_ms <= PREDICT_HEADROOM * limit:
+            return True
+        stalled = previous_remaining is not None and pending >= (1 - PREDICT_STALL) * previous_remaining
+        return stalled and pred.total_ms <= limit
 
     def _close_iteration_record(self) -> None:
         rec = self._iteration_record
@@ -281,6 +460,10 @@ class OutgoingMigration:
             return
         c = self.counters
         rec.bytes = c.transferred - self._iter_bytes0
+        rec.sending_ms = self._iter_send_ns / 1e6
+        rec.throughput_bytes_per_s = rec.bytes / (self._iter_send_ns / 1e9) if self._iter_send_ns else 0.0
+        if self._iter_send_ns >= PREDICT_MIN_SEND_S * 1e9:
+            self._last_iter_throughput = rec.throughput_bytes_per_s
         # protection of this iteration: in the sync (WP-all) plus lazy CLEARs while sending
         rec.write_protect_time_ms = (self._protect_ns() - self._last_wp_ns_before_sync) / 1e6
         rec.duration_ms = (time.perf_counter_ns() - self._iter_start_ns) / 1e6
@@ -324,14 +507,21 @@ class OutgoingMigration:
         now = time.perf_counter_ns()
         spent_ms = max((now - self._window_t0) / 1e6, 1e-3)
         c.bandwidth_bytes_per_ms = lim.bandwidth_bytes_per_s / 1000
-        expected_bw = self.params.avail_switchover_bandwidth / 1000 or c.bandwidth_bytes_per_ms
+        expected_bw = self._expected_bw_ms()
+        c.switchover_bandwidth_bytes_per_ms = expected_bw
         c.threshold_bytes = int(expected_bw * self.params.downtime_limit)
         c.mbps = lim.bandwidth_bytes_per_s * 8 / 1e6
         c.pages_per_second = self._window_pages * 1000 / spent_ms
-        if c.dirty_pages_rate and c.transferred > 10000 and c.bandwidth_bytes_per_ms:
-            c.expected_downtime_ms = int(c.dirty_bytes_last_sync / c.bandwidth_bytes_per_ms)
+        if c.dirty_pages_rate and c.transferred > 10000 and expected_bw:
+            c.expected_downtime_ms = int(c.dirty_bytes_last_sync / expected_bw)
         self._window_t0 = now
         self._window_pages = 0
+        # the downtime model's sample of this window (see _predict_downtime)
+        if self._win_send_ns >= PREDICT_MIN_SEND_S * 1e9:
+            self._throughputs.append((self._win_send_bytes / (self._win_send_ns / 1e9),
+                                      self._win_send_bytes >= PREDICT_MIN_SEND_BYTES))
+        self._win_send_ns = 0
+        self._win_send_bytes = 0
 
     async def _rate_limit(self) -> None:
         """migration_rate_limit: sleep to the end of a spent window, then count."""
@@ -342,17 +532,26 @@ class OutgoingMigration:
     # -- iterations -----------------------------------------------------------
     async def _iterate_until_converged(self) -> None:
         c, ram = self.counters, self.ram
+        # The decision is taken right after a sync, on that sync's exact
+        # pending, and marked on its row; the row's threshold-bytes is the
+        # one this test used.
         while True:
             self._update_counters()
             pending = ram.pending_bytes
-            if pending < c.threshold_bytes:
+            synced = False
+            previous = self._iteration_record.remaining_bytes if self._iteration_record else None
+            if self._may_sync(pending):
                 self._sync()
+                synced = True
                 pending = ram.pending_bytes
             elif (self.caps.auto_converge and c.dirty_sync_count > 1
                   and time.perf_counter_ns() - self._last_sync_ns > PERIODIC_SYNC_S * 1e9):
                 self._sync()
+                synced = True
                 pending = ram.pending_bytes
-            if pending <= c.threshold_bytes:
+            if synced and self._fits(pending, previous):
+                self._iteration_record.switchover = True
+                self._prediction = self._predict_downtime(pending)
                 return
             await self._ram_save_iterate()
             await self._rate_limit()
@@ -368,6 +567,9 @@ class OutgoingMigration:
             want = BATCH_PAGES
             if limited and self._limiter.budget_bytes:
                 want = max(MIN_BATCH_PAGES, min(want, self._limiter.budget_bytes // 16 // TARGET_PAGE_SIZE))
+            # sending time = finding, gathering and sending a batch (the
+            # whole per-byte cost of the sender, which the last stage pays too)
+            t0, b0 = time.perf_counter_ns(), c.transferred
             batch = ram.next_batch(want)
             if batch is None:
                 return True
@@ -381,6 +583,10 @@ class OutgoingMigration:
                 rec.zero_pages += zero
             self._window_pages += normal + zero
             await self._send(buffers)
+            spent = time.perf_counter_ns() - t0
+            self._iter_send_ns += spent
+            self._win_send_ns += spent
+            self._win_send_bytes += c.transferred - b0
 
     async def _ram_save_iterate(self) -> None:
         enc = self._encoder
@@ -426,6 +632,7 @@ class OutgoingMigration:
         bd.total_ms = (t5 - t0) / 1e6
         c.downtime_ms = int(round(bd.total_ms))
         c.history.downtime = bd
+        c.history.downtime_prediction = self._prediction
 
     async def _wait_return_path(self) -> None:
         size = struct.calcsize(RP_SHUT_FMT)
@@ -485,8 +692,13 @@ class IncomingMigration:
         self.ram = RAMLoadState([b for b, _ in vm.ram_blocks()], fresh=True)
         self.error_desc: str | None = None
         self.counters = MigrationCounters()
+        #: wall-clock moments of this migration (x-query-migration-history here)
+        self.timeline = DestinationTimeline()
         #: set once listening succeeded (migrate-incoming may be retried before)
         self.listening = trio.Event()
+
+    def _stamp(self, name: str) -> None:
+        setattr(self.timeline, name, time.time() * 1000)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         vm = self.vm
@@ -505,7 +717,9 @@ class IncomingMigration:
             async with listener:
                 chan = await listener.accept()
             self.counters.start_ns = time.perf_counter_ns()
+            self._stamp("accepted_unix_ms")
             device_state = await self._receive(chan)
+            self._stamp("stream_received_unix_ms")
             source_running = True  # a RAM-only stream carries no run state
             if device_state is not None:
                 source_running, vcpu_state = unpack_device_state(device_state)
@@ -513,13 +727,16 @@ class IncomingMigration:
                     vm.vcpus.load_state(vcpu_state)  # validates everything before loading
                 except ValueError as exc:  # malformed, or not for this VM (e.g. another --smp)
                     raise MigrationError(f"cannot load the vCPU state: {exc}") from exc
+            self._stamp("device_state_loaded_unix_ms")
             vm.state.goto(S.COMPLETED)
             # QEMU (process_incoming_migration_bh): start only if the source
             # was running and autostart is on; a paused source stays paused.
             if vm.autostart and source_running:
                 await vm.vm_start()
+                self._stamp("resumed_unix_ms")
             else:
                 vm.set_runstate("paused")
+            self._stamp("acknowledged_unix_ms")  # just before the reply goes out
             await self._ack(chan, 0)
         except (MigrationError, OSError, Exception) as exc:  # noqa: BLE001 - any failure -> FAILED
             if not isinstance(exc, (MigrationError, OSError, ProtocolError)):
@@ -562,6 +779,7 @@ class IncomingMigration:
                 n = await chan.receive_into(dec)
                 if n and not active:
                     active = True
+                    self._stamp("first_byte_unix_ms")
                     vm.state.goto(S.ACTIVE)
                 continue
             if isinstance(event, StreamHeader):

@@ -24,10 +24,13 @@ Facts from QEMU (migration/options.c, qapi/migration.json, QEMU 10.2):
   order.  We accept every QEMU capability name; enabling one this migrator
   does not implement is a GenericError, disabling it is a no-op.
 
-Our extensions, both marked ``x-`` as QAPI does for experimental members:
+Our extensions, marked ``x-`` as QAPI does for experimental members:
 ``x-clear-bitmap-shift`` (QEMU has it only as ``-global
 migration.x-clear-bitmap-shift`` and clamps to 6..31; we expose it as a
-parameter and refuse values outside 6..31), and the ``x-ram-only`` capability.
+parameter and refuse values outside 6..31), ``x-predictive-switchover``
+(bool, default false: the switchover test becomes "predicted stop-and-copy
+time <= downtime-limit", which changes when a migration switches over, so
+it is not QEMU's default), and the ``x-ram-only`` capability.
 ``block-bitmap-mapping`` (no block devices here) and ``accel-path`` are not
 implemented and refused as unexpected parameters.
 """
@@ -137,6 +140,7 @@ SET_PARAMETERS_ARGS: Final[dict[str, Any]] = {
     "*zero-page-detection": ZERO_PAGE_DETECTION,
     "*direct-io": BOOL,
     "*x-clear-bitmap-shift": UINT8,
+    "*x-predictive-switchover": BOOL,
 }
 
 
@@ -182,6 +186,9 @@ class MigrationParameters:
     zero_page_detection: str = "multifd"
     direct_io: bool = False
     x_clear_bitmap_shift: int = 18  # ours; CLEAR_BITMAP_SHIFT_DEFAULT (1 GiB chunks)
+    #: ours: switch over when the predicted stop-and-copy time fits in
+    #: downtime-limit, instead of QEMU's pending < bandwidth x downtime-limit
+    x_predictive_switchover: bool = False
 
     def to_qmp(self) -> dict[str, Any]:
         """The ``query-migrate-parameters`` reply (hyphenated QAPI names)."""

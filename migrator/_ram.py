@@ -50,8 +50,11 @@ _ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 @dataclass
 class SyncResult:
-    new_dirty_pages: int
+    new_dirty_pages: int  #: bits newly set in bmap (QEMU's num_dirty_pages_period)
     sync_ns: int
+    #: dirty bits fetched by this sync, also those of pages still pending:
+    #: the pages the guest wrote since the previous fetch
+    found_dirty_pages: int = 0
 
 
 class _BlockState:
@@ -77,12 +80,16 @@ class _BlockState:
 class RAMSaveState:
     """The source's view of which pages still have to be sent."""
 
-    def __init__(self, ms, blocks, *, clear_bitmap_shift: int = 18) -> None:
+    def __init__(self, ms, blocks, *, clear_bitmap_shift: int = 18, log_keeps_bits: bool = False) -> None:
         from memory import DIRTY_MEMORY_MIGRATION
 
         self.ms = ms
         self._client = DIRTY_MEMORY_MIGRATION
         self.blocks = [_BlockState(b, mr, clear_bitmap_shift) for b, mr in blocks]
+        #: manual protect: KVM keeps a page's bit until it is CLEARed, so a
+        #: sync re-reports the pending pages of chunks not cleared since
+        #: (see found_dirty_pages in bitmap_sync)
+        self.log_keeps_bits = log_keeps_bits
         self.migration_dirty_pages = sum(b.npages for b in self.blocks)
         self.total_pages = self.migration_dirty_pages
         self.dirty_sync_count = 0
@@ -100,16 +107,31 @@ class RAMSaveState:
             self.last_stage = True
         self.dirty_sync_count += 1
         self.ms.memory_global_dirty_log_sync(last_stage)
-        new = 0
+        new = found = 0
         dm = self.ms.dirty_memory
         for bs in self.blocks:
             words = dm.xchg_words(self._client, bs.ram_addr_word, bs.nwords)
+            if not words.any():
+                continue
+            # Pages written since the previous fetch.  Legacy GET and
+            # write-protect-all clear what they report, so that is every bit.
+            # With manual protect a bit stays until its chunk is CLEARed: a
+            # pending page of a chunk still waiting for its clear may be the
+            # previous sync's bit again, so those are left out (a rewrite of
+            # such a page cannot be told from it: it did not fault).  Must run
+            # before the chunk marking below.
+            if self.log_keeps_bits:
+                wpc = max(1, (1 << bs.shift) // 64)
+                uncleared = np.repeat(bs.clear_bmap, wpc)[:bs.nwords]
+                found += int(np.bitwise_count(words & ~np.where(uncleared, bs.bmap, 0)).sum())
+            else:
+                found += int(np.bitwise_count(words).sum())
             fresh = words & ~bs.bmap
             count = int(np.bitwise_count(fresh).sum())
             if count:
                 bs.bmap |= words
                 new += count
-            if not last_stage and words.any():
+            if not last_stage:
                 # Mark the clear_bmap chunks that got dirty bits (QEMU marks
                 # the whole synced range; the effect is the same): a chunk
                 # with no bit in this sync has nothing fetched-but-unprotected
@@ -129,7 +151,7 @@ class RAMSaveState:
         self.migration_dirty_pages += new
         self.num_dirty_pages_period += new
         self.ms.memory_global_after_dirty_log_sync()
-        return SyncResult(new, time.perf_counter_ns() - t0)
+        return SyncResult(new, time.perf_counter_ns() - t0, found)
 
     @property
     def pending_bytes(self) -> int:

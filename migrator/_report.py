@@ -36,10 +36,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from ._history import DowntimeBreakdown, IterationRecord, MigrationHistory
+from ._history import (BOOL_FIELDS, LIST_FIELDS, DowntimeBreakdown, IterationRecord,
+                       MigrationHistory)
 from .errors import MigratorError
-from ._plots import DOWNTIME_PARTS, MIB, PLOTS, PlotRun, page_size_bytes, parameter, \
-    render_plots, thresholds_bytes
+from ._plots import DOWNTIME_PARTS, MIB, PLOTS, PlotRun, dirty_rates_pages_per_s, exact_recorded, \
+    page_size_bytes, parameter, render_plots, thresholds_bytes
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -53,7 +54,7 @@ HOW_TO_READ = (
     "dirty-sync-count). After a sync QEMU compares what is still pending "
     "(\"remaining\") with what it could send within the allowed pause: the "
     "threshold is the measured bandwidth times the downtime-limit parameter. "
-    "As soon as pending is at most bandwidth x downtime-limit it switches over: "
+    "As soon as pending is below bandwidth x downtime-limit it switches over: "
     "it stops the vCPUs, does a final sync, sends the last pages and the device "
     "state, and the guest resumes on the destination; that pause is the "
     "downtime. A migration converges when remaining shrinks from pass to pass, "
@@ -66,6 +67,33 @@ HOW_TO_READ = (
     "throttle-trigger-threshold % of what was sent) until the dirty rate drops "
     "and pending fits under the threshold. Expected downtime is remaining / "
     "bandwidth: below downtime-limit means the next check switches over."
+)
+
+#: Which number is which: the engine's exact figures next to QEMU's own.
+COLUMNS = (
+    ("dirty rate (exact)", "dirty pages this sync fetched / time since the previous sync: the "
+     "guest's real dirty rate over that interval (not shown for the first, setup sync and the "
+     "stopped last one)"),
+    ("dirty-pages-rate (QEMU)", "query-migrate's dirty-pages-rate as QEMU computes it: pages "
+     "newly set in the migration bitmap over a period of at least 1 s, updated only at a sync "
+     "that ends such a period, so 0 in a migration shorter than a second"),
+    ("throughput (achieved)", "bytes the iteration sent / time it spent finding, gathering and "
+     "writing its pages (rate-limit sleeps excluded)"),
+    ("bandwidth (QEMU estimate)", "bytes of the last completed >= 100 ms window / its length "
+     "(migration_update_counters), as known at this sync; query-migrate's mbps is the same "
+     "window in Mbit/s"),
+    ("threshold", "the threshold-bytes this sync's switchover test used: avail-switchover-"
+     "bandwidth if set, else the bandwidth estimate, times downtime-limit; QEMU switches over "
+     "when remaining < threshold"),
+    ("pending before / remaining", "bytes still to send just before and right after this sync"),
+    ("expected downtime (QEMU)", "remaining / the bandwidth used for the threshold: QEMU's "
+     "expected-downtime formula"),
+    ("predicted downtime (model)", "the engine's prediction of the stop-and-copy time: last "
+     "sync cost + remaining pages at the median sending throughput of recent windows + the "
+     "socket drain and the destination's resume; with x-predictive-switchover it decides the "
+     "switchover"),
+    ("decision", "'switchover' on the row whose test decided to stop the guest; the 'final' "
+     "row is the stopped, last-stage sync that followed"),
 )
 
 
@@ -100,8 +128,11 @@ class RunSummary:
 
     ``mean_bandwidth_bytes_per_s`` is total bytes over total sending time
     (sum of ``duration_ms``), i.e. the time-weighted mean of the per-iteration
-    bandwidth; ``peak_dirty_rate_bytes_per_s`` is the highest
-    ``dirty_rate_pages_per_s`` times the page size.
+    bandwidth; ``peak_dirty_rate_bytes_per_s`` is the highest exact dirty
+    rate (QEMU's ``dirty-pages-rate`` for histories without exact figures)
+    times the page size, ``peak_qemu_dirty_pages_rate_bytes_per_s`` QEMU's.
+    The downtime triple: actual (``downtime_ms``), QEMU's expected downtime
+    on the deciding row, the engine's prediction at the switchover.
     """
 
     label: str
@@ -118,6 +149,11 @@ class RunSummary:
     mean_bandwidth_bytes_per_s: float | None
     peak_dirty_rate_bytes_per_s: float | None
     max_throttle_pct: int
+    peak_qemu_dirty_pages_rate_bytes_per_s: float | None = None
+    switchover_iteration: int | None = None
+    switchover_rule: str = "qemu"
+    qemu_expected_downtime_ms: float | None = None
+    predicted_downtime_ms: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
@@ -134,6 +170,10 @@ def summarize(history: MigrationHistory, label: str | None = None) -> RunSummary
     else:
         measured = [r.bandwidth_bytes_per_s for r in recs if r.bandwidth_bytes_per_s > 0]
         mean_bw = sum(measured) / len(measured) if measured else None
+    rates = [r for r in dirty_rates_pages_per_s(history) if r is not None]
+    decided = [r for r in recs if r.switchover]
+    pred = history.downtime_prediction
+    predictive = history.setup.get("parameters", {}).get("x-predictive-switchover") is True
     return RunSummary(
         label=history.label if label is None else label,
         status=history.status,
@@ -148,9 +188,14 @@ def summarize(history: MigrationHistory, label: str | None = None) -> RunSummary
         normal_pages=sum(r.normal_pages for r in recs),
         zero_pages=sum(r.zero_pages for r in recs),
         mean_bandwidth_bytes_per_s=mean_bw,
-        peak_dirty_rate_bytes_per_s=(max(r.dirty_rate_pages_per_s for r in recs) * page
-                                     if recs else None),
+        peak_dirty_rate_bytes_per_s=max(rates) * page if rates else None,
         max_throttle_pct=max((r.throttle_pct for r in recs), default=0),
+        peak_qemu_dirty_pages_rate_bytes_per_s=(max(r.dirty_rate_pages_per_s for r in recs) * page
+                                                if recs else None),
+        switchover_iteration=decided[-1].iteration if decided else None,
+        switchover_rule="x-predictive-switchover" if predictive else "qemu",
+        qemu_expected_downtime_ms=decided[-1].expected_downtime_ms if decided else None,
+        predicted_downtime_ms=None if pred is None else pred.total_ms,
     )
 
 
@@ -188,16 +233,19 @@ def history_from_document(data: Any) -> MigrationHistory:
         for key in _REQUIRED_ITERATION_KEYS:
             if key not in row and key.replace("-", "_") not in row:
                 raise ValueError(f"iterations[{i}]: missing '{key}'")
-    if data.get("downtime") is not None and not isinstance(data["downtime"], dict):
-        raise ValueError(f"'downtime' must be an object or null, got {_kind(data['downtime'])}")
-    for key in ("total-time-ms", "setup-time-ms"):
+    for key in ("downtime", "downtime-prediction", "destination"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ValueError(f"'{key}' must be an object or null, got {_kind(data[key])}")
+    for key in ("total-time-ms", "setup-time-ms", "start-unix-ms"):
         if data.get(key) is not None and not _is_number(data[key]):
             raise ValueError(f"'{key}' must be a number or null, got {data[key]!r}")
     history = MigrationHistory.from_json(data)  # raises ValueError on a schema mismatch
     for i, rec in enumerate(history.iterations):
         _check_record_types(rec, f"iterations[{i}]")
-    if history.downtime is not None:
-        _check_record_types(history.downtime, "downtime")
+    for name in ("downtime", "downtime_prediction", "destination"):
+        part = getattr(history, name)
+        if part is not None:
+            _check_record_types(part, name.replace("_", "-"))
     return history
 
 
@@ -223,13 +271,16 @@ def load_history(path: Path) -> MigrationHistory:
         raise ReportInputError(path, str(exc)) from exc
 
 
-def _check_record_types(rec: IterationRecord | DowntimeBreakdown, where: str) -> None:
+def _check_record_types(rec, where: str) -> None:
     for f in fields(rec):
         value = getattr(rec, f.name)
         key = f.name.replace("_", "-")
-        if f.name == "final":
+        if f.name in BOOL_FIELDS:
             if not isinstance(value, bool):
                 raise ValueError(f"{where}.{key} must be true/false, got {value!r}")
+        elif f.name in LIST_FIELDS:
+            if not isinstance(value, list) or not all(_is_number(v) for v in value):
+                raise ValueError(f"{where}.{key} must be a list of numbers, got {value!r}")
         elif not _is_number(value):
             raise ValueError(f"{where}.{key} must be a number, got {value!r}")
 
@@ -264,14 +315,21 @@ _SUMMARY_ROWS: tuple[tuple[str, Callable[[RunSummary], str]], ...] = (
     ("total time", lambda s: _num(None if s.total_time_ms is None else s.total_time_ms / 1000,
                                   ",.3f", " s")),
     ("setup time", lambda s: _num(s.setup_time_ms, ",.1f", " ms")),
-    ("downtime", lambda s: _num(s.downtime_ms, ",.1f", " ms")),
+    ("downtime (actual)", lambda s: _num(s.downtime_ms, ",.1f", " ms")),
+    ("downtime predicted (engine model)", lambda s: _num(s.predicted_downtime_ms, ",.1f", " ms")),
+    ("expected downtime at the switchover (QEMU)",
+     lambda s: _num(s.qemu_expected_downtime_ms, ",.1f", " ms")),
     ("downtime-limit", lambda s: _num(s.downtime_limit_ms, ",g", " ms")),
+    ("switchover rule", lambda s: s.switchover_rule),
+    ("switchover decided at sync", lambda s: _num(s.switchover_iteration, "d")),
     ("iterations", lambda s: f"{s.iterations:,}"),
     ("total bytes", lambda s: f"{s.total_bytes:,} ({s.total_bytes / MIB:,.1f} MiB)"),
     ("normal pages", lambda s: f"{s.normal_pages:,}"),
     ("zero pages", lambda s: f"{s.zero_pages:,}"),
     ("mean bandwidth", lambda s: _mib(s.mean_bandwidth_bytes_per_s, unit=" MiB/s")),
-    ("peak dirty rate", lambda s: _mib(s.peak_dirty_rate_bytes_per_s, unit=" MiB/s")),
+    ("peak dirty rate (exact)", lambda s: _mib(s.peak_dirty_rate_bytes_per_s, unit=" MiB/s")),
+    ("peak dirty-pages-rate (QEMU)",
+     lambda s: _mib(s.peak_qemu_dirty_pages_rate_bytes_per_s, unit=" MiB/s")),
     ("max cpu-throttle", lambda s: f"{s.max_throttle_pct} %"),
 )
 
@@ -280,30 +338,71 @@ def _iteration_table(history: MigrationHistory) -> tuple[list[str], list[list[st
     """Headers and cells of one run's iteration table (shared by md and html)."""
     page = page_size_bytes(history)
     thresholds = thresholds_bytes(history)
-    headers = ["iter", "time (s)", "dirty pages", "normal pages", "zero pages", "sent (MiB)",
-               "sending (ms)", "bandwidth (MiB/s)", "dirty rate (MiB/s)", "remaining (MiB)",
-               "threshold (MiB)", "expected downtime (ms)", "sync (ms)",
-               "write-protect (ms)", "throttle (%)"]
+    rates = dirty_rates_pages_per_s(history)
+    exact = exact_recorded(history)
+    headers = ["iter", "time (s)", "interval (ms)", "dirty found", "dirty new (QEMU)",
+               "dirty rate exact (pages/s)", "dirty-pages-rate QEMU (pages/s)", "normal pages",
+               "zero pages", "sent (MiB)", "sending (ms)", "throughput achieved (MiB/s)",
+               "bandwidth QEMU estimate (MiB/s)", "pending before (MiB)", "remaining (MiB)",
+               "threshold (MiB)", "expected downtime QEMU (ms)", "predicted downtime (ms)",
+               "sync (ms)", "write-protect (ms)", "throttle (%)", "decision"]
     rows = []
-    for rec, thr in zip(history.iterations, thresholds):
+    for rec, thr, rate in zip(history.iterations, thresholds, rates):
+        dash = "—"
         rows.append([
             f"{rec.iteration}{' final' if rec.final else ''}",
             f"{rec.time_ms / 1000:,.3f}",
+            f"{rec.interval_ms:,.1f}" if exact else dash,
+            f"{rec.found_dirty_pages:,}" if exact else dash,
             f"{rec.dirty_pages:,}",
+            dash if rate is None or not exact else f"{rate:,.0f}",
+            f"{rec.dirty_rate_pages_per_s:,.0f}",
             f"{rec.normal_pages:,}",
             f"{rec.zero_pages:,}",
             f"{rec.bytes / MIB:,.1f}",
-            f"{rec.duration_ms:,.1f}",
+            f"{rec.sending_ms:,.1f}" if exact else f"({rec.duration_ms:,.1f})",
+            f"{rec.throughput_bytes_per_s / MIB:,.1f}" if exact else dash,
             f"{rec.bandwidth_bytes_per_s / MIB:,.1f}",
-            f"{rec.dirty_rate_pages_per_s * page / MIB:,.1f}",
+            f"{rec.pending_before_bytes / MIB:,.1f}" if exact else dash,
             f"{rec.remaining_bytes / MIB:,.1f}",
             _mib(thr, unit=""),
             f"{rec.expected_downtime_ms:,.1f}",
+            f"{rec.predicted_downtime_ms:,.1f}" if rec.predicted_downtime_ms else dash,
             f"{rec.sync_time_ms:,.2f}",
             f"{rec.write_protect_time_ms:,.2f}",
             f"{rec.throttle_pct}",
+            "switchover" if rec.switchover else ("stopped" if rec.final else ""),
         ])
     return headers, rows
+
+
+def _prediction_line(history: MigrationHistory) -> str | None:
+    pred, dt = history.downtime_prediction, history.downtime
+    if pred is None:
+        return None
+    text = (f"Predicted at the switchover: {pred.total_ms:,.1f} ms = final sync "
+            f"{pred.final_sync_ms:,.2f} + last pages {pred.last_pages_ms:,.1f} "
+            f"({pred.pending_bytes / MIB:,.1f} MiB at {pred.throughput_bytes_per_s / MIB:,.0f} MiB/s) "
+            f"+ drain, device state and resume {pred.tail_ms:,.1f}")
+    if dt is not None:
+        text += f"; actual {dt.total_ms:,.1f} ms ({dt.total_ms / pred.total_ms:.2f} x predicted)" \
+            if pred.total_ms > 0 else f"; actual {dt.total_ms:,.1f} ms"
+    return text + "."
+
+
+def _destination_line(history: MigrationHistory) -> str | None:
+    tl, start = history.destination, history.start_unix_ms
+    if tl is None or not start:
+        return None
+    bits = []
+    for name, label in (("first_byte_unix_ms", "first byte"), ("stream_received_unix_ms", "stream received"),
+                        ("device_state_loaded_unix_ms", "device state loaded"),
+                        ("acknowledged_unix_ms", "acknowledged"),
+                        ("resumed_unix_ms", "resumed by cont (-S)" if tl.resumed_by_cont else "resumed")):
+        value = getattr(tl, name)
+        if value:
+            bits.append(f"{label} at {value - start:,.1f} ms")
+    return "Destination (wall clock, ms since the source started): " + ", ".join(bits) + "."
 
 
 def _downtime_rows(dt: DowntimeBreakdown) -> list[tuple[str, str]]:
@@ -358,7 +457,9 @@ def _unique_labels(histories: list[MigrationHistory]) -> list[str]:
 
 def _render_markdown(title: str, labels: list[str], histories: list[MigrationHistory],
                      summaries: list[RunSummary]) -> str:
-    lines = [f"# {title}", "", "## How to read this", "", HOW_TO_READ, "", "## Summary", ""]
+    lines = [f"# {title}", "", "## How to read this", "", HOW_TO_READ, ""]
+    lines += ["Which number is which:", ""] + [f"- **{name}**: {text}" for name, text in COLUMNS]
+    lines += ["", "## Summary", ""]
     lines += _md_table(["", *labels], [[name, *(fmt(s) for s in summaries)]
                                        for name, fmt in _SUMMARY_ROWS])
     lines += ["", "## Plots", ""]
@@ -366,6 +467,9 @@ def _render_markdown(title: str, labels: list[str], histories: list[MigrationHis
         lines += [f"![{caption}]({name})", ""]
     for label, history in zip(labels, histories):
         lines += [f"## Run: {label}", "", _setup_line(history), ""]
+        for extra in (_prediction_line(history), _destination_line(history)):
+            if extra:
+                lines += [extra, ""]
         if history.downtime is not None:
             lines += ["Downtime breakdown:", ""]
             lines += _md_table(["phase", "ms"], [list(r) for r in _downtime_rows(history.downtime)])
@@ -388,7 +492,7 @@ p.how { background: #f4f6f8; border-left: 4px solid #4a78a8; padding: .8em 1em; 
 table { border-collapse: collapse; margin: .6em 0; font-size: .85em; }
 th, td { border: 1px solid #ccc; padding: .25em .6em; }
 th { background: #eef1f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.final td { background: #fff6e0; }
+tr.final td { background: #fff6e0; } tr.decided td { background: #e6f4e6; }
 figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: .9em; color: #555; }
 div.scroll { overflow-x: auto; }
@@ -414,7 +518,9 @@ def _render_html(title: str, labels: list[str], histories: list[MigrationHistory
     parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
              f"<title>{e(title)}</title>", f"<style>{_CSS}</style></head><body>",
              f"<h1>{e(title)}</h1>", "<h2>How to read this</h2>",
-             f"<p class=\"how\">{e(HOW_TO_READ)}</p>", "<h2>Summary</h2>",
+             f"<p class=\"how\">{e(HOW_TO_READ)}</p>", "<p>Which number is which:</p><ul>",
+             *(f"<li><b>{e(name)}</b>: {e(text)}</li>" for name, text in COLUMNS), "</ul>",
+             "<h2>Summary</h2>",
              _html_table(["", *labels], [[name, *(fmt(s) for s in summaries)]
                                          for name, fmt in _SUMMARY_ROWS]),
              "<h2>Plots</h2>"]
@@ -424,6 +530,8 @@ def _render_html(title: str, labels: list[str], histories: list[MigrationHistory
                      f"<figcaption>{e(caption)}</figcaption></figure>")
     for label, history in zip(labels, histories):
         parts += [f"<h2>Run: {e(label)}</h2>", f"<p>{e(_setup_line(history))}</p>"]
+        parts += [f"<p>{e(extra)}</p>" for extra in (_prediction_line(history), _destination_line(history))
+                  if extra]
         if history.downtime is not None:
             parts += ["<p>Downtime breakdown:</p>",
                       _html_table(["phase", "ms"],
@@ -434,8 +542,9 @@ def _render_html(title: str, labels: list[str], histories: list[MigrationHistory
         if history.iterations:
             headers, rows = _iteration_table(history)
             finals = {i for i, r in enumerate(history.iterations) if r.final}
-            parts.append(_html_table(headers, rows,
-                                     row_class=lambda i: "final" if i in finals else None))
+            decided = {i for i, r in enumerate(history.iterations) if r.switchover}
+            parts.append(_html_table(headers, rows, row_class=lambda i: "final" if i in finals
+                                     else "decided" if i in decided else None))
         else:
             parts.append("<p>No iterations recorded.</p>")
     parts.append("</body></html>\n")

@@ -16,6 +16,7 @@ import trio
 from memory import GLOBAL_DIRTY_DIRTY_RATE, TARGET_PAGE_SIZE
 
 from ._engine import IncomingMigration, OutgoingMigration
+from ._history import MigrationHistory
 from ._machine import AccelConfig, Machine
 from ._params import MigrationOptions
 from ._status import DESTINATION_TRANSITIONS, SOURCE_TRANSITIONS, MigrationState
@@ -196,6 +197,10 @@ class VM:
             raise _generic("Migration is not finished yet")
         if not self.vcpus.running:
             await self.vm_start()
+            inc = self.incoming
+            if inc is not None and self.state.status is S.COMPLETED and not inc.timeline.resumed_unix_ms:
+                inc.timeline.resumed_unix_ms = time.time() * 1000  # -S: resumed by this cont
+                inc.timeline.resumed_by_cont = True
         return {}
 
     def _migration_running(self) -> bool:
@@ -379,6 +384,12 @@ class VM:
 
     async def qmp_x_query_migration_history(self) -> dict:
         mig = self.last_outgoing
+        if mig is None and self.incoming is not None:
+            # a destination: no iterations, its own timeline (the driver merges
+            # it into the source's history, see migrator._demo)
+            return MigrationHistory(label=self.label, status=self.state.status.value,
+                                    setup=self.describe_setup(),
+                                    destination=self.incoming.timeline).to_json()
         if mig is None:
             raise _generic("No outgoing migration has run in this VM")
         return mig.counters.history.to_json()

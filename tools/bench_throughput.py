@@ -18,6 +18,13 @@ Three measurements:
    the source's own ``total-time`` is reported next to it.  Raw bytes/s is
    timed at the receiver from ``accept`` to the last byte.  GB = 1e9 bytes.
    ``ratio`` = migration / raw, per run; the medians of each are reported.
+   **Downtime check** (issue 11): each bulk run is done once per switchover
+   rule (``--switchover``: ``qemu`` = QEMU's pending < bandwidth x
+   downtime-limit; ``predictive`` = ``x-predictive-switchover``, the
+   predicted stop-and-copy time <= downtime-limit), and every run prints the
+   engine's predicted downtime (its model, at the switchover), QEMU's
+   expected downtime (pending / bandwidth at that sync) and the actual
+   downtime, against the 1.1 x downtime-limit target.
 2. **Zero pages.**  A zero-filled guest (``--workload idle``; its RAM is
    never touched): zero-page detection rate (pages/s over the wall time) and
    total time.
@@ -49,6 +56,7 @@ Usage::
 
     python tools/bench_throughput.py [--json] [--memory 1G] [--runs 3]
         [--transports tcp,unix] [--skip idle,sync] [--sync-sizes 1G,16G,256G]
+        [--switchover qemu,predictive] [--downtime-limit 300]
         [--profile DIR]   # py-spy flame data of both migrator processes
 
 ``--json`` prints one JSON object per line; otherwise a table.
@@ -266,7 +274,8 @@ def run_raw(kind: str, tmp: str, nbytes: int) -> dict:
 
 # -- one migration -----------------------------------------------------------------
 def run_migration(kind: str, tmp: str, memory: int, workload: str, *, profile_dir: str | None = None,
-                  tag: str = "", downtime_limit: int = 300, verify: bool = False) -> dict:
+                  tag: str = "", downtime_limit: int = 300, verify: bool = False,
+                  switchover: str = "qemu") -> dict:
     src_qmp, dst_qmp = os.path.join(tmp, "src.qmp"), os.path.join(tmp, "dst.qmp")
     uri = f"unix:{os.path.join(tmp, 'mig.sock')}" if kind == "unix" else f"tcp:127.0.0.1:{free_port()}"
     base = [sys.executable, "-m", "migrator", "run", "--accel", "sim", "--memory", f"{memory}B"]
@@ -296,7 +305,8 @@ def run_migration(kind: str, tmp: str, memory: int, workload: str, *, profile_di
         qmps["src"] = QMP(src_qmp, procs["src"])
         src, dst = qmps["src"], qmps["dst"]
         src.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
-        src.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH, "downtime-limit": downtime_limit})
+        src.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH, "downtime-limit": downtime_limit,
+                                               "x-predictive-switchover": switchover == "predictive"})
         time.sleep(0.2)  # let both settle (the destination has pre-faulted by now: it answered QMP)
         cpu0 = {n: proc_cpu_s(pid(n)) for n in procs}
         t0 = time.perf_counter()
@@ -321,6 +331,9 @@ def run_migration(kind: str, tmp: str, memory: int, workload: str, *, profile_di
             "downtime_ms": info.get("downtime"),
             "destination_total_time_ms": dinfo.get("total-time"),
             "downtime_breakdown": hist.get("downtime"),
+            **downtime_check(hist, downtime_limit),
+            "prediction": hist.get("downtime-prediction"),
+            "switchover": switchover,
             "cpu_s_src": cpu["src"],
             "cpu_s_dst": cpu["dst"],
         }
@@ -354,15 +367,52 @@ def run_migration(kind: str, tmp: str, memory: int, workload: str, *, profile_di
                 print(f"--- {name} log ---\n{text[-3000:]}", file=sys.stderr)
 
 
+def downtime_check(hist: dict, limit_ms: int) -> dict:
+    """Predicted (engine model), QEMU-expected and actual downtime of one history."""
+    rows = [r for r in hist.get("iterations", []) if r.get("switchover")]
+    pred = hist.get("downtime-prediction") or {}
+    actual = (hist.get("downtime") or {}).get("total-ms")
+    return {
+        "downtime_limit_ms": limit_ms,
+        "predicted_downtime_ms": pred.get("total-ms"),
+        "qemu_expected_downtime_ms": rows[-1].get("expected-downtime-ms") if rows else None,
+        "actual_downtime_ms": actual,
+        "downtime_within_1_1x": None if actual is None else actual <= 1.1 * limit_ms,
+        "switchover_iteration": rows[-1]["iteration"] if rows else None,
+        "last_stage_throughput_bytes_per_s": next(
+            (r.get("throughput-bytes-per-s") for r in hist.get("iterations", []) if r.get("final")), None),
+        "predicted_throughput_bytes_per_s": pred.get("throughput-bytes-per-s"),
+    }
+
+
 def bench_bulk(args, tmp: str) -> list[dict]:
     memory = args.memory
     per: dict[str, dict[str, list]] = {k: {"raw": [], "mig": []} for k in args.transports}
+    checks: list[dict] = []
     for run in range(args.runs):
         for kind in args.transports:
             busy = machine_busy()
             raw = run_raw(kind, tmp, memory)
-            mig = run_migration(kind, tmp, memory, "fill", profile_dir=args.profile, tag=f"{kind}{run}",
-                                verify=args.verify)
+            mig = None
+            for mode in args.switchover:  # side by side, same run
+                m = run_migration(kind, tmp, memory, "fill", profile_dir=args.profile,
+                                  tag=f"{kind}{run}{mode}", verify=args.verify, switchover=mode,
+                                  downtime_limit=args.downtime_limit)
+                checks.append({"bench": "downtime", "transport": kind, "run": run, "machine_busy_before": busy,
+                               **{k: m[k] for k in ("switchover", "status", "downtime_limit_ms",
+                                                    "predicted_downtime_ms", "qemu_expected_downtime_ms",
+                                                    "actual_downtime_ms", "downtime_within_1_1x",
+                                                    "switchover_iteration", "dirty_sync_count",
+                                                    "total_time_ms", "last_stage_throughput_bytes_per_s",
+                                                    "predicted_throughput_bytes_per_s", "downtime_breakdown")},
+                               "prediction": m.get("prediction")})
+                if args.verbose:
+                    c = checks[-1]
+                    print(f"# {kind} run {run} {mode}: downtime predicted {_f(c['predicted_downtime_ms'], 0)} ms, "
+                          f"QEMU expected {_f(c['qemu_expected_downtime_ms'], 0)} ms, actual "
+                          f"{_f(c['actual_downtime_ms'], 0)} ms", file=sys.stderr, flush=True)
+                if mig is None:
+                    mig = m
             mig["bytes_per_s"] = mig["transferred"] / mig["wall_s"] if mig["status"] == "completed" else None
             mig["machine_busy_before"] = busy
             per[kind]["raw"].append(raw)
@@ -407,7 +457,7 @@ def bench_bulk(args, tmp: str) -> list[dict]:
             "speedup_vs_qemu_total": (QEMU_REFERENCE["total_s"] * 1000 / median(tt)) if tt else None,
             "runs_detail": [{"raw_bytes_per_s": r["bytes_per_s"], **m} for r, m in zip(raws, migs)],
         })
-    return results
+    return results + checks
 
 
 def bench_idle(args, tmp: str) -> list[dict]:
@@ -579,6 +629,29 @@ def print_table(results: list[dict]) -> None:
                   f"{_f(r['transferred'], 0)} bytes sent, CPU s src/dst {_f(r['cpu_s_src'], 2)}/"
                   f"{_f(r['cpu_s_dst'], 2)}")
             print()
+    checks = [r for r in results if r["bench"] == "downtime"]
+    if checks:
+        limit = checks[0]["downtime_limit_ms"]
+        print(f"Downtime per run (1 GiB non-zero guest, unlimited bandwidth, downtime-limit {limit} ms, target "
+              f"<= 1.1 x = {1.1 * limit:.0f} ms); predicted = engine model at the switchover, QEMU expected = "
+              "pending / bandwidth at that sync; throughput GB/s predicted / last stage")
+        print(f"{'transport':<9} {'run':>3} {'switchover':<10} {'predicted':>9} {'QEMU exp':>8} {'actual':>7} "
+              f"{'act/pred':>8} {'<=1.1x':>6} {'syncs':>5} {'total ms':>8} {'thr pred/last':>13} {'busy':>5}")
+        for c in checks:
+            ratio = (c["actual_downtime_ms"] / c["predicted_downtime_ms"]
+                     if c["actual_downtime_ms"] and c["predicted_downtime_ms"] else None)
+            ok = {True: "yes", False: "NO", None: "-"}[c["downtime_within_1_1x"]]
+            print(f"{c['transport']:<9} {c['run']:>3} {c['switchover']:<10} {_f(c['predicted_downtime_ms'], 0):>9} "
+                  f"{_f(c['qemu_expected_downtime_ms'], 0):>8} {_f(c['actual_downtime_ms'], 0):>7} "
+                  f"{_f(ratio, 2):>8} {ok:>6} {c['dirty_sync_count'] or '-':>5} {_f(c['total_time_ms'], 0):>8} "
+                  f"{_f(_div(c['predicted_throughput_bytes_per_s'], GB), 2):>6}/"
+                  f"{_f(_div(c['last_stage_throughput_bytes_per_s'], GB), 2):<6} "
+                  f"{c['machine_busy_before'] * 100:>4.0f}%")
+        for mode in dict.fromkeys(c["switchover"] for c in checks):
+            mine = [c for c in checks if c["switchover"] == mode]
+            print(f"  {mode}: {sum(bool(c['downtime_within_1_1x']) for c in mine)}/{len(mine)} runs within 1.1 x "
+                  f"downtime-limit; worst {max((c['actual_downtime_ms'] or 0) for c in mine):.0f} ms")
+        print()
     sync = [r for r in results if r["bench"] == "dirty_sync"]
     if sync:
         print("Dirty sync (in-process SimKVM; ms, medians): global sync = memory_global_dirty_log_sync, "
@@ -599,6 +672,10 @@ def _f(x, nd: int) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+def _div(x, d: float):
+    return None if x is None else x / d
+
+
 def _gbs(x) -> str:
     return "-" if x is None else f"{x / GB:.2f} GB/s"
 
@@ -614,6 +691,10 @@ def main() -> None:
     ap.add_argument("--sync-modes", default="legacy,write-protect-all,manual")
     ap.add_argument("--dirty-fraction", type=float, default=0.01, help="fraction of pages dirtied per sync round")
     ap.add_argument("--sync-rounds", type=int, default=5)
+    ap.add_argument("--switchover", default="qemu,predictive",
+                    help="switchover rules to run side by side per bulk run: qemu (QEMU's threshold), "
+                         "predictive (x-predictive-switchover)")
+    ap.add_argument("--downtime-limit", type=int, default=300, help="ms (default 300, QEMU's)")
     ap.add_argument("--verify", action="store_true", help="compare source and destination RAM after each bulk run")
     ap.add_argument("--profile", metavar="DIR", help="record both migrator processes with py-spy into DIR")
     ap.add_argument("--verbose", "-v", action="store_true", help="per-run lines on stderr")
@@ -630,6 +711,9 @@ def main() -> None:
         return
     args.memory = parse_size(args.memory)
     args.transports = [t for t in args.transports.split(",") if t]
+    args.switchover = [m for m in args.switchover.split(",") if m]
+    if not args.switchover or set(args.switchover) - {"qemu", "predictive"}:
+        sys.exit("--switchover takes a comma list of qemu, predictive")
     args.sync_sizes = [parse_size(s) for s in args.sync_sizes.split(",") if s]
     args.sync_modes = [m for m in args.sync_modes.split(",") if m]
     skip = set(args.skip.split(","))

@@ -21,7 +21,8 @@ from migrator._qmp import ErrorReply, Request, Return
 from migrator.errors import QMPError
 
 # QEMU's defaults, as query-migrate-parameters shows them on a fresh QEMU 10.2
-# (plus our x-clear-bitmap-shift, CLEAR_BITMAP_SHIFT_DEFAULT).
+# (plus our x-clear-bitmap-shift, CLEAR_BITMAP_SHIFT_DEFAULT, and
+# x-predictive-switchover, off so the switchover test is QEMU's).
 QEMU_DEFAULTS = {
     "announce-initial": 50,
     "announce-max": 550,
@@ -52,6 +53,7 @@ QEMU_DEFAULTS = {
     "zero-page-detection": "multifd",
     "direct-io": False,
     "x-clear-bitmap-shift": 18,
+    "x-predictive-switchover": False,
 }
 
 
