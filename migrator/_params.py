@@ -24,10 +24,14 @@ Facts from QEMU (migration/options.c, qapi/migration.json, QEMU 10.2):
   order.  We accept every QEMU capability name; enabling one this migrator
   does not implement is a GenericError, disabling it is a no-op.
 
-Our extensions, both marked ``x-`` as QAPI does for experimental members:
+Our extensions, all marked ``x-`` as QAPI does for experimental members:
 ``x-clear-bitmap-shift`` (QEMU has it only as ``-global
 migration.x-clear-bitmap-shift`` and clamps to 6..31; we expose it as a
-parameter and refuse values outside 6..31), and the ``x-ram-only`` capability.
+parameter and refuse values outside 6..31), ``x-return-path-timeout`` (ms,
+1..3600000: how long either side waits for the other's return-path or
+hand-over message; QEMU waits forever), and the ``x-ram-only`` and
+``x-handover`` capabilities (the latter set on both sides, as QEMU users set
+``return-path``: the explicit ownership hand-over of the engine's essay).
 ``block-bitmap-mapping`` (no block devices here) and ``accel-path`` are not
 implemented and refused as unexpected parameters.
 """
@@ -82,16 +86,20 @@ MIGRATION_CAPABILITIES: Final[tuple[str, ...]] = (
     "dirty-limit",
     "mapped-ram",
     "x-ram-only",
+    "x-handover",
 )
 
 #: Capabilities this migrator implements (may be set to true).
-SUPPORTED_CAPABILITIES: Final = frozenset({"events", "auto-converge", "x-ram-only"})
+SUPPORTED_CAPABILITIES: Final = frozenset({"events", "auto-converge", "x-ram-only", "x-handover"})
 
 #: ``MigrationStatus`` values for which QEMU's ``migration_is_running()`` is true
 #: (the one list lives with the state table).
 RUNNING_STATES: Final = frozenset(s.value for s in _STATUS_RUNNING_STATES)
 
 MIGRATION_ACTIVE_DESC: Final = "There's a migration process in progress"
+
+#: upper bound of x-return-path-timeout: one hour, in ms
+MAX_RETURN_PATH_TIMEOUT_MS: Final = 3600 * 1000
 
 
 def is_migration_running(status: Any) -> bool:
@@ -137,6 +145,7 @@ SET_PARAMETERS_ARGS: Final[dict[str, Any]] = {
     "*zero-page-detection": ZERO_PAGE_DETECTION,
     "*direct-io": BOOL,
     "*x-clear-bitmap-shift": UINT8,
+    "*x-return-path-timeout": UINT64,
 }
 
 
@@ -182,6 +191,10 @@ class MigrationParameters:
     zero_page_detection: str = "multifd"
     direct_io: bool = False
     x_clear_bitmap_shift: int = 18  # ours; CLEAR_BITMAP_SHIFT_DEFAULT (1 GiB chunks)
+    #: ours: how long (ms) one side waits for the other's return-path or
+    #: hand-over message once the stream's EOF was sent (received).  Expiry
+    #: never resumes a guest the peer may be running (see the engine).
+    x_return_path_timeout: int = 10_000
 
     def to_qmp(self) -> dict[str, Any]:
         """The ``query-migrate-parameters`` reply (hyphenated QAPI names)."""
@@ -244,6 +257,8 @@ class MigrationParameters:
         # Ours, in the same words (QEMU's CLEAR_BITMAP_SHIFT_MIN/MAX).
         if not 6 <= self.x_clear_bitmap_shift <= 31:
             raise _expects("x_clear_bitmap_shift", "an integer in the range of 6 to 31")
+        if not 1 <= self.x_return_path_timeout <= MAX_RETURN_PATH_TIMEOUT_MS:
+            raise _expects("x_return_path_timeout", "an integer in the range of 1 to (3600 * 1000) ms")
 
 
 # ---------------------------------------------------------------------------

@@ -259,6 +259,8 @@ class VM:
                 info["total-time"] = inc.counters.total_time_ms
             if status is S.FAILED and inc is not None and inc.error_desc:
                 info["error-desc"] = inc.error_desc
+            if inc is not None and inc.handover:
+                info["x-handover"] = inc.handover
             return info
         mig = self.outgoing
         c = mig.counters
@@ -407,3 +409,4 @@ class _Caps:
         self.events = caps["events"]
         self.auto_converge = caps["auto-converge"]
         self.x_ram_only = caps["x-ram-only"]
+        self.x_handover = caps["x-handover"]

@@ -46,13 +46,3 @@ def test_fresh_shortcut_is_wrong_for_used_ram():
     st2.mem_size((("pc.ram", b.used_length),))
     st2.load_zero_pages("pc.ram", np.array([5 * 4096], np.uint64))
     assert not b.pages.any()
-
-
-def test_device_state_carries_the_run_state():
-    from migrator._engine import pack_device_state, unpack_device_state
-
-    assert unpack_device_state(pack_device_state(False, b"\x00blob\n")) == (False, b"\x00blob\n")
-    assert unpack_device_state(pack_device_state(True, b"")) == (True, b"")
-    for bad in (b"", b"no header", b'{"running": 1}\nx', b"[1]\nx"):
-        with pytest.raises(MigrationError, match="run-state"):
-            unpack_device_state(bad)
