@@ -167,7 +167,7 @@ def _check_sim(blob: bytes, fail, *, npages: int, nvcpus: int) -> None:
             raise fail(f"rate {rate!r} is not in (0, {MAX_RATE_PAGES_PER_S:g}] pages/s")
     wl = state["workload"]
     name = wl.get("name") if isinstance(wl, dict) else None
-    if name not in _WORKLOAD_FIELDS:
+    if not isinstance(name, str) or name not in _WORKLOAD_FIELDS:
         raise fail(f"unknown workload {str(name)[:40]!r}")
     _keys(wl, {"name", "rng", "pages_written"} | _WORKLOAD_FIELDS[name], f"workload {name!r} state", fail)
     _check_pcg64(wl["rng"], fail)

@@ -667,7 +667,8 @@ class IncomingMigration:
         await self._ack(chan, encode_loaded(self._stream_bytes))
         timeout_s = self.vm.params.x_return_path_timeout / 1000
         dec = MessageDecoder({MIG_CMD_X_GO, MIG_CMD_X_NOGO}, skip_vmdesc=True, base=self._stream_bytes)
-        dec.receive_data(self._trailing)
+        if self._trailing:  # bytes read past EOF with the stream (b"" would mean EOF)
+            dec.receive_data(self._trailing)
         why = f"no go-ahead from the source within x-return-path-timeout ({timeout_s * 1000:.0f} ms)"
         with trio.move_on_after(timeout_s):
             while True:
