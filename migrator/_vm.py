@@ -27,6 +27,41 @@ def _generic(desc: str) -> QMPError:
     return QMPError("GenericError", desc)
 
 
+#: QEMU's qmp_migrate / qmp_migrate_incoming wording for an unknown scheme
+INVALID_PROTOCOL_DESC = "Parameter 'uri' expects a valid migration protocol"
+
+
+def check_migration_uri(uri: str, *, outgoing: bool) -> None:
+    """Reject a bad migration URI synchronously, in QEMU's words.
+
+    QEMU refuses an unknown scheme at once ("Parameter 'uri' expects a valid
+    migration protocol" from ``migrate``, "unknown migration protocol: URI"
+    from ``migrate-incoming``, migration/migration.c) but only fails later, in the
+    connect, for a missing host or a port getaddrinfo refuses
+    ("address resolution failed for HOST:PORT: ...", util/qemu-sockets.c);
+    we say the same words, before anything starts.
+    """
+    from transport import BadURIError, TcpAddress, parse_uri
+
+    scheme = uri.partition(":")[0] if ":" in uri else ""
+    if scheme not in ("tcp", "unix", "file", "exec", "fd", "rdma", "vsock", "channels"):
+        # qmp_migrate vs qemu_start_incoming_migration
+        raise _generic(INVALID_PROTOCOL_DESC if outgoing else f"unknown migration protocol: {uri}")
+    try:
+        addr = parse_uri(uri)
+    except BadURIError as exc:
+        if scheme == "tcp" and "port must be" in exc.reason:
+            host, _, port = uri[4:].rpartition(":")
+            raise _generic(f"address resolution failed for {host}:{port}: "
+                           "Servname not supported for ai_socktype") from None
+        raise _generic(str(exc)) from None
+    if outgoing and isinstance(addr, TcpAddress):
+        if not addr.host:
+            raise _generic(f"address resolution failed for :{addr.port}: Name or service not known")
+        if addr.port == 0:
+            raise _generic(f"Failed to connect to '{addr.host}:0': Connection refused")
+
+
 class VM:
     """A source or destination VM process."""
 
@@ -202,8 +237,6 @@ class VM:
 
     async def qmp_migrate(self, uri: str, detach: bool = True, resume: bool = False,
                           blk: bool = False, inc: bool = False) -> dict:
-        from transport import parse_uri
-
         if resume:
             raise _generic("Cannot resume if there is no paused migration")
         if blk or inc:
@@ -212,10 +245,7 @@ class VM:
             raise _generic("Guest is waiting for an incoming migration")
         if self._migration_running():
             raise _generic("There's a migration process in progress")
-        try:
-            parse_uri(uri)
-        except ValueError as exc:
-            raise _generic(str(exc)) from None
+        check_migration_uri(uri, outgoing=True)
         if self.is_destination:
             # a completed destination becomes a source for the next hop
             self.is_destination = False
@@ -227,8 +257,6 @@ class VM:
         return {}
 
     async def qmp_migrate_incoming(self, uri: str, exit_on_error: bool = True) -> dict:
-        from transport import parse_uri
-
         if not self.is_destination:
             raise _generic("'-incoming' was not specified on the command line")
         # QEMU (qmp_migrate_incoming) only latches "started" once listening
@@ -236,10 +264,7 @@ class VM:
         started = self.incoming is not None and self.incoming.listening.is_set()
         if self.incoming_uri != "defer" or started:
             raise _generic("The incoming migration has already been started")
-        try:
-            parse_uri(uri)
-        except ValueError as exc:
-            raise _generic(str(exc)) from None
+        check_migration_uri(uri, outgoing=False)
         await self._start_incoming(uri)
         return {}
 

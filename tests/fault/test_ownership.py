@@ -321,3 +321,47 @@ async def test_cancel_after_commit_changes_nothing(tmp_path):
 
     vm, mig, seen = await _migrate(tmp_path, "loaded", handover=True, prepare=prepare)
     assert vm.state.status is S.COMPLETED and not vm.vcpus.running and seen["word"] == "go"
+
+
+# -- argument validation ------------------------------------------------------------
+@pytest.mark.parametrize(("uri", "desc"), [
+    ("bogus:thing", "Parameter 'uri' expects a valid migration protocol"),
+    ("nocolon", "Parameter 'uri' expects a valid migration protocol"),
+    ("tcp::4444", "address resolution failed for :4444: Name or service not known"),
+    ("tcp:127.0.0.1:99999", "address resolution failed for 127.0.0.1:99999: Servname not supported"),
+    ("tcp:127.0.0.1:0", "Failed to connect to '127.0.0.1:0'"),
+    ("tcp:127.0.0.1", "missing ':PORT'"),
+    ("unix:", "missing socket path"),
+])
+async def test_migrate_rejects_bad_uris_synchronously(uri, desc):
+    from migrator.errors import QMPError
+
+    vm = source_vm()
+    with pytest.raises(QMPError, match=desc.replace("(", r"\(").replace(".", r"\.")):
+        await vm.qmp_migrate(uri)
+    assert vm.outgoing is None and vm.state.status is S.NONE
+
+
+async def test_migrate_incoming_rejects_unknown_protocols():
+    from migrator.errors import QMPError
+
+    vm = destination_vm(uri="defer")
+    with pytest.raises(QMPError, match="unknown migration protocol: bogus:x"):
+        await vm.qmp_migrate_incoming("bogus:x")
+    with pytest.raises(QMPError, match="Servname not supported"):
+        await vm.qmp_migrate_incoming("tcp:127.0.0.1:70000")
+
+
+@pytest.mark.parametrize(("qmp", "why"), [
+    ("tcp:127.0.0.1:99999", "out of range"),
+    ("tcp:127.0.0.1:0", "out of range"),
+    ("tcp:127.0.0.1:-1", "invalid tcp address"),
+    ("unix:/" + "x" * 120, "too long"),
+])
+def test_cli_rejects_bad_qmp_addresses(qmp, why, capsys):
+    from migrator._cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--accel", "sim", "--memory", "16M", "--qmp", qmp])
+    assert info.value.code == 2
+    assert why in capsys.readouterr().err
