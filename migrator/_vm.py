@@ -228,6 +228,13 @@ class VM:
                 return {}
         if self.state.status in (S.SETUP, S.ACTIVE, S.DEVICE) and self.runstate == "finish-migrate":
             raise _generic("Migration is not finished yet")
+        inc = self.incoming
+        if self.is_destination and inc is not None and inc.undecided:
+            # The operator decided this side owns the guest (x-handover: the
+            # state is complete and valid, the source's word never came).
+            inc.undecided = False
+            inc.handover = "operator"
+            self.log("cont: the operator started a loaded guest that got no go-ahead")
         if not self.vcpus.running:
             await self.vm_start()
         return {}
@@ -241,7 +248,9 @@ class VM:
             raise _generic("Cannot resume if there is no paused migration")
         if blk or inc:
             raise _generic("Block migration is not supported by migrator")
-        if self.is_destination and self.state.status is not S.COMPLETED:
+        owns = self.state.status is S.COMPLETED or (self.incoming is not None
+                                                    and self.incoming.handover == "operator")
+        if self.is_destination and not owns:
             raise _generic("Guest is waiting for an incoming migration")
         if self._migration_running():
             raise _generic("There's a migration process in progress")
