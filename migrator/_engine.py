@@ -13,17 +13,74 @@ Source (:class:`OutgoingMigration`) follows migration/migration.c:
   pages while under the rate limit, for at most 50 ms).
 * switchover: downtime starts, vCPUs stop, ACTIVE -> DEVICE, last-stage sync,
   every remaining page (unthrottled), the device section (vCPU/workload
-  state, unless ``x-ram-only``), EOF, then the destination's return-path
-  acknowledgement; COMPLETED.
+  state, unless ``x-ram-only``), EOF, then the hand-over on the return path
+  (below); COMPLETED.
 * cancel (``migrate_cancel``) -> CANCELLING -> CANCELLED; any error ->
-  FAILED.  In both the source stops dirty logging and resumes its vCPUs if
-  they were running: it keeps running with its memory intact (the engine
-  only ever *reads* source RAM).
+  FAILED.  Before the point of no return (below) the source stops dirty
+  logging and resumes its vCPUs if they were running: it keeps running with
+  its memory intact (the engine only ever *reads* source RAM).
 
 Destination (:class:`IncomingMigration`): SETUP when listening, ACTIVE on
-the first byte, COMPLETED only after the whole stream (through EOF) was
-received and validated; the vCPUs are resumed only then (unless ``-S``).
-On any error the destination is FAILED and its vCPUs never run.
+the first byte; nothing is loaded into a vCPU, acknowledged or resumed
+before the whole stream through EOF was received and every section
+validated (:func:`migrator._devstate.validate_device_state`); on any error
+the destination is FAILED, acknowledges SHUT(1) and its vCPUs never run.
+
+Who owns the guest
+==================
+
+Rule: **at most one side runs the guest at any moment.**  There are states
+in which *neither* may run it: the source in ``postmigrate`` (it committed
+to never run the guest again, or it cannot know whether the destination
+runs it), and a destination that loaded the guest but was not told it owns
+it.  Zero running copies happens only when the outcome is truly unknown;
+then the operator decides, with ``cont`` on exactly one side.
+
+The source has one explicit point of no return, and the destination never
+runs before the source has passed it:
+
+* **With ``x-handover``** (set on both sides, as QEMU users set
+  ``return-path``): the destination validates everything through EOF, loads
+  the state, sends ``MIG_RP_MSG_X_LOADED(stream bytes)`` and waits, paused.
+  The source, on LOADED (whose byte count must equal what it sent),
+  **commits first** (``_committed``: COMPLETED, ``postmigrate``) and only
+  then sends ``GO``; the destination, on GO, resumes (if autostart and the
+  source was running) and sends SHUT(0).  Before GO is on the wire, any
+  failure, timeout, cancel, negative or garbled acknowledgement or loss lets
+  the source resume, and it tells a waiting destination ``NOGO`` when it
+  still can; the destination cannot run without GO.  After GO is on the
+  wire the source never resumes by itself, whatever happens next (cancel is
+  a no-op then).  A destination whose GO never comes (closed, timed out,
+  half a GO, a GO for another byte count) stays paused, FAILED with an
+  error-desc saying so; its state is complete, so ``cont`` there starts it:
+  the operator's decision, after checking that the source is not running.
+  This "GO sent, fate unknown" is the only zero-copies outcome.
+* **Without it** (a peer that speaks QEMU's return path only): the
+  destination may run as soon as it has the whole stream (QEMU's
+  ``process_incoming_migration_bh`` starts the guest, then
+  ``migration_incoming_state_destroy`` sends SHUT), so the point of no
+  return is the moment the EOF byte was handed to the socket
+  (``_dest_may_run``).  A send that failed before it proves the destination
+  cannot have the stream: resume.  After it: SHUT(0) -> COMPLETED,
+  ``postmigrate``; SHUT(non-zero) -> the destination said it will not run
+  -> FAILED, resume; no acknowledgement (closed, reset, garbled, or later
+  than ``x-return-path-timeout``) or a cancel -> the outcome is unknown:
+  FAILED, the guest stays paused in ``postmigrate`` and error-desc says the
+  operator must decide.  Never a silent resume.
+* **No return path** (``file:``, or ``x-ram-only`` to a stock QEMU, which
+  opens none by default): COMPLETED and ``postmigrate`` once EOF is written,
+  as QEMU.
+
+QEMU 7.2 for comparison (migration/migration.c): ``migration_completion``
+joins the return-path thread in ``await_return_path_close_on_source``
+without any timeout (a late SHUT is simply waited for); a return path that
+errors or closes before SHUT (``mark_source_rp_bad``) fails the migration
+and ``migration_iteration_finish`` then calls ``vm_start()`` on the source
+although the destination may already run the guest: that is the unsafe case
+this engine refuses.  Without the ``return-path`` capability QEMU ends in
+``postmigrate`` after EOF, which is what we do without a return path.  Our
+timeouts are migration parameters (``x-return-path-timeout``, ms, both
+sides); expiry decides as above and never resumes a guest the peer may run.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ RETURN_PATH_TIMEOUT_MS = 1500
 MID_RAM_BYTES = 8 << 20  # "mid-ram": this far into the first RAM pass
 LATE_S = 2.5  # a "late" delay: longer than the return-path timeout
 SHORT_S = 0.4  # a delay well within it
-STALL_CANCEL_S = 2.5  # a stalled forward stream: the operator cancels after this
+STALL_CANCEL_S = 6.0  # a stalled forward stream: the operator cancels after this
 
 
 @dataclass(frozen=True)
@@ -324,11 +324,12 @@ async def _settle(src, dst, fault: Fault, timeout: float) -> None:
     while trio.current_time() < deadline:
         s = await _state(src.qmp) if src.proc.poll() is None else None
         d = await _state(dst.qmp) if dst.proc.poll() is None else None
-        s_done = s is None or s[0] in ("completed", "failed", "cancelled")
-        d_done = d is None or d[0] in ("completed", "failed", "none")
+        # an alive process that does not answer (SIGSTOPped) is not done
+        s_done = src.proc.poll() is not None or (s is not None and s[0] in ("completed", "failed", "cancelled"))
+        d_done = dst.proc.poll() is not None or (d is not None and d[0] in ("completed", "failed", "none"))
         if s_done and d_done:
             return
-        if s_done and s is not None and s[2] and d is not None and d[0] == "active" \
+        if s_done and s is not None and s[2] and d is not None and d[0] in ("setup", "active") \
                 and trio.current_time() - t0 > 1.5 * RETURN_PATH_TIMEOUT_MS / 1000 + 1:
             return  # the source runs again; a destination still waiting for bytes never runs
         if not s_done and not cancelled and trio.current_time() - t0 > STALL_CANCEL_S \
@@ -477,8 +478,8 @@ async def run_case(chain: Chain, fault: Fault, *, handover: bool) -> CaseResult:
         res.notes.append("guest lost: its only copy was killed")
         res.retry_ok = fault.action.startswith("kill")
         chain.source = None
-        if s is not None:
-            await src.qmp.execute("quit")
+        for vm in (src, dst, retry):
+            await _retire(vm)
         return res
     # retry: the owner migrates to a fresh destination, RAMs compared paused
     rport = free_port()
@@ -495,13 +496,22 @@ async def run_case(chain: Chain, fault: Fault, *, handover: bool) -> CaseResult:
     await retry.qmp.execute("cont")
     chain.source = retry
     for vm in (src, dst):
-        if vm.proc.poll() is None:
+        await _retire(vm)
+    return res
+
+
+async def _retire(vm) -> None:
+    """Quit a finished peer (kill it if it does not answer)."""
+    if vm.proc.poll() is None:
+        with trio.move_on_after(3):
             try:
-                with trio.move_on_after(3):
-                    await vm.qmp.execute("quit")
+                await vm.qmp.execute("quit")
+                await vm.proc.wait()
             except Exception:
                 pass
-    return res
+    if vm.proc.poll() is None:
+        vm.proc.kill()
+        await vm.proc.wait()
 
 
 def matrix(*, full: bool) -> list[tuple[Fault, bool]]:
