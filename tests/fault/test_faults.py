@@ -8,8 +8,6 @@ intact, and a successful retry from the owner with both RAMs equal.
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import pytest
 import trio

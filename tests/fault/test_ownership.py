@@ -20,7 +20,7 @@ from migrator._status import MigrationStatus as S
 from transport import (MIG_CMD_X_GO, MIG_CMD_X_NOGO, NEED_DATA, EndOfStream, Message, MessageDecoder,
                        StreamDecoder, encode_go, encode_loaded, encode_nogo, encode_shut)
 
-from .streams import FakeChannel, build_stream, destination_vm, device_payload, set_caps, sim_state, source_vm
+from .streams import FakeChannel, build_stream, destination_vm, device_payload, sim_state, source_vm
 
 SMALL = 64 << 10  # 16 pages: small enough to feed byte by byte
 
@@ -310,8 +310,6 @@ async def test_cancel_after_eof(tmp_path, handover):
 
 async def test_cancel_after_commit_changes_nothing(tmp_path):
     def prepare(vm, mig):
-        real = mig._chan_send = None  # noqa: F841
-
         orig_handover = mig._handover
 
         async def handover():
