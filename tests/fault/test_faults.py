@@ -110,3 +110,32 @@ async def test_a_valid_stream_to_a_destination_process_runs(tmp_path):
         assert await _send_stream(port, stream) == Message(MIG_RP_MSG_SHUT, 0)
         await dst.qmp.wait_migration(("completed",), timeout=20)
         assert (await dst.qmp.execute("query-status"))["running"] is True
+
+
+@pytest.mark.parametrize("handover", [False, True])
+async def test_real_source_to_a_destination_that_rejects_its_device_section(tmp_path, handover):
+    """A sim guest sent to a kvm destination: the destination rejects the
+    vCPU state (wrong accelerator kind) before running anything, the source
+    gets SHUT(1) and resumes with its RAM intact."""
+    from memory.kvm import kvm_usable
+
+    ok, why = kvm_usable()
+    if not ok:
+        pytest.skip(f"needs /dev/kvm for the destination: {why}")
+    from .faultkit import _ab_ok, _set_up
+    from ..integration.harness import pmem
+
+    port = free_port()
+    async with vm_process(tmp_path, "src", memory=MEMORY, workload=WORKLOAD) as src, \
+            vm_process(tmp_path, "dst", "--incoming", f"tcp:127.0.0.1:{port}", memory=MEMORY, accel="kvm") as dst:
+        for vm in (src, dst):
+            await _set_up(vm, handover)
+        await src.qmp.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        info = await src.qmp.wait_migration(timeout=60)
+        dinfo = await dst.qmp.wait_migration(("failed",), timeout=30)
+        assert info["status"] == "failed" and "status 1" in info["error-desc"], info
+        assert "is for a sim accelerator, this VM uses kvm" in dinfo["error-desc"]
+        assert (await src.qmp.execute("query-status"))["running"] is True
+        assert (await dst.qmp.execute("query-status"))["running"] is False
+        await src.qmp.execute("stop")
+        assert _ab_ok(await pmem(src, tmp_path, 32 << 20, "src.ram"))
