@@ -509,7 +509,6 @@ async def _retire(vm) -> None:
 def matrix(*, full: bool) -> list[tuple[Fault, bool]]:
     """(fault, x-handover) pairs: every region x action in both directions,
     with and without x-handover (full), or a representative subset."""
-    out: list[Fault] = []
     if not full:
         both = [
             Fault("fwd", "header", "cut", 3),
@@ -531,15 +530,21 @@ def matrix(*, full: bool) -> list[tuple[Fault, bool]]:
                    (Fault("rev", "after-loaded", "cut"), True),  # GO sent, the final SHUT lost
                    (Fault("fwd", "device", "stop-dst", seconds=SHORT_S), True),
                    (Fault("fwd", "mid-ram", "kill-src"), False)])
-    points = [("fwd", r, 3 if r in ("device", "after-eof") else 0) for r in FWD_REGIONS]
-    points += [("rev", r, 0) for r in REV_OFFSETS]
-    for direction, region, delta in points:
-        for action in ACTIONS:
-            if action in ("delay", "stop-src", "stop-dst"):
-                out += [Fault(direction, region, action, seconds=secs) for secs in (SHORT_S, LATE_S)]
-            else:
-                out.append(Fault(direction, region, action, delta))
-    return [(f, h) for h in (False, True) for f in out]
+    cases: list[tuple[Fault, bool]] = []
+    for handover in (False, True):
+        # Without x-handover nothing follows EOF on the forward direction and
+        # the return path carries one 8-byte SHUT: "after-eof" is the moment
+        # right after the EOF byte, and "after-loaded" does not exist.
+        points = [("fwd", r, 3 if r == "device" or (r == "after-eof" and handover) else 0)
+                  for r in FWD_REGIONS]
+        points += [("rev", r, 0) for r in REV_OFFSETS if handover or r != "after-loaded"]
+        for direction, region, delta in points:
+            for action in ACTIONS:
+                if action in ("delay", "stop-src", "stop-dst"):
+                    cases += [(Fault(direction, region, action, seconds=secs), handover) for secs in (SHORT_S, LATE_S)]
+                else:
+                    cases.append((Fault(direction, region, action, delta), handover))
+    return cases
 
 
 def summary(results: list[CaseResult]) -> dict:
