@@ -51,7 +51,7 @@ KVM_STATE_SECTIONS = {
     "events": ctypes.sizeof(K.kvm_vcpu_events),
     "mp_state": 4,
 }
-KVM_REGS_FIELDS = frozenset(name for name, _ in K.kvm_regs._fields_)
+KVM_REGS_FIELDS = frozenset(f[0] for f in K.kvm_regs._fields_)
 #: KVM_MP_STATE_RUNNABLE .. KVM_MP_STATE_SUSPENDED (include/uapi/linux/kvm.h)
 MAX_MP_STATE = 10
 KVM_PROGRAMS = (None, "ab", "selftest")
