@@ -337,6 +337,8 @@ class VM:
                 info["cpu-throttle-percentage"] = c.cpu_throttle_percentage
         if status is S.FAILED and c.error_desc:
             info["error-desc"] = c.error_desc
+        if mig._handover_note:
+            info["x-handover"] = mig._handover_note
         return info
 
     async def qmp_pmemsave(self, val: int, size: int, filename: str, cpu_index: int | None = None) -> dict:

@@ -252,6 +252,8 @@ async def test_source_outcome(tmp_path, script, handover):
         assert "'cont' exactly one side" in mig.counters.error_desc
     if word == "go":
         assert seen["word"] == "go" and seen["word_value"] == seen["stream_bytes"]
+        note = "destination confirmed" if script == "loaded" else "go-ahead not confirmed"
+        assert (await vm.qmp_query_migrate())["x-handover"] == note
     elif word == "nogo":
         assert seen["word"] == "nogo"
     elif word == "nothing":
