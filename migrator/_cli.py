@@ -13,16 +13,27 @@ import argparse
 import sys
 
 
+#: sun_path of struct sockaddr_un holds 108 bytes including the NUL
+UNIX_PATH_MAX = 107
+
+
 def _qmp_address(text: str):
     if text.startswith("unix:"):
         path = text[5:]
         if not path:
             raise argparse.ArgumentTypeError("unix: needs a path")
+        if len(path.encode()) > UNIX_PATH_MAX:
+            raise argparse.ArgumentTypeError(
+                f"UNIX socket path '{path}' is too long (at most {UNIX_PATH_MAX} bytes)")
         return ("unix", path)
     if text.startswith("tcp:"):
         host, sep, port = text[4:].rpartition(":")
         if not sep or not port.isdigit():
             raise argparse.ArgumentTypeError(f"invalid tcp address {text!r} (tcp:HOST:PORT)")
+        if not 1 <= int(port) <= 65535:
+            raise argparse.ArgumentTypeError(f"port {port} in {text!r} is out of range (1..65535)")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
         return ("tcp", (host or "127.0.0.1", int(port)))
     raise argparse.ArgumentTypeError(f"invalid QMP address {text!r} (unix:PATH or tcp:HOST:PORT)")
 

@@ -160,7 +160,9 @@ async def run_demo(args) -> dict:
     progress = _Progress(enabled=not (args.quiet or args.json) and sys.stderr.isatty())
     try:
         src = await _connect(src_qmp, procs["src"])
-        caps = [{"capability": "events", "state": True}]
+        # the explicit ownership hand-over (README "Who owns the guest"), on both sides
+        handover = [] if file_mode else [{"capability": "x-handover", "state": True}]
+        caps = [{"capability": "events", "state": True}] + handover
         if args.auto_converge:
             caps.append({"capability": "auto-converge", "state": True})
         await src.execute("migrate-set-capabilities", {"capabilities": caps})
@@ -175,7 +177,8 @@ async def run_demo(args) -> dict:
             await src.execute("migrate-set-parameters", params)
         if not file_mode:
             dst = await _connect(dst_qmp, procs["dst"])
-            await dst.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+            await dst.execute("migrate-set-capabilities",
+                              {"capabilities": [{"capability": "events", "state": True}] + handover})
         await asyncio.sleep(args.warmup)  # let the guest run (and dirty memory) first
         await src.execute("migrate", {"uri": uri})
         deadline = time.monotonic() + args.timeout

@@ -17,24 +17,80 @@ Source (:class:`OutgoingMigration`) follows migration/migration.c:
   :meth:`OutgoingMigration._predict_downtime`.
 * switchover: downtime starts, vCPUs stop, ACTIVE -> DEVICE, last-stage sync,
   every remaining page (unthrottled), the device section (vCPU/workload
-  state, unless ``x-ram-only``), EOF, then the destination's return-path
-  acknowledgement; COMPLETED.
+  state, unless ``x-ram-only``), EOF, then the hand-over on the return path
+  (below); COMPLETED.
 * cancel (``migrate_cancel``) -> CANCELLING -> CANCELLED; any error ->
-  FAILED.  In both the source stops dirty logging and resumes its vCPUs if
-  they were running: it keeps running with its memory intact (the engine
-  only ever *reads* source RAM).
+  FAILED.  Before the point of no return (below) the source stops dirty
+  logging and resumes its vCPUs if they were running: it keeps running with
+  its memory intact (the engine only ever *reads* source RAM).
 
 Destination (:class:`IncomingMigration`): SETUP when listening, ACTIVE on
-the first byte, COMPLETED only after the whole stream (through EOF) was
-received and validated; the vCPUs are resumed only then (unless ``-S``).
-On any error the destination is FAILED and its vCPUs never run.
+the first byte; nothing is loaded into a vCPU, acknowledged or resumed
+before the whole stream through EOF was received and every section
+validated (:func:`migrator._devstate.validate_device_state`); on any error
+the destination is FAILED, acknowledges SHUT(1) and its vCPUs never run.
+
+Who owns the guest
+==================
+
+Rule: **at most one side runs the guest at any moment.**  There are states
+in which *neither* may run it: the source in ``postmigrate`` (it committed
+to never run the guest again, or it cannot know whether the destination
+runs it), and a destination that loaded the guest but was not told it owns
+it.  Zero running copies happens only when the outcome is truly unknown;
+then the operator decides, with ``cont`` on exactly one side.
+
+The source has one explicit point of no return, and the destination never
+runs before the source has passed it:
+
+* **With ``x-handover``** (set on both sides, as QEMU users set
+  ``return-path``): the destination validates everything through EOF, loads
+  the state, sends ``MIG_RP_MSG_X_LOADED(stream bytes)`` and waits, paused.
+  The source, on LOADED (whose byte count must equal what it sent),
+  **commits first** (``_committed``: COMPLETED, ``postmigrate``) and only
+  then sends ``GO``; the destination, on GO, resumes (if autostart and the
+  source was running) and sends SHUT(0).  Before GO is on the wire, any
+  failure, timeout, cancel, negative or garbled acknowledgement or loss lets
+  the source resume, and it tells a waiting destination ``NOGO`` when it
+  still can; the destination cannot run without GO.  After GO is on the
+  wire the source never resumes by itself, whatever happens next (cancel is
+  a no-op then).  A destination whose GO never comes (closed, timed out,
+  half a GO, a GO for another byte count) stays paused, FAILED with an
+  error-desc saying so; its state is complete, so ``cont`` there starts it:
+  the operator's decision, after checking that the source is not running.
+  This "GO sent, fate unknown" is the only zero-copies outcome.
+* **Without it** (a peer that speaks QEMU's return path only): the
+  destination may run as soon as it has the whole stream (QEMU's
+  ``process_incoming_migration_bh`` starts the guest, then
+  ``migration_incoming_state_destroy`` sends SHUT), so the point of no
+  return is the moment the EOF byte was handed to the socket
+  (``_dest_may_run``).  A send that failed before it proves the destination
+  cannot have the stream: resume.  After it: SHUT(0) -> COMPLETED,
+  ``postmigrate``; SHUT(non-zero) -> the destination said it will not run
+  -> FAILED, resume; no acknowledgement (closed, reset, garbled, or later
+  than ``x-return-path-timeout``) or a cancel -> the outcome is unknown:
+  FAILED, the guest stays paused in ``postmigrate`` and error-desc says the
+  operator must decide.  Never a silent resume.
+* **No return path** (``file:``, or ``x-ram-only`` to a stock QEMU, which
+  opens none by default): COMPLETED and ``postmigrate`` once EOF is written,
+  as QEMU.
+
+QEMU 7.2 for comparison (migration/migration.c): ``migration_completion``
+joins the return-path thread in ``await_return_path_close_on_source``
+without any timeout (a late SHUT is simply waited for); a return path that
+errors or closes before SHUT (``mark_source_rp_bad``) fails the migration
+and ``migration_iteration_finish`` then calls ``vm_start()`` on the source
+although the destination may already run the guest: that is the unsafe case
+this engine refuses.  Without the ``return-path`` capability QEMU ends in
+``postmigrate`` after EOF, which is what we do without a return path.  Our
+timeouts are migration parameters (``x-return-path-timeout``, ms, both
+sides); expiry decides as above and never resumes a guest the peer may run.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -42,12 +98,15 @@ from dataclasses import dataclass, field
 import trio
 
 from memory import GLOBAL_DIRTY_MIGRATION, TARGET_PAGE_SIZE
-from transport import (NEED_DATA, Configuration, ConnectionClosed, DeviceState, EndOfStream,
+from transport import (MIG_CMD_X_GO, MIG_CMD_X_NOGO, MIG_RP_MSG_SHUT, MIG_RP_MSG_X_LOADED, NEED_DATA,
+                       Configuration, ConnectionClosed, DeviceState, EndOfStream, Message, MessageDecoder,
                        ProtocolError, RamEOS, RamMemSize, RamPages, RamZeroPages, RateLimiter,
                        SectionEnd, SectionFooter, SectionFull, SectionPart, SectionStart,
-                       StreamDecoder, StreamEncoder, StreamHeader, listen_channel, open_channel)
+                       StreamDecoder, StreamEncoder, StreamHeader, encode_go, encode_loaded, encode_nogo,
+                       encode_shut, listen_channel, open_channel)
 from transport.channel import SOCKET_BUFFER_BYTES
 
+from ._devstate import validate_device_state
 from ._history import (DestinationTimeline, DowntimeBreakdown, DowntimePrediction, IterationRecord,
                        MigrationHistory)
 from ._ram import RAMLoadState, RAMSaveState
@@ -64,10 +123,8 @@ BATCH_PAGES = 1024
 MIN_BATCH_PAGES = 256
 #: auto-converge: sync at least every 5 s (QEMU's periodic throttle timer).
 PERIODIC_SYNC_S = 5.0
-#: return-path message MIG_RP_MSG_SHUT: be16 type, be16 len, be32 status.
-RP_MSG_SHUT = 1
-RP_SHUT_FMT = ">HHI"
-RP_WAIT_S = 10.0
+#: how long the source tries to tell a waiting destination NOGO while it fails
+NOGO_SEND_S = 1.0
 #: Downtime model (x-predictive-switchover and the predicted-downtime column):
 #: sending windows whose throughput is remembered; the prediction takes their
 #: median (one slow or fast window is noise; the headroom below absorbs it).
@@ -111,17 +168,6 @@ def pack_device_state(running: bool, vcpu_state: bytes) -> bytes:
     """Our device section's payload: one JSON line (the source's run state, the
     role QEMU's "globalstate" section plays), then the vCPU controller's blob."""
     return json.dumps({"running": bool(running)}).encode() + b"\n" + vcpu_state
-
-
-def unpack_device_state(payload: bytes) -> tuple[bool, bytes]:
-    head, sep, vcpu_state = payload.partition(b"\n")
-    try:
-        meta = json.loads(head) if sep else None
-    except ValueError:
-        meta = None
-    if not isinstance(meta, dict) or not isinstance(meta.get("running"), bool):
-        raise MigrationError("malformed device state: no run-state header")
-    return meta["running"], vcpu_state
 
 
 def error_desc(exc: BaseException) -> str:
@@ -204,6 +250,14 @@ class OutgoingMigration:
         self._last_sync_ms = 0.0
         self._last_iter_throughput = 0.0
         self._prediction: DowntimePrediction | None = None
+        # ownership (see the essay): sockets carry a return path, files do not;
+        # x-ram-only streams go to stock QEMU, which opens none by default.
+        self._return_path = _has_return_path(uri) and not self.caps.x_ram_only
+        self._handover_cap = False
+        self._eof_sent = False
+        self._committed = False  #: the destination owns the guest; we never run it again
+        self._dest_may_run = False  #: the destination may run it (without our word)
+        self._handover_note = ""
 
     @property
     def params(self):
@@ -214,6 +268,8 @@ class OutgoingMigration:
     def cancel(self) -> None:
         """``migrate_cancel``: CANCELLING now, CANCELLED when the task ends."""
         state = self.vm.state
+        if self._committed:
+            return  # past the point of no return: nothing left to cancel
         if state.status in (S.SETUP, S.ACTIVE, S.DEVICE):
             state.goto(S.CANCELLING)
             self.cancel_scope.cancel()
@@ -622,11 +678,20 @@ class OutgoingMigration:
             state = pack_device_state(self._vm_was_running, vm.vcpus.save_state())
             await self._send(enc.section_full(sid, DEVICE_SECTION, 0, DEVICE_SECTION_VERSION)
                              + enc.device_state(state) + enc.section_footer(sid))
+        self._handover_cap = self.caps.x_handover and self._return_path
+        if not self._handover_cap:
+            # Without our hand-over, a destination that has the whole stream
+            # may run: from the moment the EOF byte is on the wire the
+            # source can no longer know the guest is its own (see the essay).
+            self._dest_may_run = True
         await self._send(enc.eof())
+        self._eof_sent = True
+        if not self._return_path:
+            self._committed = True  # QEMU without a return path: completed, postmigrate
         t4 = time.perf_counter_ns()
         bd.device_state_ms = (t4 - t3) / 1e6
-        if _has_return_path(self.uri) and not self.caps.x_ram_only:
-            await self._wait_return_path()
+        if self._return_path:
+            await self._handover()
         t5 = time.perf_counter_ns()
         bd.destination_resume_ms = (t5 - t4) / 1e6
         bd.total_ms = (t5 - t0) / 1e6
@@ -634,26 +699,102 @@ class OutgoingMigration:
         c.history.downtime = bd
         c.history.downtime_prediction = self._prediction
 
-    async def _wait_return_path(self) -> None:
-        size = struct.calcsize(RP_SHUT_FMT)
-        buf = b""
-        with trio.move_on_after(RP_WAIT_S) as scope:
-            while len(buf) < size:
-                chunk = await self._chan.receive_some(size - len(buf))
-                if not chunk:
-                    break
-                buf += chunk
-        if scope.cancelled_caught or len(buf) < size:
-            raise MigrationError("destination closed the return path before acknowledging the migration")
-        mtype, length, status = struct.unpack(RP_SHUT_FMT, buf)
-        if mtype != RP_MSG_SHUT or length != 4:
-            raise MigrationError(f"unexpected return-path message type {mtype} len {length}")
-        if status != 0:
-            raise MigrationError(f"destination failed to load the migration (status {status})")
+    async def _rp_message(self, dec: MessageDecoder, timeout_s: float) -> Message | str:
+        """The next return-path message, or why none came (closed, timeout, garbage)."""
+        with trio.move_on_after(timeout_s):
+            while True:
+                try:
+                    msg = dec.next_message()
+                except ProtocolError as exc:
+                    return f"the destination sent an invalid return-path message: {exc}"
+                if isinstance(msg, Message):
+                    return msg
+                if msg is not NEED_DATA:
+                    return "the destination closed the return path before acknowledging the migration"
+                try:
+                    data = await self._chan.receive_some(4096)
+                except OSError as exc:
+                    return f"the return path failed: {error_desc(exc)}"
+                dec.receive_data(data)
+        return f"no acknowledgement from the destination within x-return-path-timeout ({self.params.x_return_path_timeout} ms)"
+
+    async def _handover(self) -> None:
+        """After EOF: the return-path exchange that decides who owns the guest.
+
+        With ``x-handover`` (both sides): wait for LOADED, commit, send GO,
+        then wait (bounded) for the destination's final SHUT(0).  Without
+        it: wait for QEMU's SHUT.  Every outcome is recorded in
+        ``_committed`` / ``_dest_may_run``; :meth:`_finish` acts on them.
+        """
+        timeout_s = self.params.x_return_path_timeout / 1000
+        accept = {MIG_RP_MSG_SHUT, MIG_RP_MSG_X_LOADED}
+        dec = MessageDecoder(accept)
+        first = await self._rp_message(dec, timeout_s)
+        if isinstance(first, str):
+            # Lost, late, garbled.  With x-handover the destination cannot run
+            # without GO: _finish resumes us.  Without it, it may be running:
+            # _dest_may_run is set and _finish leaves the guest paused.
+            raise MigrationError(first)
+        if first.type == MIG_RP_MSG_SHUT:
+            if first.value != 0:
+                # QEMU's SHUT(1): the destination failed and will not run.
+                self._dest_may_run = False
+                raise MigrationError(f"destination failed to load the migration (status {first.value})")
+            self._committed = True  # SHUT(0): it loaded and runs (a peer without x-handover)
+            return
+        # MIG_RP_MSG_X_LOADED: the destination is loaded, paused, waiting for us.
+        if not self._handover_cap:
+            self._dest_may_run = False  # it waits for a GO we will never send
+            raise MigrationError("the destination uses x-handover (it waits for the go-ahead); "
+                                 "set the capability on both sides")
+        sent = self._chan.bytes_sent
+        if first.value != sent:
+            raise MigrationError(f"destination loaded {first.value} stream bytes, the source sent {sent}")
+        # The point of no return: commit first, then tell the destination.
+        # Once GO may be on the wire the source never resumes by itself.
+        self._committed = True
+        self._dest_may_run = True
+        try:
+            await self._chan.send_all([encode_go(sent)])
+        except OSError as exc:
+            self.vm.log(f"sending the go-ahead failed ({error_desc(exc)}): the guest stays paused here; "
+                        "the destination runs it only if it got the go-ahead")
+            self._handover_note = "go-ahead not confirmed"
+            return
+        final = await self._rp_message(dec, timeout_s)
+        if isinstance(final, Message) and final.type == MIG_RP_MSG_SHUT and final.value == 0:
+            self._handover_note = "destination confirmed"
+        else:
+            why = final if isinstance(final, str) else f"destination reported status {final.value}"
+            self._handover_note = "go-ahead not confirmed"
+            self.vm.log(f"go-ahead sent but not confirmed ({why}); the source stays paused (postmigrate)")
 
     # -- end --------------------------------------------------------------------
+    async def _tell_nogo(self) -> None:
+        """Best effort: a destination waiting for GO learns it must not run."""
+        if self._chan is None or not self._handover_cap or not self._eof_sent or self._committed:
+            return
+        with trio.move_on_after(NOGO_SEND_S):
+            try:
+                await self._chan.send_all([encode_nogo()])
+            except OSError:
+                pass
+
     async def _finish(self, error: BaseException | None) -> None:
+        """Decide the source's fate (the ordering rule of the essay).
+
+        1. ``_committed``: the destination owns the guest (GO sent, SHUT(0)
+           received, or no return path): COMPLETED, ``postmigrate``; cancel
+           or errors after that point change nothing.
+        2. ``_dest_may_run`` without commit: the destination may be running
+           and we cannot know: FAILED, the guest stays paused
+           (``postmigrate``), error-desc says the operator decides.
+        3. Otherwise the destination cannot run: CANCELLED or FAILED, and the
+           vCPUs resume if they ran before.
+        In every case dirty logging is stopped and the throttle removed.
+        """
         vm, c = self.vm, self.counters
+        await self._tell_nogo()
         if self._chan is not None:
             try:
                 await self._chan.aclose()
@@ -661,13 +802,23 @@ class OutgoingMigration:
                 pass
         if self._dirty_log_started:
             vm.ms.memory_global_dirty_log_stop(GLOBAL_DIRTY_MIGRATION)
+            self._dirty_log_started = False
         vm.vcpus.set_throttle(0)
         c.total_time_ms = (time.perf_counter_ns() - c.start_ns) // 1_000_000
         c.history.total_time_ms = float(c.total_time_ms)
         c.history.setup_time_ms = None if c.setup_time_ms is None else float(c.setup_time_ms)
         status = vm.state.status
-        if error is None and not self.cancel_scope.cancelled_caught and status is S.DEVICE:
+        if self._committed:
+            if error is not None:
+                vm.log(f"after the hand-over: {error_desc(error)}")
             vm.state.goto(S.COMPLETED)
+            vm.set_runstate("postmigrate")
+        elif self._dest_may_run:
+            why = error_desc(error) if error is not None else "migration was cancelled"
+            c.error_desc = (f"{why}; the destination may be running the guest (it had the whole stream): "
+                            "the source stays paused (postmigrate); check the destination, then 'cont' "
+                            "exactly one side")
+            vm.state.goto(S.FAILED)
             vm.set_runstate("postmigrate")
         else:
             if status is S.CANCELLING:
@@ -696,6 +847,12 @@ class IncomingMigration:
         self.timeline = DestinationTimeline()
         #: set once listening succeeded (migrate-incoming may be retried before)
         self.listening = trio.Event()
+        #: hand-over progress (x-handover): "", "waiting-for-go", "go", "nogo", "no-go-ahead"
+        self.handover = ""
+        #: loaded and valid, but the source's word never came: the operator decides
+        self.undecided = False
+        self._stream_bytes = 0
+        self._trailing = b""
 
     def _stamp(self, name: str) -> None:
         setattr(self.timeline, name, time.time() * 1000)
@@ -716,39 +873,9 @@ class IncomingMigration:
         try:
             async with listener:
                 chan = await listener.accept()
-            self.counters.start_ns = time.perf_counter_ns()
             self._stamp("accepted_unix_ms")
-            device_state = await self._receive(chan)
-            self._stamp("stream_received_unix_ms")
-            source_running = True  # a RAM-only stream carries no run state
-            if device_state is not None:
-                source_running, vcpu_state = unpack_device_state(device_state)
-                try:
-                    vm.vcpus.load_state(vcpu_state)  # validates everything before loading
-                except ValueError as exc:  # malformed, or not for this VM (e.g. another --smp)
-                    raise MigrationError(f"cannot load the vCPU state: {exc}") from exc
-            self._stamp("device_state_loaded_unix_ms")
-            vm.state.goto(S.COMPLETED)
-            # QEMU (process_incoming_migration_bh): start only if the source
-            # was running and autostart is on; a paused source stays paused.
-            if vm.autostart and source_running:
-                await vm.vm_start()
-                self._stamp("resumed_unix_ms")
-            else:
-                vm.set_runstate("paused")
-            self._stamp("acknowledged_unix_ms")  # just before the reply goes out
-            await self._ack(chan, 0)
-        except (MigrationError, OSError, Exception) as exc:  # noqa: BLE001 - any failure -> FAILED
-            if not isinstance(exc, (MigrationError, OSError, ProtocolError)):
-                vm.log(f"incoming migration failed with an unexpected error: {exc!r}")
-            self.error_desc = error_desc(exc)
-            if vm.state.status in (S.SETUP, S.ACTIVE):
-                vm.state.goto(S.FAILED)
-            if chan is not None:
-                await self._ack(chan, 1)
+            await self.process(chan)
         finally:
-            self.counters.total_time_ms = ((time.perf_counter_ns() - self.counters.start_ns) // 1_000_000
-                                           if self.counters.start_ns else None)
             if chan is not None:
                 with trio.CancelScope(shield=True):
                     try:
@@ -756,16 +883,118 @@ class IncomingMigration:
                     except Exception:
                         pass
 
-    async def _ack(self, chan, status: int) -> None:
+    async def process(self, chan) -> None:
+        """Receive, validate and load the stream from ``chan``, then hand over.
+
+        Ordering rule: nothing is acknowledged, loaded into a vCPU or resumed
+        before the whole stream through EOF was received and every section
+        validated; with ``x-handover`` the vCPUs run only after the source's
+        GO, which it sends only after it committed to never run again.
+        """
+        vm = self.vm
+        handover = vm.caps.x_handover and _has_return_path(self.uri)
+        self.counters.start_ns = time.perf_counter_ns()
+        loaded = False
+        try:
+            device_state = await self._receive(chan)
+            self._stamp("stream_received_unix_ms")
+            source_running = True  # a RAM-only stream carries no run state
+            if device_state is not None:
+                payload, offset = device_state
+                machine = vm.machine
+                valid = validate_device_state(payload, offset=offset, accel=machine.accel.kind,
+                                              npages=machine.ram_block.used_length // TARGET_PAGE_SIZE,
+                                              nvcpus=len(getattr(vm.vcpus, "vcpus", [None])))
+                try:
+                    vm.vcpus.load_state(valid.vcpu_state)
+                except ValueError as exc:  # not for this VM (e.g. another --smp)
+                    raise MigrationError(f"cannot load the vCPU state: {exc}") from exc
+                source_running = valid.running
+            self._stamp("device_state_loaded_unix_ms")
+            loaded = True
+        except (MigrationError, OSError, Exception) as exc:  # noqa: BLE001 - any failure -> FAILED
+            if not isinstance(exc, (MigrationError, OSError, ProtocolError)):
+                vm.log(f"incoming migration failed with an unexpected error: {exc!r}")
+            self._fail(exc)
+            await self._ack(chan, encode_shut(1))
+        if loaded and handover:
+            loaded = await self._wait_for_go(chan)
+        if loaded:
+            vm.state.goto(S.COMPLETED)
+            # QEMU (process_incoming_migration_bh): start only if the source
+            # was running and autostart is on; a paused source stays paused.
+            # Then migration_incoming_state_destroy sends SHUT(0).
+            if vm.autostart and source_running:
+                await vm.vm_start()
+                self._stamp("resumed_unix_ms")
+            else:
+                vm.set_runstate("paused")
+            if not handover:
+                self._stamp("acknowledged_unix_ms")  # just before the reply goes out
+            await self._ack(chan, encode_shut(0))
+        self.counters.total_time_ms = (time.perf_counter_ns() - self.counters.start_ns) // 1_000_000
+
+    def _fail(self, exc: BaseException | str) -> None:
+        self.error_desc = exc if isinstance(exc, str) else error_desc(exc)
+        if self.vm.state.status in (S.SETUP, S.ACTIVE):
+            self.vm.state.goto(S.FAILED)
+
+    async def _wait_for_go(self, chan) -> bool:
+        """x-handover: LOADED, then wait, paused, for the source's word."""
+        self.handover = "waiting-for-go"
+        self._stamp("acknowledged_unix_ms")  # LOADED is the acknowledgement the source waits for
+        await self._ack(chan, encode_loaded(self._stream_bytes))
+        timeout_s = self.vm.params.x_return_path_timeout / 1000
+        dec = MessageDecoder({MIG_CMD_X_GO, MIG_CMD_X_NOGO}, skip_vmdesc=True, base=self._stream_bytes)
+        if self._trailing:  # bytes read past EOF with the stream (b"" would mean EOF)
+            dec.receive_data(self._trailing)
+        why = f"no go-ahead from the source within x-return-path-timeout ({timeout_s * 1000:.0f} ms)"
+        with trio.move_on_after(timeout_s):
+            while True:
+                try:
+                    msg = dec.next_message()
+                except ProtocolError as exc:
+                    why = f"invalid hand-over message from the source: {exc}"
+                    break
+                if isinstance(msg, Message):
+                    if msg.type == MIG_CMD_X_GO and msg.value == self._stream_bytes:
+                        self.handover = "go"
+                        return True
+                    if msg.type == MIG_CMD_X_GO:
+                        why = f"go-ahead for {msg.value} stream bytes, {self._stream_bytes} were received"
+                        break
+                    self.handover = "nogo"
+                    self._fail("the source kept the guest (it resumes): this destination never runs it")
+                    return False
+                if msg is not NEED_DATA:
+                    why = "the source closed the connection without a go-ahead"
+                    break
+                try:
+                    data = await chan.receive_some(4096)
+                except OSError as exc:
+                    why = f"the connection to the source failed before the go-ahead: {error_desc(exc)}"
+                    break
+                dec.receive_data(data)
+        # The guest is loaded and valid, but the source never said whether it
+        # committed: it may be running.  Stay paused; the operator decides.
+        self.handover = "no-go-ahead"
+        self.undecided = True
+        self._fail(f"{why}; the guest is loaded and stays paused: if the source is not running "
+                   "(postmigrate), 'cont' here starts it")
+        self.vm.set_runstate("paused")
+        return False
+
+    async def _ack(self, chan, message: bytes) -> None:
         if not _has_return_path(self.uri):
             return
         try:
-            await chan.send_all([struct.pack(RP_SHUT_FMT, RP_MSG_SHUT, 4, status)])
+            await chan.send_all([message])
         except OSError:
             pass  # the source is gone: nothing to tell it
 
-    async def _receive(self, chan) -> bytes | None:
-        """Receive the whole stream; returns the device state (or None)."""
+    async def _receive(self, chan) -> tuple[bytes, int] | None:
+        """Receive the whole stream; returns the device state and its stream
+        offset (or None for a RAM-only stream)."""
         vm = self.vm
         dec = StreamDecoder(max_block_bytes={b.idstr: b.used_length for b in self.ram.blocks.values()})
         device_state = None
@@ -816,12 +1045,14 @@ class IncomingMigration:
             elif isinstance(event, DeviceState):
                 if current is None or current[0] != "device":
                     raise MigrationError("device state outside a device section")
-                device_state = event.data
+                device_state = (event.data, dec.stream_offset - len(event.data))
             elif isinstance(event, ConnectionClosed):
                 raise MigrationError("the source closed the stream before its end")
             elif isinstance(event, EndOfStream):
                 if not ram_complete:
                     raise MigrationError("stream ended before the final RAM section")
+                self._stream_bytes = dec.stream_offset
+                self._trailing = dec.trailing_data[0]
                 return device_state
             else:  # pragma: no cover - decoder produced something new
                 raise MigrationError(f"unexpected stream event {event!r}")

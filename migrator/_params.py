@@ -24,13 +24,17 @@ Facts from QEMU (migration/options.c, qapi/migration.json, QEMU 10.2):
   order.  We accept every QEMU capability name; enabling one this migrator
   does not implement is a GenericError, disabling it is a no-op.
 
-Our extensions, marked ``x-`` as QAPI does for experimental members:
+Our extensions, all marked ``x-`` as QAPI does for experimental members:
 ``x-clear-bitmap-shift`` (QEMU has it only as ``-global
 migration.x-clear-bitmap-shift`` and clamps to 6..31; we expose it as a
-parameter and refuse values outside 6..31), ``x-predictive-switchover``
-(bool, default false: the switchover test becomes "predicted stop-and-copy
-time <= downtime-limit", which changes when a migration switches over, so
-it is not QEMU's default), and the ``x-ram-only`` capability.
+parameter and refuse values outside 6..31), ``x-return-path-timeout`` (ms,
+1..3600000: how long either side waits for the other's return-path or
+hand-over message; QEMU waits forever), ``x-predictive-switchover`` (bool,
+default false: the switchover test becomes "predicted stop-and-copy time <=
+downtime-limit", which changes when a migration switches over, so it is not
+QEMU's default), and the ``x-ram-only`` and ``x-handover`` capabilities (the
+latter set on both sides, as QEMU users set ``return-path``: the explicit
+ownership hand-over of the engine's essay).
 ``block-bitmap-mapping`` (no block devices here) and ``accel-path`` are not
 implemented and refused as unexpected parameters.
 """
@@ -85,16 +89,20 @@ MIGRATION_CAPABILITIES: Final[tuple[str, ...]] = (
     "dirty-limit",
     "mapped-ram",
     "x-ram-only",
+    "x-handover",
 )
 
 #: Capabilities this migrator implements (may be set to true).
-SUPPORTED_CAPABILITIES: Final = frozenset({"events", "auto-converge", "x-ram-only"})
+SUPPORTED_CAPABILITIES: Final = frozenset({"events", "auto-converge", "x-ram-only", "x-handover"})
 
 #: ``MigrationStatus`` values for which QEMU's ``migration_is_running()`` is true
 #: (the one list lives with the state table).
 RUNNING_STATES: Final = frozenset(s.value for s in _STATUS_RUNNING_STATES)
 
 MIGRATION_ACTIVE_DESC: Final = "There's a migration process in progress"
+
+#: upper bound of x-return-path-timeout: one hour, in ms
+MAX_RETURN_PATH_TIMEOUT_MS: Final = 3600 * 1000
 
 
 def is_migration_running(status: Any) -> bool:
@@ -141,6 +149,7 @@ SET_PARAMETERS_ARGS: Final[dict[str, Any]] = {
     "*direct-io": BOOL,
     "*x-clear-bitmap-shift": UINT8,
     "*x-predictive-switchover": BOOL,
+    "*x-return-path-timeout": UINT64,
 }
 
 
@@ -189,6 +198,10 @@ class MigrationParameters:
     #: ours: switch over when the predicted stop-and-copy time fits in
     #: downtime-limit, instead of QEMU's pending < bandwidth x downtime-limit
     x_predictive_switchover: bool = False
+    #: ours: how long (ms) one side waits for the other's return-path or
+    #: hand-over message once the stream's EOF was sent (received).  Expiry
+    #: never resumes a guest the peer may be running (see the engine).
+    x_return_path_timeout: int = 10_000
 
     def to_qmp(self) -> dict[str, Any]:
         """The ``query-migrate-parameters`` reply (hyphenated QAPI names)."""
@@ -251,6 +264,8 @@ class MigrationParameters:
         # Ours, in the same words (QEMU's CLEAR_BITMAP_SHIFT_MIN/MAX).
         if not 6 <= self.x_clear_bitmap_shift <= 31:
             raise _expects("x_clear_bitmap_shift", "an integer in the range of 6 to 31")
+        if not 1 <= self.x_return_path_timeout <= MAX_RETURN_PATH_TIMEOUT_MS:
+            raise _expects("x_return_path_timeout", "an integer in the range of 1 to (3600 * 1000) ms")
 
 
 # ---------------------------------------------------------------------------

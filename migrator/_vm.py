@@ -28,6 +28,41 @@ def _generic(desc: str) -> QMPError:
     return QMPError("GenericError", desc)
 
 
+#: QEMU's qmp_migrate / qmp_migrate_incoming wording for an unknown scheme
+INVALID_PROTOCOL_DESC = "Parameter 'uri' expects a valid migration protocol"
+
+
+def check_migration_uri(uri: str, *, outgoing: bool) -> None:
+    """Reject a bad migration URI synchronously, in QEMU's words.
+
+    QEMU refuses an unknown scheme at once ("Parameter 'uri' expects a valid
+    migration protocol" from ``migrate``, "unknown migration protocol: URI"
+    from ``migrate-incoming``, migration/migration.c) but only fails later, in the
+    connect, for a missing host or a port getaddrinfo refuses
+    ("address resolution failed for HOST:PORT: ...", util/qemu-sockets.c);
+    we say the same words, before anything starts.
+    """
+    from transport import BadURIError, TcpAddress, parse_uri
+
+    scheme = uri.partition(":")[0] if ":" in uri else ""
+    if scheme not in ("tcp", "unix", "file", "exec", "fd", "rdma", "vsock", "channels"):
+        # qmp_migrate vs qemu_start_incoming_migration
+        raise _generic(INVALID_PROTOCOL_DESC if outgoing else f"unknown migration protocol: {uri}")
+    try:
+        addr = parse_uri(uri)
+    except BadURIError as exc:
+        if scheme == "tcp" and "port must be" in exc.reason:
+            host, _, port = uri[4:].rpartition(":")
+            raise _generic(f"address resolution failed for {host}:{port}: "
+                           "Servname not supported for ai_socktype") from None
+        raise _generic(str(exc)) from None
+    if outgoing and isinstance(addr, TcpAddress):
+        if not addr.host:
+            raise _generic(f"address resolution failed for :{addr.port}: Name or service not known")
+        if addr.port == 0:
+            raise _generic(f"Failed to connect to '{addr.host}:0': Connection refused")
+
+
 class VM:
     """A source or destination VM process."""
 
@@ -195,6 +230,13 @@ class VM:
                 return {}
         if self.state.status in (S.SETUP, S.ACTIVE, S.DEVICE) and self.runstate == "finish-migrate":
             raise _generic("Migration is not finished yet")
+        inc = self.incoming
+        if self.is_destination and inc is not None and inc.undecided:
+            # The operator decided this side owns the guest (x-handover: the
+            # state is complete and valid, the source's word never came).
+            inc.undecided = False
+            inc.handover = "operator"
+            self.log("cont: the operator started a loaded guest that got no go-ahead")
         if not self.vcpus.running:
             await self.vm_start()
             inc = self.incoming
@@ -208,20 +250,17 @@ class VM:
 
     async def qmp_migrate(self, uri: str, detach: bool = True, resume: bool = False,
                           blk: bool = False, inc: bool = False) -> dict:
-        from transport import parse_uri
-
         if resume:
             raise _generic("Cannot resume if there is no paused migration")
         if blk or inc:
             raise _generic("Block migration is not supported by migrator")
-        if self.is_destination and self.state.status is not S.COMPLETED:
+        owns = self.state.status is S.COMPLETED or (self.incoming is not None
+                                                    and self.incoming.handover == "operator")
+        if self.is_destination and not owns:
             raise _generic("Guest is waiting for an incoming migration")
         if self._migration_running():
             raise _generic("There's a migration process in progress")
-        try:
-            parse_uri(uri)
-        except ValueError as exc:
-            raise _generic(str(exc)) from None
+        check_migration_uri(uri, outgoing=True)
         if self.is_destination:
             # a completed destination becomes a source for the next hop
             self.is_destination = False
@@ -233,8 +272,6 @@ class VM:
         return {}
 
     async def qmp_migrate_incoming(self, uri: str, exit_on_error: bool = True) -> dict:
-        from transport import parse_uri
-
         if not self.is_destination:
             raise _generic("'-incoming' was not specified on the command line")
         # QEMU (qmp_migrate_incoming) only latches "started" once listening
@@ -242,10 +279,7 @@ class VM:
         started = self.incoming is not None and self.incoming.listening.is_set()
         if self.incoming_uri != "defer" or started:
             raise _generic("The incoming migration has already been started")
-        try:
-            parse_uri(uri)
-        except ValueError as exc:
-            raise _generic(str(exc)) from None
+        check_migration_uri(uri, outgoing=False)
         await self._start_incoming(uri)
         return {}
 
@@ -265,6 +299,8 @@ class VM:
                 info["total-time"] = inc.counters.total_time_ms
             if status is S.FAILED and inc is not None and inc.error_desc:
                 info["error-desc"] = inc.error_desc
+            if inc is not None and inc.handover:
+                info["x-handover"] = inc.handover
             return info
         mig = self.outgoing
         c = mig.counters
@@ -307,6 +343,8 @@ class VM:
                 info["cpu-throttle-percentage"] = c.cpu_throttle_percentage
         if status is S.FAILED and c.error_desc:
             info["error-desc"] = c.error_desc
+        if mig._handover_note:
+            info["x-handover"] = mig._handover_note
         return info
 
     async def qmp_pmemsave(self, val: int, size: int, filename: str, cpu_index: int | None = None) -> dict:
@@ -425,3 +463,4 @@ class _Caps:
         self.events = caps["events"]
         self.auto_converge = caps["auto-converge"]
         self.x_ram_only = caps["x-ram-only"]
+        self.x_handover = caps["x-handover"]

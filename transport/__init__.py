@@ -6,6 +6,8 @@
 * :func:`open_channel`, :func:`listen_channel`, :func:`serve_once`: move the
   bytes over ``tcp:``, ``unix:`` or ``file:`` URIs with trio.
 * :class:`RateLimiter`: QEMU's max-bandwidth accounting in 100 ms windows.
+* :class:`MessageDecoder` and ``encode_*``: QEMU's return-path messages
+  (``MIG_RP_MSG_SHUT``) and our hand-over messages (``x-handover``).
 """
 
 from ._decoder import ConnectionClosed, StreamDecoder
@@ -29,6 +31,19 @@ from ._events import (
     VMDescription,
 )
 from ._ratelimit import RateLimiter, RateLimiterStatistics
+from ._return_path import (
+    MIG_CMD_X_GO,
+    MIG_CMD_X_NOGO,
+    MIG_RP_MSG_SHUT,
+    MIG_RP_MSG_X_LOADED,
+    Message,
+    MessageDecoder,
+    PeerClosed,
+    encode_go,
+    encode_loaded,
+    encode_nogo,
+    encode_shut,
+)
 from ._wire import (
     QEMU_VM_FILE_MAGIC,
     QEMU_VM_FILE_VERSION,
@@ -61,6 +76,10 @@ from .errors import (
 )
 
 __all__ = [
+    "MIG_CMD_X_GO",
+    "MIG_CMD_X_NOGO",
+    "MIG_RP_MSG_SHUT",
+    "MIG_RP_MSG_X_LOADED",
     "NEED_DATA",
     "QEMU_VM_FILE_MAGIC",
     "QEMU_VM_FILE_VERSION",
@@ -83,6 +102,9 @@ __all__ = [
     "Event",
     "FileAddress",
     "LocalProtocolError",
+    "Message",
+    "MessageDecoder",
+    "PeerClosed",
     "ProtocolError",
     "RamEOS",
     "RamMemSize",
@@ -103,6 +125,10 @@ __all__ = [
     "TransportError",
     "UnixAddress",
     "VMDescription",
+    "encode_go",
+    "encode_loaded",
+    "encode_nogo",
+    "encode_shut",
     "listen_channel",
     "open_channel",
     "parse_uri",

@@ -358,6 +358,13 @@ class SocketChannel(Channel):
 
     async def receive_some(self, max_bytes: int) -> bytes:
         self._check_open()
+        if self._rcvlowat:
+            # Message-sized reads (the return path, the hand-over after the
+            # stream's EOF): a low-water mark would hide a 12-byte message
+            # from poll() forever.  The stream is over: drop it for good.
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_RCVLOWAT, 1)
+            self._rcvlowat = 0
         with _translate(f"receive from {self.peer}"):
             data = await self._sock.recv(max_bytes)
         self.bytes_received += len(data)

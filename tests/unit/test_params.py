@@ -21,8 +21,8 @@ from migrator._qmp import ErrorReply, Request, Return
 from migrator.errors import QMPError
 
 # QEMU's defaults, as query-migrate-parameters shows them on a fresh QEMU 10.2
-# (plus our x-clear-bitmap-shift, CLEAR_BITMAP_SHIFT_DEFAULT, and
-# x-predictive-switchover, off so the switchover test is QEMU's).
+# (plus our x-clear-bitmap-shift, CLEAR_BITMAP_SHIFT_DEFAULT, x-return-path-timeout,
+# and x-predictive-switchover, off so the switchover test is QEMU's).
 QEMU_DEFAULTS = {
     "announce-initial": 50,
     "announce-max": 550,
@@ -54,6 +54,7 @@ QEMU_DEFAULTS = {
     "direct-io": False,
     "x-clear-bitmap-shift": 18,
     "x-predictive-switchover": False,
+    "x-return-path-timeout": 10000,
 }
 
 
@@ -133,6 +134,12 @@ RANGES = [
         6,
         31,
         "Parameter 'x_clear_bitmap_shift' expects an integer in the range of 6 to 31",
+    ),
+    (
+        "x-return-path-timeout",
+        1,
+        3_600_000,
+        "Parameter 'x_return_path_timeout' expects an integer in the range of 1 to (3600 * 1000) ms",
     ),
     # max-cpu-throttle's lower bound is cpu-throttle-initial (20 by default)
     (

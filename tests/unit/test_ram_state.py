@@ -48,16 +48,6 @@ def test_fresh_shortcut_is_wrong_for_used_ram():
     assert not b.pages.any()
 
 
-def test_device_state_carries_the_run_state():
-    from migrator._engine import pack_device_state, unpack_device_state
-
-    assert unpack_device_state(pack_device_state(False, b"\x00blob\n")) == (False, b"\x00blob\n")
-    assert unpack_device_state(pack_device_state(True, b"")) == (True, b"")
-    for bad in (b"", b"no header", b'{"running": 1}\nx', b"[1]\nx"):
-        with pytest.raises(MigrationError, match="run-state"):
-            unpack_device_state(bad)
-
-
 def _sending_machine(mode: dict):
     from memory import GLOBAL_DIRTY_MIGRATION
     from migrator._machine import AccelConfig, Machine

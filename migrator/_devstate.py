@@ -1,0 +1,249 @@
+"""Complete validation of our device section before anything is loaded.
+
+The destination calls :func:`validate_device_state` once, on the whole
+``migrator-vcpus`` payload, after the stream's EOF and before it loads a
+single vCPU field, acknowledges, or resumes.  Everything is checked: the
+run-state header (the role of QEMU's ``globalstate``), the accelerator kind
+(a sim state into a kvm VM or the reverse), the vCPU count, every field's
+type, range and finiteness, the sizes of the raw KVM structs, and the
+consistency with this VM (RAM size in pages for the simulated workloads).
+A failure is a :class:`DeviceStateError`, a ``RemoteProtocolError`` carrying
+the stream offset of the section's payload; nothing has been changed then.
+
+Rule: ``load_state`` of a vCPU controller is only ever called with a payload
+this module accepted.  The format knowledge of both vCPU kinds lives here
+(pure functions over bytes), so the vCPU controllers can move without this
+module changing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import struct
+from dataclasses import dataclass
+
+from memory import TARGET_PAGE_SIZE
+from memory.kvm import linux_kvm as K
+from memory.workloads import AB_START, WORKLOADS
+from transport import RemoteProtocolError
+
+__all__ = ["DeviceStateError", "ValidDeviceState", "validate_device_state"]
+
+#: our device section's largest sane payload (the decoder allows 64 MiB)
+MAX_SIM_STATE_BYTES = 64 << 10
+MAX_KVM_HEADER_BYTES = 4 << 20
+MAX_MSRS = 4096
+MAX_RATE_PAGES_PER_S = 1e9
+U32 = (1 << 32) - 1
+U64 = (1 << 64) - 1
+U128 = (1 << 128) - 1
+#: counters (pages written, passes, sequence numbers) stay far from uint64 wrap
+MAX_COUNTER = (1 << 62) - 1
+
+#: memory.kvm.vcpu's blob format (magic, header, raw structs)
+KVM_STATE_MAGIC = b"MGKVCPU1"
+KVM_STATE_SECTIONS = {
+    "sregs": ctypes.sizeof(K.kvm_sregs),
+    "regs": ctypes.sizeof(K.kvm_regs),
+    "fpu": ctypes.sizeof(K.kvm_fpu),
+    "events": ctypes.sizeof(K.kvm_vcpu_events),
+    "mp_state": 4,
+}
+KVM_REGS_FIELDS = frozenset(f[0] for f in K.kvm_regs._fields_)
+#: KVM_MP_STATE_RUNNABLE .. KVM_MP_STATE_SUSPENDED (include/uapi/linux/kvm.h)
+MAX_MP_STATE = 10
+KVM_PROGRAMS = (None, "ab", "selftest")
+
+#: extra fields of each simulated workload's state (memory/workloads.py)
+_WORKLOAD_FIELDS = {
+    "idle": frozenset(),
+    "fill": frozenset(),
+    "ab": frozenset({"cursor", "passes"}),
+    "random": frozenset({"seq"}),
+    "hotset": frozenset({"seq"}),
+    "stream": frozenset({"cursor", "passes", "seq", "working_set"}),
+}
+assert set(_WORKLOAD_FIELDS) == set(WORKLOADS)
+
+
+class DeviceStateError(RemoteProtocolError):
+    """The device section is malformed or does not fit this VM."""
+
+
+@dataclass(frozen=True, slots=True)
+class ValidDeviceState:
+    """An accepted device section: the source's run state and the vCPU blob."""
+
+    running: bool
+    vcpu_state: bytes
+
+
+def validate_device_state(payload: bytes, *, offset: int, accel: str, npages: int,
+                          nvcpus: int = 1) -> ValidDeviceState:
+    """Check the whole device section; raise :class:`DeviceStateError`.
+
+    Args:
+        payload: the section's data (run-state line, then the vCPU blob).
+        offset: stream offset of ``payload`` (reported in errors).
+        accel: this VM's accelerator kind, ``"sim"`` or ``"kvm"``.
+        npages: guest RAM pages of this VM.
+        nvcpus: vCPUs of this VM.
+    """
+    def fail(detail: str) -> DeviceStateError:
+        return DeviceStateError(f"invalid device state: {detail}", offset)
+
+    head, sep, blob = bytes(payload).partition(b"\n")
+    if not sep:
+        raise fail("no run-state header")
+    meta = _strict_json(head, fail, "run-state header")
+    if not isinstance(meta, dict) or set(meta) != {"running"} or not isinstance(meta["running"], bool):
+        raise fail(f"run-state header must be {{\"running\": true|false}}, not {head[:80]!r}")
+    kind = "kvm" if blob.startswith(KVM_STATE_MAGIC) else "sim" if blob.startswith(b"{") else None
+    if kind is None:
+        raise fail(f"unknown vCPU state format (starts {blob[:8]!r})")
+    if kind != accel:
+        raise fail(f"vCPU state is for a {kind} accelerator, this VM uses {accel}")
+    if kind == "sim":
+        _check_sim(blob, fail, npages=npages, nvcpus=nvcpus)
+    else:
+        _check_kvm(blob, fail, nvcpus=nvcpus)
+    return ValidDeviceState(meta["running"], blob)
+
+
+# -- helpers -------------------------------------------------------------------
+def _strict_json(raw: bytes, fail, what: str):
+    """JSON without NaN/Infinity, duplicate keys or invalid UTF-8."""
+    def no_constant(name):
+        raise ValueError(f"{name} is not a number JSON allows")
+
+    def no_duplicates(pairs):
+        out = {}
+        for key, value in pairs:
+            if key in out:
+                raise ValueError(f"duplicate key {key!r}")
+            out[key] = value
+        return out
+
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=no_constant, object_pairs_hook=no_duplicates)
+    except (ValueError, RecursionError) as exc:
+        raise fail(f"{what} is not valid JSON: {str(exc)[:120]}") from None
+
+
+def _int(value, lo: int, hi: int, what: str, fail) -> int:
+    if type(value) is not int:  # bool is an int subclass: refuse it too
+        raise fail(f"{what} must be an integer, not {type(value).__name__} {str(value)[:40]!r}")
+    if not lo <= value <= hi:
+        raise fail(f"{what} {str(value)[:40]} is out of range [{lo}, {hi}]")
+    return value
+
+
+def _keys(obj, required: frozenset[str] | set[str], what: str, fail) -> dict:
+    if not isinstance(obj, dict):
+        raise fail(f"{what} must be an object, not {type(obj).__name__}")
+    if set(obj) != set(required):
+        missing = sorted(set(required) - set(obj))
+        extra = sorted(set(obj) - set(required))
+        raise fail(f"{what} has missing fields {missing} / unknown fields {extra}")
+    return obj
+
+
+# -- the simulated vCPU (memory/kvm/sim_vcpu.py) --------------------------------
+def _check_sim(blob: bytes, fail, *, npages: int, nvcpus: int) -> None:
+    if nvcpus != 1:
+        raise fail(f"a sim vCPU state carries 1 vCPU, this VM has {nvcpus}")
+    if len(blob) > MAX_SIM_STATE_BYTES:
+        raise fail(f"sim vCPU state is {len(blob)} bytes, more than {MAX_SIM_STATE_BYTES}")
+    state = _keys(_strict_json(blob, fail, "sim vCPU state"), {"kind", "workload", "rate"}, "sim vCPU state", fail)
+    if state["kind"] != "sim":
+        raise fail(f"sim vCPU state has kind {str(state['kind'])[:40]!r}")
+    rate = state["rate"]
+    if rate is not None:
+        if type(rate) not in (int, float):
+            raise fail(f"rate must be a number or null, not {type(rate).__name__} {str(rate)[:40]!r}")
+        if not math.isfinite(rate) or not 0 < rate <= MAX_RATE_PAGES_PER_S:
+            raise fail(f"rate {rate!r} is not in (0, {MAX_RATE_PAGES_PER_S:g}] pages/s")
+    wl = state["workload"]
+    name = wl.get("name") if isinstance(wl, dict) else None
+    if not isinstance(name, str) or name not in _WORKLOAD_FIELDS:
+        raise fail(f"unknown workload {str(name)[:40]!r}")
+    _keys(wl, {"name", "rng", "pages_written"} | _WORKLOAD_FIELDS[name], f"workload {name!r} state", fail)
+    _check_pcg64(wl["rng"], fail)
+    _int(wl["pages_written"], 0, MAX_COUNTER, "pages_written", fail)
+    for key in ("passes", "seq"):
+        if key in wl:
+            _int(wl[key], 0, MAX_COUNTER, key, fail)
+    if name == "ab":
+        first = AB_START // TARGET_PAGE_SIZE
+        if npages <= first:
+            raise fail(f"the ab workload needs more than {first} pages, this VM has {npages}")
+        _int(wl["cursor"], first, npages - 1, "ab cursor", fail)
+    elif name == "stream":
+        ws = _int(wl["working_set"], 1, npages, "stream working_set", fail)
+        _int(wl["cursor"], 0, ws - 1, "stream cursor", fail)
+
+
+def _check_pcg64(rng, fail) -> None:
+    rng = _keys(rng, {"bit_generator", "state", "has_uint32", "uinteger"}, "rng state", fail)
+    if rng["bit_generator"] != "PCG64":
+        raise fail(f"rng bit_generator {str(rng['bit_generator'])[:40]!r} is not PCG64")
+    inner = _keys(rng["state"], {"state", "inc"}, "rng state.state", fail)
+    _int(inner["state"], 0, U128, "rng state", fail)
+    _int(inner["inc"], 0, U128, "rng inc", fail)
+    _int(rng["has_uint32"], 0, 1, "rng has_uint32", fail)
+    _int(rng["uinteger"], 0, U32, "rng uinteger", fail)
+
+
+# -- the real KVM vCPUs (memory/kvm/vcpu.py) --------------------------------------
+def _check_kvm(blob: bytes, fail, *, nvcpus: int) -> None:
+    if len(blob) < 12:
+        raise fail(f"kvm vCPU state truncated ({len(blob)} bytes)")
+    (hlen,) = struct.unpack_from("<I", blob, 8)
+    if hlen > MAX_KVM_HEADER_BYTES or 12 + hlen > len(blob):
+        raise fail(f"kvm vCPU state header length {hlen} does not fit in {len(blob)} bytes")
+    header = _keys(_strict_json(blob[12:12 + hlen], fail, "kvm vCPU state header"),
+                   {"format", "version", "program", "vcpus"}, "kvm vCPU state header", fail)
+    if header["format"] != "migrator-kvm-vcpu" or header["version"] != 1 or type(header["version"]) is not int:
+        raise fail(f"unknown kvm vCPU state format {str(header['format'])[:40]!r} v{str(header['version'])[:20]}")
+    if header["program"] not in KVM_PROGRAMS:
+        raise fail(f"unknown guest program {str(header['program'])[:40]!r}")
+    vcpus = header["vcpus"]
+    if not isinstance(vcpus, list):
+        raise fail("kvm vCPU state 'vcpus' must be a list")
+    if len(vcpus) != nvcpus:
+        raise fail(f"the migration stream carries the state of {len(vcpus)} vCPU(s), this VM has {nvcpus} "
+                   f"(--smp {nvcpus}); start the destination with --smp {len(vcpus)}")
+    payload_len = len(blob) - 12 - hlen
+    for i, st in enumerate(vcpus):
+        what = f"vCPU {i}"
+        _keys(st, {"id", "halted", "sections", "msrs", "regs"}, what, fail)
+        _int(st["id"], i, i, f"{what} id", fail)
+        if not isinstance(st["halted"], bool):
+            raise fail(f"{what} halted must be true or false")
+        sections = _keys(st["sections"], set(KVM_STATE_SECTIONS), f"{what} sections", fail)
+        for name, size in KVM_STATE_SECTIONS.items():
+            ext = sections[name]
+            if not isinstance(ext, list) or len(ext) != 2:
+                raise fail(f"{what} section {name} must be [offset, length]")
+            off = _int(ext[0], 0, payload_len, f"{what} {name} offset", fail)
+            _int(ext[1], size, size, f"{what} {name} length", fail)
+            if off + size > payload_len:
+                raise fail(f"{what} {name} [{off}, +{size}) is outside the {payload_len}-byte payload")
+            if name == "mp_state":
+                (mp,) = struct.unpack_from("<I", blob, 12 + hlen + off)
+                _int(mp, 0, MAX_MP_STATE, f"{what} mp_state", fail)
+        msrs = st["msrs"]
+        if not isinstance(msrs, list) or len(msrs) > MAX_MSRS:
+            raise fail(f"{what} msrs must be a list of at most {MAX_MSRS} [index, value] pairs")
+        for entry in msrs:
+            if not isinstance(entry, list) or len(entry) != 2:
+                raise fail(f"{what} msr entry {str(entry)[:40]} is not [index, value]")
+            _int(entry[0], 0, U32, f"{what} msr index", fail)
+            _int(entry[1], 0, U64, f"{what} msr value", fail)
+        regs = st["regs"]
+        if not isinstance(regs, dict) or not set(regs) <= KVM_REGS_FIELDS:
+            raise fail(f"{what} regs must be an object of kvm_regs fields")
+        for name, value in regs.items():
+            _int(value, 0, U64, f"{what} {name}", fail)

@@ -1,0 +1,367 @@
+"""Who owns the guest: the hand-over rule, in process and deterministic.
+
+Destination: a FakeChannel releases the stream byte by byte; the source: a
+real OutgoingMigration over a unix socket to a scripted peer that reads the
+whole stream with our decoder and then answers (or does not) as the case
+says.  Each case checks the invariant "at most one side runs the guest" and
+the exact state each side ends in.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from memory import GLOBAL_DIRTY_MIGRATION
+from memory.kvm.linux_kvm import KVM_MEM_LOG_DIRTY_PAGES
+from migrator._engine import IncomingMigration, OutgoingMigration
+from migrator._status import MigrationStatus as S
+from transport import (MIG_CMD_X_GO, MIG_CMD_X_NOGO, NEED_DATA, EndOfStream, Message, MessageDecoder,
+                       StreamDecoder, encode_go, encode_loaded, encode_nogo, encode_shut)
+
+from .streams import FakeChannel, build_stream, destination_vm, device_payload, sim_state, source_vm
+
+SMALL = 64 << 10  # 16 pages: small enough to feed byte by byte
+
+
+# -- destination ------------------------------------------------------------------
+def _incoming(vm):
+    vm.state.goto(S.SETUP)
+    vm.incoming = IncomingMigration(vm, vm.incoming_uri)
+    return vm.incoming
+
+
+async def test_destination_does_nothing_before_the_last_byte_of_eof():
+    """Deterministic, not a race: after every byte up to EOF-1 the destination
+    has not completed, loaded, acknowledged or resumed anything."""
+    vm = destination_vm(memory=SMALL)
+    inc = _incoming(vm)
+    stream, regions = build_stream(device_payload(sim_state("idle", memory=SMALL)), memory=SMALL)
+    chan = FakeChannel(close=False)
+    loaded = []
+    real_load = vm.vcpus.load_state
+    vm.vcpus.load_state = lambda data: (loaded.append(1), real_load(data))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(inc.process, chan)
+        cuts = list(range(0, regions["device"], 997)) + list(range(regions["device"], len(stream)))
+        fed = 0
+        for cut in cuts[1:]:
+            chan.feed(stream[fed:cut])
+            fed = cut
+            await trio.testing.wait_all_tasks_blocked()
+            assert vm.state.status is S.ACTIVE, fed
+            assert not loaded and not chan.sent and not vm.vcpus.running, fed
+            assert vm.runstate == "inmigrate"
+        assert fed == len(stream) - 1 == regions["eof"]
+        chan.feed(stream[fed:])
+    assert vm.state.status is S.COMPLETED and loaded and vm.vcpus.running
+    assert chan.sent == [encode_shut(0)]
+
+
+def _stream(handover_memory=SMALL, running=True):
+    return build_stream(device_payload(sim_state("idle", memory=handover_memory), running=running),
+                        memory=handover_memory)
+
+
+async def test_destination_with_handover_runs_only_on_go():
+    vm = destination_vm(memory=SMALL, handover=True)
+    inc = _incoming(vm)
+    stream, regions = _stream()
+    chan = FakeChannel(stream, close=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(inc.process, chan)
+        await trio.testing.wait_all_tasks_blocked()
+        assert chan.sent == [encode_loaded(len(stream))]
+        assert vm.state.status is S.ACTIVE and not vm.vcpus.running and inc.handover == "waiting-for-go"
+        assert (await vm.qmp_query_migrate())["x-handover"] == "waiting-for-go"
+        await vm.qmp_cont()  # the operator cannot start it while it waits
+        assert not vm.vcpus.running
+        chan.feed(encode_go(len(stream))[:5])
+        await trio.testing.wait_all_tasks_blocked()
+        assert not vm.vcpus.running  # half a GO is no GO
+        chan.feed(encode_go(len(stream))[5:])
+    assert vm.state.status is S.COMPLETED and vm.vcpus.running and inc.handover == "go"
+    assert chan.sent == [encode_loaded(len(stream)), encode_shut(0)]
+
+
+@pytest.mark.parametrize("ending", ["closed", "timeout", "wrong-count", "garbage"])
+async def test_destination_without_go_stays_paused_until_the_operator_decides(ending):
+    vm = destination_vm(memory=SMALL, handover=True)
+    vm.options.parameters = vm.params.apply(x_return_path_timeout=100)
+    inc = _incoming(vm)
+    stream, _ = _stream()
+    chan = FakeChannel(stream, close=False)
+    if ending == "closed":
+        chan.close()
+    elif ending == "wrong-count":
+        chan.feed(encode_go(len(stream) - 1))
+    elif ending == "garbage":
+        chan.feed(b"\x00\x01\x00\x04\x00\x00\x00\x00")  # a SHUT: not a message a destination accepts
+    with trio.fail_after(10):
+        await inc.process(chan)
+    assert not vm.vcpus.running and vm.runstate == "paused"
+    assert vm.state.status is S.FAILED and inc.undecided and inc.handover == "no-go-ahead"
+    info = await vm.qmp_query_migrate()
+    assert "'cont' here starts it" in info["error-desc"], info
+    assert chan.sent == [encode_loaded(len(stream))]
+    await vm.qmp_cont()  # the operator decided: the state is complete and valid
+    assert vm.vcpus.running
+
+
+async def test_destination_told_nogo_never_runs():
+    vm = destination_vm(memory=SMALL, handover=True)
+    inc = _incoming(vm)
+    stream, _ = _stream()
+    chan = FakeChannel(stream + encode_nogo(), close=False)
+    await inc.process(chan)
+    assert vm.state.status is S.FAILED and inc.handover == "nogo" and not inc.undecided
+    await vm.qmp_cont()
+    assert not vm.vcpus.running and vm.runstate == "inmigrate"
+
+
+async def test_destination_skips_a_vm_description_before_go():
+    """QEMU appends a VMDESCRIPTION after EOF; the hand-over reader skips it."""
+    vm = destination_vm(memory=SMALL, handover=True)
+    stream, _ = _stream()
+    vmdesc = b"\x06" + (7).to_bytes(4, "big") + b'{"a":1}'
+    chan = FakeChannel(stream + vmdesc + encode_go(len(stream)), close=False)
+    await _incoming(vm).process(chan)
+    assert vm.state.status is S.COMPLETED and vm.vcpus.running
+
+
+async def test_paused_source_arrives_paused_after_go():
+    vm = destination_vm(memory=SMALL, handover=True)
+    stream, _ = _stream(running=False)
+    chan = FakeChannel(stream + encode_go(len(stream)), close=False)
+    await _incoming(vm).process(chan)
+    assert vm.state.status is S.COMPLETED and not vm.vcpus.running and vm.runstate == "paused"
+
+
+# -- source -----------------------------------------------------------------------
+async def _peer(listener, script: str, seen: dict) -> None:
+    """A scripted destination: read the whole stream, then follow ``script``."""
+    async with listener:
+        stream = await listener.accept()
+    async with stream:
+        dec = StreamDecoder()
+        total = 0
+        while True:
+            ev = dec.next_event()
+            if ev is NEED_DATA:
+                data = await stream.receive_some(1 << 20)
+                if not data:
+                    seen["closed-early"] = True
+                    return
+                total += len(data)
+                dec.receive_data(data)
+                continue
+            if isinstance(ev, EndOfStream):
+                break
+        n = dec.stream_offset
+        seen["stream_bytes"] = n
+        if script == "shut0":
+            await stream.send_all(encode_shut(0))
+        elif script == "shut1":
+            await stream.send_all(encode_shut(1))
+        elif script == "close":
+            return
+        elif script == "silent":
+            await trio.sleep_forever()
+        elif script == "garbage":
+            await stream.send_all(b"\x00\x09\x00\x00")
+            await trio.sleep_forever()
+        elif script.startswith("loaded"):
+            await stream.send_all(encode_loaded(n - 1 if script == "loaded-wrong" else n))
+            rp = MessageDecoder({MIG_CMD_X_GO, MIG_CMD_X_NOGO})
+            while True:
+                msg = rp.next_message()
+                if isinstance(msg, Message):
+                    seen["word"] = "go" if msg.type == MIG_CMD_X_GO else "nogo"
+                    seen["word_value"] = msg.value
+                    break
+                if msg is not NEED_DATA:
+                    seen["word"] = None
+                    break
+                rp.receive_data(await stream.receive_some(64))
+            if script == "loaded" and seen.get("word") == "go":
+                await stream.send_all(encode_shut(0))
+            elif script == "loaded-silent":
+                await trio.sleep_forever()
+
+
+def _dirty_logging_off(vm) -> bool:
+    flags = vm.machine.kvm.memslot(0)[2]
+    return not vm.ms.global_dirty_tracking & GLOBAL_DIRTY_MIGRATION and not flags & KVM_MEM_LOG_DIRTY_PAGES
+
+
+async def _migrate(tmp_path, script: str, *, handover: bool, prepare=None):
+    vm = source_vm(handover=handover)
+    vm.options.parameters = vm.params.apply(x_return_path_timeout=300, max_bandwidth=1 << 34)
+    seen: dict = {}
+    path = str(tmp_path / "peer.sock")
+    sock = trio.socket.socket(trio.socket.AF_UNIX)
+    await sock.bind(path)
+    sock.listen()
+    listener = trio.SocketListener(sock)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(vm.vcpus.run)
+        vm.machine.boot()
+        await vm.vm_start()
+        nursery.start_soon(_peer, listener, script, seen)
+        mig = OutgoingMigration(vm, f"unix:{path}")
+        vm.outgoing = mig
+        if prepare is not None:
+            prepare(vm, mig)
+        with trio.fail_after(30):
+            await mig.run()
+        nursery.cancel_scope.cancel()
+    assert _dirty_logging_off(vm), script
+    assert vm.vcpus.throttle_pct == 0
+    return vm, mig, seen
+
+
+# (script, handover) -> (status, source runs afterwards, what the peer was told)
+SOURCE_CASES = {
+    ("shut0", False): ("completed", False, None),
+    ("shut1", False): ("failed", True, None),
+    ("close", False): ("failed", False, None),  # outcome unknown: never resume
+    ("silent", False): ("failed", False, None),
+    ("garbage", False): ("failed", False, None),
+    ("loaded", False): ("failed", True, "nothing"),  # the peer waits for a GO we never send
+    ("shut0", True): ("completed", False, None),  # a peer without x-handover ran the guest
+    ("shut1", True): ("failed", True, None),
+    ("close", True): ("failed", True, None),  # no GO was sent: the peer cannot run
+    ("silent", True): ("failed", True, None),
+    ("garbage", True): ("failed", True, None),
+    ("loaded", True): ("completed", False, "go"),
+    ("loaded-silent", True): ("completed", False, "go"),  # GO sent, final SHUT lost: committed
+    ("loaded-wrong", True): ("failed", True, "nogo"),
+}
+
+
+@pytest.mark.parametrize(("script", "handover"), sorted(SOURCE_CASES))
+async def test_source_outcome(tmp_path, script, handover):
+    status, runs, word = SOURCE_CASES[script, handover]
+    vm, mig, seen = await _migrate(tmp_path, script, handover=handover)
+    assert vm.state.status.value == status, (mig.counters.error_desc, seen)
+    assert vm.vcpus.running is runs
+    assert vm.runstate == ("running" if runs else "postmigrate")
+    if status == "failed" and not runs:
+        assert "the destination may be running" in mig.counters.error_desc
+        assert "'cont' exactly one side" in mig.counters.error_desc
+    if word == "go":
+        assert seen["word"] == "go" and seen["word_value"] == seen["stream_bytes"]
+        note = "destination confirmed" if script == "loaded" else "go-ahead not confirmed"
+        assert (await vm.qmp_query_migrate())["x-handover"] == note
+    elif word == "nogo":
+        assert seen["word"] == "nogo"
+    elif word == "nothing":
+        assert seen.get("word") is None
+
+
+async def test_failure_after_the_vcpus_stopped_resumes_the_source(tmp_path):
+    def prepare(vm, mig):
+        def broken():
+            raise RuntimeError("vCPU state unreadable")
+        vm.vcpus.save_state = broken
+
+    vm, mig, seen = await _migrate(tmp_path, "shut0", handover=False, prepare=prepare)
+    assert vm.state.status is S.FAILED and "vCPU state unreadable" in mig.counters.error_desc
+    assert mig._stopped_vm and vm.vcpus.running and vm.runstate == "running"
+    assert "stream_bytes" not in seen  # the destination never saw EOF
+
+
+@pytest.mark.parametrize("handover", [False, True])
+async def test_cancel_in_the_device_stage_resumes_the_source(tmp_path, handover):
+    def prepare(vm, mig):
+        inner = vm.state.on_change
+
+        def on_change(status):
+            inner(status)
+            if status is S.DEVICE:
+                mig.cancel()
+        vm.state.on_change = on_change
+
+    vm, mig, seen = await _migrate(tmp_path, "shut0", handover=handover, prepare=prepare)
+    assert vm.state.status is S.CANCELLED and vm.vcpus.running and vm.runstate == "running"
+    assert "stream_bytes" not in seen
+
+
+@pytest.mark.parametrize("handover", [False, True])
+async def test_cancel_after_eof(tmp_path, handover):
+    """Cancel while waiting for the acknowledgement: with x-handover the
+    destination cannot run without GO, so the source resumes (and says NOGO);
+    without it the destination may be running, so the source stays paused."""
+    def prepare(vm, mig):
+        real = mig._handover
+
+        async def cancel_then_wait():
+            mig.cancel()
+            await real()
+        mig._handover = cancel_then_wait
+
+    vm, mig, seen = await _migrate(tmp_path, "loaded-silent" if handover else "silent",
+                                   handover=handover, prepare=prepare)
+    if handover:
+        assert vm.state.status is S.CANCELLED and vm.vcpus.running and seen["word"] == "nogo"
+    else:
+        assert vm.state.status is S.FAILED and not vm.vcpus.running and vm.runstate == "postmigrate"
+        assert "the destination may be running" in mig.counters.error_desc
+
+
+async def test_cancel_after_commit_changes_nothing(tmp_path):
+    def prepare(vm, mig):
+        orig_handover = mig._handover
+
+        async def handover():
+            await orig_handover()
+            mig.cancel()  # after GO: a no-op
+        mig._handover = handover
+
+    vm, mig, seen = await _migrate(tmp_path, "loaded", handover=True, prepare=prepare)
+    assert vm.state.status is S.COMPLETED and not vm.vcpus.running and seen["word"] == "go"
+
+
+# -- argument validation ------------------------------------------------------------
+@pytest.mark.parametrize(("uri", "desc"), [
+    ("bogus:thing", "Parameter 'uri' expects a valid migration protocol"),
+    ("nocolon", "Parameter 'uri' expects a valid migration protocol"),
+    ("tcp::4444", "address resolution failed for :4444: Name or service not known"),
+    ("tcp:127.0.0.1:99999", "address resolution failed for 127.0.0.1:99999: Servname not supported"),
+    ("tcp:127.0.0.1:0", "Failed to connect to '127.0.0.1:0'"),
+    ("tcp:127.0.0.1", "missing ':PORT'"),
+    ("unix:", "missing socket path"),
+])
+async def test_migrate_rejects_bad_uris_synchronously(uri, desc):
+    from migrator.errors import QMPError
+
+    vm = source_vm()
+    with pytest.raises(QMPError, match=desc.replace("(", r"\(").replace(".", r"\.")):
+        await vm.qmp_migrate(uri)
+    assert vm.outgoing is None and vm.state.status is S.NONE
+
+
+async def test_migrate_incoming_rejects_unknown_protocols():
+    from migrator.errors import QMPError
+
+    vm = destination_vm(uri="defer")
+    with pytest.raises(QMPError, match="unknown migration protocol: bogus:x"):
+        await vm.qmp_migrate_incoming("bogus:x")
+    with pytest.raises(QMPError, match="Servname not supported"):
+        await vm.qmp_migrate_incoming("tcp:127.0.0.1:70000")
+
+
+@pytest.mark.parametrize(("qmp", "why"), [
+    ("tcp:127.0.0.1:99999", "out of range"),
+    ("tcp:127.0.0.1:0", "out of range"),
+    ("tcp:127.0.0.1:-1", "invalid tcp address"),
+    ("unix:/" + "x" * 120, "too long"),
+])
+def test_cli_rejects_bad_qmp_addresses(qmp, why, capsys):
+    from migrator._cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--accel", "sim", "--memory", "16M", "--qmp", qmp])
+    assert info.value.code == 2
+    assert why in capsys.readouterr().err
