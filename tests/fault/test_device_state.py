@@ -103,7 +103,7 @@ def test_named_hostile_states_are_rejected_with_the_offset(case):
 
 
 def test_kvm_state_checks():
-    with pytest.raises(DeviceStateError, match="state has 2 vCPUs, this VM has 1"):
+    with pytest.raises(DeviceStateError, match=r"carries the state of 2 vCPU\(s\), this VM has 1"):
         validate(device_payload(kvm_blob(2)), accel="kvm")
     with pytest.raises(DeviceStateError, match="is for a sim accelerator, this VM uses kvm"):
         validate(device_payload(sim_state("ab")), accel="kvm")
