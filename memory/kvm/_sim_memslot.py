@@ -5,11 +5,11 @@ helpers shared by :mod:`memory.kvm.simulated`."""
 from __future__ import annotations
 
 import errno
-import time
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import _sim_shm as S
 from . import linux_kvm as K
 
 if TYPE_CHECKING:
@@ -23,25 +23,69 @@ def err(code: int, msg: str) -> OSError:
 
 
 class MemSlot:
-    """struct kvm_memory_slot (+ its per-slot rmap, as on x86)."""
+    """struct kvm_memory_slot (+ its per-slot rmap, as on x86), as one row of
+    the shared memslot table (:mod:`._sim_shm`): every process that maps the
+    VM sees the same base, flags, rmap and dirty bitmap.
 
-    __slots__ = ("as_id", "id", "base_gfn", "npages", "flags", "userspace_addr", "pages", "dirty", "rmap", "snapshot_at")
+    The VMM changes a row only as :meth:`SimKVM.set_user_memory_region`
+    does (the memslot update protocol there); vCPU processes only read the
+    row, and set rmap entries / dirty bits as the fault path does.
+    """
 
-    def __init__(self, as_id: int, id_: int, base_gfn: int, npages: int, flags: int, hva: int, pages) -> None:  # noqa: ANN001
-        self.as_id = as_id
-        self.id = id_
-        self.base_gfn = base_gfn
-        self.npages = npages
-        self.flags = flags
-        self.userspace_addr = hva
+    __slots__ = ("row", "_t", "e", "as_id", "id", "npages", "pages", "rmap", "_dirty")
+
+    def __init__(self, table: NDArray[np.int64], e: int, pages, rmap, dirty) -> None:  # noqa: ANN001
+        self._t = table
+        self.e = e
+        self.row = table[e]
+        slot = int(self.row[S.S_SLOT])
+        self.as_id = slot >> 16
+        self.id = slot & 0xFFFF
+        self.npages = int(self.row[S.S_NPAGES])
         #: (npages, 4096) uint8 view of the host memory, or None
         self.pages: NDArray[np.uint8] | None = pages
-        #: memslot->dirty_bitmap (uint64 words) or None when not logging
-        self.dirty: NDArray[np.uint64] | None = None
         #: memslot->arch.rmap: whether the page's leaf spte is in the rmap
-        self.rmap: NDArray[np.bool_] = np.zeros(npages, dtype=np.bool_)
-        #: write_protect_all(True) count at the last GET without write protect
-        self.snapshot_at = -1
+        self.rmap: NDArray[np.bool_] = rmap
+        #: memslot->dirty_bitmap (uint64 words); see :attr:`dirty`
+        self._dirty: NDArray[np.uint64] = dirty
+
+    @property
+    def base_gfn(self) -> int:
+        return int(self.row[S.S_BASE])
+
+    @base_gfn.setter
+    def base_gfn(self, v: int) -> None:
+        self.row[S.S_BASE] = v
+
+    @property
+    def flags(self) -> int:
+        return int(self.row[S.S_FLAGS])
+
+    @flags.setter
+    def flags(self, v: int) -> None:
+        self.row[S.S_FLAGS] = v
+
+    @property
+    def userspace_addr(self) -> int:
+        return int(self.row[S.S_HVA])
+
+    @property
+    def snapshot_at(self) -> int:
+        """write_protect_all(True) count at the last GET without write protect."""
+        return int(self.row[S.S_SNAPSHOT_AT])
+
+    @snapshot_at.setter
+    def snapshot_at(self, v: int) -> None:
+        self.row[S.S_SNAPSHOT_AT] = v
+
+    @property
+    def dirty(self) -> NDArray[np.uint64] | None:
+        """memslot->dirty_bitmap, or None when the slot does not log."""
+        return self._dirty if self.row[S.S_LOGGING] else None
+
+    @property
+    def dirty_addr(self) -> int:
+        return int(self._dirty.ctypes.data)
 
     @property
     def nwords(self) -> int:
@@ -49,7 +93,7 @@ class MemSlot:
 
     @property
     def logging(self) -> bool:
-        return self.dirty is not None
+        return bool(self.row[S.S_LOGGING])
 
 
 def as_gfns(gfns) -> NDArray[np.int64]:  # noqa: ANN001
@@ -81,43 +125,56 @@ def bitmap_pages(words: NDArray[np.uint64], word_idx: NDArray[np.int64]) -> NDAr
 
 
 def apply_flags(kvm: SimKVM, ms: MemSlot, flags: int) -> None:
-    """kvm_prepare_memory_region's bitmap + kvm_mmu_slot_apply_flags."""
+    """kvm_prepare_memory_region's bitmap + kvm_mmu_slot_apply_flags.
+
+    Order (the memslot update protocol): the new flags and bitmap are
+    published and every vCPU has left any access that used the old ones
+    (``synchronize_srcu``) BEFORE leaves are write-protected under
+    mmu_lock; so no vCPU can make a leaf writable afterwards without seeing
+    that the slot logs.
+    """
     was_logging = ms.logging
     ms.flags = flags
     if not flags & K.KVM_MEM_LOG_DIRTY_PAGES:
-        ms.dirty = None
+        ms.row[S.S_LOGGING] = 0
+        kvm._publish_slots()
         return
     if was_logging:
+        kvm._publish_slots()
         return
-    ms.dirty = np.zeros(ms.nwords, dtype=np.uint64)
-    if kvm._manual & K.KVM_DIRTY_LOG_INITIALLY_SET:
+    d = ms._dirty
+    d.fill(0)
+    initially_set = bool(kvm._manual & K.KVM_DIRTY_LOG_INITIALLY_SET)
+    if initially_set:
         # all ones, and nothing write-protected until CLEARed
-        ms.dirty.fill(np.uint64(0xFFFFFFFFFFFFFFFF))
+        d.fill(np.uint64(0xFFFFFFFFFFFFFFFF))
         if ms.npages & 63:
-            ms.dirty[-1] = np.uint64((1 << (ms.npages & 63)) - 1)
+            d[-1] = np.uint64((1 << (ms.npages & 63)) - 1)
+    ms.row[S.S_LOGGING] = 1
+    kvm._publish_slots()
+    if initially_set:
         return
     # kvm_mmu_slot_remove_write_access (or, with PML,
     # kvm_mmu_slot_leaf_clear_dirty) on every leaf through the rmap
-    pages = np.flatnonzero(ms.rmap)
-    if pages.size == 0:
-        return
-    t0 = time.perf_counter_ns()
-    mmu = kvm._mmus[ms.as_id]
-    leaves = mmu.leaf_index(ms.base_gfn + pages)
-    n = mmu.clear_dirty_leaves(leaves) if kvm.pml else mmu.protect_leaves(leaves)
-    kvm._unlock(t0)
-    if n:
-        kvm._stats["tlb_flushes"] += 1
+    with kvm._mmu_lock:
+        pages = np.flatnonzero(ms.rmap)
+        if pages.size == 0:
+            return
+        mmu = kvm._mmus[ms.as_id]
+        leaves = mmu.leaf_index(ms.base_gfn + pages)
+        n = mmu.clear_dirty_leaves(leaves) if kvm.pml else mmu.protect_leaves(leaves)
+        if n:
+            kvm._flush_remote_tlbs()
+
 
 def zap_slot(kvm: SimKVM, ms: MemSlot) -> None:
-    """kvm_arch_flush_shadow_memslot: drop every leaf of the slot."""
-    pages = np.flatnonzero(ms.rmap)
-    if pages.size == 0:
-        return
-    t0 = time.perf_counter_ns()
-    mmu = kvm._mmus[ms.as_id]
-    # rule 7: clear the spte, then drop it from the rmap
-    mmu.zap_leaves(mmu.leaf_index(ms.base_gfn + pages))
-    ms.rmap[pages] = False
-    kvm._unlock(t0)
-    kvm._stats["tlb_flushes"] += 1
+    """kvm_arch_flush_shadow_memslot: drop every leaf of the slot (mmu_lock)."""
+    with kvm._mmu_lock:
+        pages = np.flatnonzero(ms.rmap)
+        if pages.size == 0:
+            return
+        mmu = kvm._mmus[ms.as_id]
+        # rule 7: clear the spte, then drop it from the rmap
+        mmu.zap_leaves(mmu.leaf_index(ms.base_gfn + pages))
+        ms.rmap[pages] = False
+        kvm._flush_remote_tlbs()

@@ -128,7 +128,9 @@ userspace with KVM_EXIT_MMIO for the first).
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -150,6 +152,7 @@ from ._sim_mmu import (
     run_starts,
 )
 from . import _sim_check, _sim_memslot, _sim_steps
+from . import _sim_shm as _S
 from ._sim_memslot import MemSlot as _MemSlot
 from ._sim_memslot import as_gfns as _as_gfns
 from ._sim_memslot import bitmap_pages as _bitmap_pages
@@ -174,29 +177,64 @@ _VALID_MEM_FLAGS = K.KVM_MEM_LOG_DIRTY_PAGES | K.KVM_MEM_READONLY
 #: pages per chunk when walking large bitmaps (bounds temporaries)
 _CHUNK_WORDS = 1 << 14
 
-STAT_NAMES = (
-    "sptes_write_protected",
-    "sptes_dirty_cleared",
-    "sptes_zapped",
-    "faults_fast",
-    "faults_push_down",
-    "faults_map",
-    "pml_logged",
-    "pages_marked_dirty",
-    "tables_created",
-    "tlb_flushes",
-    "mmu_lock_acquisitions",
-    "mmu_lock_hold_ns",
-    "root_reloads",
-    "dirty_log_calls",
-    "clear_dirty_log_calls",
-    "write_protect_all_calls",
-)
+STAT_NAMES = _S.STAT_NAMES
 
 _MAP_WRITABLE = np.uint8(int(SPTE_PRESENT | SPTE_WRITABLE | SPTE_MMU_WRITABLE))
 _MAP_READONLY_MW = np.uint8(int(SPTE_PRESENT | SPTE_MMU_WRITABLE))
 _ONE64 = np.uint64(1)
 _U64 = np.dtype(np.uint64)
+
+
+_ZERO_U8 = np.uint8(0)
+
+
+def _word_masks(idx: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.uint64]]:
+    """Sorted unique page indices -> (bitmap word indices, their masks)."""
+    n = int(idx.size)
+    lo = int(idx[0]) & ~63
+    span = int(idx[-1]) + 1 - lo
+    if span <= 64 * n:
+        # dense: one bool per page of the span, packed little-endian
+        b = np.zeros((span + 63) & ~63, dtype=np.bool_)
+        b[idx - lo] = True
+        packed = np.packbits(b, bitorder="little").view(np.uint64)
+        nz = np.flatnonzero(packed)
+        return nz + (lo >> 6), packed[nz]
+    w = idx >> 6
+    bits = np.left_shift(_ONE64, (idx & 63).astype(np.uint64))
+    s = run_starts(w)
+    return w[s], (bits if s.size == n else np.bitwise_or.reduceat(bits, s))
+
+
+def _take_words(ms, out: NDArray[np.uint64]) -> None:  # noqa: ANN001
+    """``out[i] = xchg(&dirty_bitmap[i], 0)`` for every word; words read as
+    zero are left alone (a bit set after the read stays for the next GET)."""
+    words = ms.dirty
+    out.fill(0)
+    nz = np.flatnonzero(words)
+    base = ms.dirty_addr
+    xchg8 = _S.xchg8
+    for w in nz.tolist():
+        out[w] = xchg8(base + 8 * w, 0)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (exited, not yet reaped) is not running either
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class _Retry(Exception):
+    """An access met an invalid memslot (being moved or deleted): retry it."""
 
 
 class SimKVM:
@@ -216,26 +254,82 @@ class SimKVM:
 
     page_size = PAGE_SIZE
 
-    def __init__(self, *, pml: bool = False, nr_memslots: int = 32764, nr_vcpus: int = 1) -> None:
+    def __init__(self, *, pml: bool = False, nr_memslots: int = 32764, nr_vcpus: int = 1,
+                 params: _S.Params | None = None, _attach: tuple[int, int] | None = None) -> None:
         if nr_vcpus < 1 or not 1 <= nr_memslots <= 0x10000:
             raise ValueError(f"bad nr_vcpus={nr_vcpus} / nr_memslots={nr_memslots}")
-        self.pml = bool(pml)
-        self.nr_memslots = int(nr_memslots)
+        if params is None:
+            params = _S.Params(nr_vcpus=nr_vcpus)
+        elif params.nr_vcpus != nr_vcpus:
+            raise ValueError(f"params.nr_vcpus {params.nr_vcpus} != nr_vcpus {nr_vcpus}")
+        #: all state both the VMM and the vCPU processes touch (see _sim_shm)
+        if _attach is None:
+            self._shm = _S.SharedState.create(params)
+            self._owner = True
+        else:
+            self._shm = _S.SharedState.attach(params, _attach[0])
+            self._owner = False
+        shm = self._shm
+        self._hdr = shm["hdr"]
+        if self._owner:
+            self._hdr[_S.H_PML] = int(bool(pml))
+            self._hdr[_S.H_NR_MEMSLOTS] = int(nr_memslots)
+            self._hdr[_S.H_VMM_PID] = os.getpid()
+        self.pml = bool(self._hdr[_S.H_PML])
+        self.nr_memslots = int(self._hdr[_S.H_NR_MEMSLOTS])
         self.nr_vcpus = int(nr_vcpus)
-        self._stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
-        #: kvm->arch.mmu_write_protect_all_indicator
-        self._indicator = 0
-        #: number of write_protect_all(True) calls (for snapshot bookkeeping)
-        self._wp_all_epoch = 0
-        self._mmus = [Mmu(self._stats, 0) for _ in range(KVM_ADDRESS_SPACE_NUM)]
+        #: the statistics row of whoever runs the current operation: the
+        #: VMM's row, or a vCPU's while that vCPU accesses memory
+        self._vmm_row = self.nr_vcpus
+        self._stats = _S.StatRow(shm["stats"], self._vmm_row)
+        self._mmu_lock = _S.MmuLock(shm, self._stats)
+        self._mmus = [Mmu(self._stats, shm, as_id, 0, create_root=self._owner)
+                      for as_id in range(KVM_ADDRESS_SPACE_NUM)]
         #: KVM_REQ_MMU_RELOAD per vCPU: bit ``as_id`` set = that root must be reloaded
-        self._reload: list[int] = [0] * self.nr_vcpus
+        self._reload: NDArray[np.int64] = shm["reload"]
+        self._ctl: NDArray[np.int64] = shm["vcpu_ctl"]
+        self._slot_table: NDArray[np.int64] = shm["slots"]
+        self._bufs: NDArray[np.int64] = shm["bufs"]
         self._slots: dict[int, _MemSlot] = {}
+        #: per entry serial -> MemSlot (views are built once per process)
+        self._slot_cache: dict[tuple[int, int], _MemSlot] = {}
+        #: host memory this process cannot share (plain numpy arrays): entry -> pages
+        self._local_pages: dict[int, NDArray[np.uint8]] = {}
+        #: host buffers mapped in this process: buffer index -> uint8 view
+        self._buf_views: dict[int, NDArray[np.uint8]] = {}
         self._layout: list[tuple[NDArray[np.int64], NDArray[np.int64], list[_MemSlot]]] = [
             (np.empty(0, np.int64), np.empty(0, np.int64), []) for _ in range(KVM_ADDRESS_SPACE_NUM)
         ]
-        #: kvm->manual_dirty_log_protect
-        self._manual = 0
+        self._slots_gen_seen = -1
+        #: the vCPU this process is (a vCPU process), or None (the VMM)
+        self.self_vcpu: int | None = None
+        self._sync_slots()
+
+    @property
+    def shared_state(self) -> _S.SharedState:
+        return self._shm
+
+    # kvm->arch.mmu_write_protect_all_indicator, the write_protect_all(True)
+    # count (snapshot bookkeeping) and kvm->manual_dirty_log_protect, shared
+    @property
+    def _indicator(self) -> int:
+        return int(self._hdr[_S.H_INDICATOR]) & 0xFFFFFFFFFFFFFFFF
+
+    @_indicator.setter
+    def _indicator(self, v: int) -> None:
+        self._hdr[_S.H_INDICATOR] = v - (1 << 64) if v >= 1 << 63 else v
+
+    @property
+    def _wp_all_epoch(self) -> int:
+        return int(self._hdr[_S.H_WP_EPOCH])
+
+    @_wp_all_epoch.setter
+    def _wp_all_epoch(self, v: int) -> None:
+        self._hdr[_S.H_WP_EPOCH] = v
+
+    @property
+    def _manual(self) -> int:
+        return int(self._hdr[_S.H_MANUAL])
 
     # ------------------------------------------------------------------
     # capabilities
@@ -264,7 +358,7 @@ class SimKVM:
         arg = args[0] if args else 0
         if arg & ~K.KVM_DIRTY_LOG_MANUAL_CAPS or not arg & K.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
             raise _err(errno.EINVAL, f"KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2): bad args[0]={arg:#x}")
-        self._manual = arg
+        self._hdr[_S.H_MANUAL] = arg
 
     @property
     def manual_protect(self) -> bool:
@@ -331,24 +425,127 @@ class SimKVM:
                     )
             if base + npages - 1 > MAX_GFN:
                 raise _err(errno.EINVAL, f"slot {slot:#x}: gfn {base + npages - 1:#x} beyond kvm_mmu_max_gfn {MAX_GFN:#x}")
+        # The memslot update protocol (kvm_set_memslot): a slot that loses
+        # its mappings (move, delete) is first marked invalid (accesses to it
+        # retry) and published; once every vCPU has left accesses that used
+        # the old table (synchronize_srcu), its leaves are zapped under
+        # mmu_lock; then the new state is published and synchronised again.
         if old is None:
-            ms = _MemSlot(as_id, id_, base, npages, 0, hva, pages)
+            ms = self._new_slot(slot, base, npages, hva, region.host, pages)
             self._slots[slot] = ms
-            _sim_memslot.apply_flags(self, ms, flags)
             self._rebuild_layout(as_id)
+            _sim_memslot.apply_flags(self, ms, flags)
         elif base != old.base_gfn:
             # KVM_MR_MOVE: the old mappings go, the dirty bitmap stays
+            self._invalidate(old)
             _sim_memslot.zap_slot(self, old)
             old.base_gfn = base
-            _sim_memslot.apply_flags(self, old, flags)
+            old.row[_S.S_USED] = _S.SLOT_VALID
             self._rebuild_layout(as_id)
+            _sim_memslot.apply_flags(self, old, flags)
         else:
             _sim_memslot.apply_flags(self, old, flags)
 
+    def _new_slot(self, slot: int, base: int, npages: int, hva: int, host, pages) -> _MemSlot:  # noqa: ANN001
+        t = self._slot_table
+        free = np.flatnonzero(t[:, _S.S_USED] == _S.SLOT_FREE)
+        if free.size == 0:
+            raise _err(errno.ENOMEM, f"slot {slot:#x}: simulated memslot table full ({t.shape[0]} slots)")
+        e = int(free[0])
+        nwords = (npages + 63) >> 6
+        shm = self._shm
+        rmap_off = shm.arena_alloc(npages)
+        dirty_off = shm.arena_alloc(nwords * 8)
+        buf, off = self._host_buffer(host)
+        row = t[e]
+        row[:] = 0
+        row[_S.S_SLOT] = slot
+        row[_S.S_BASE] = base
+        row[_S.S_NPAGES] = npages
+        row[_S.S_HVA] = hva
+        row[_S.S_HOST_BUF] = buf
+        row[_S.S_HOST_OFF] = off
+        row[_S.S_RMAP_OFF] = rmap_off
+        row[_S.S_DIRTY_OFF] = dirty_off
+        row[_S.S_SNAPSHOT_AT] = -1
+        self._hdr[_S.H_SERIAL] += 1
+        row[_S.S_SERIAL] = self._hdr[_S.H_SERIAL]
+        if buf == -2:
+            self._local_pages[e] = pages
+        row[_S.S_USED] = _S.SLOT_VALID
+        return self._slot_obj(e)
+
+    def _host_buffer(self, host) -> tuple[int, int]:  # noqa: ANN001
+        """(buffer index, offset) of ``host`` in a shareable mapping; (-1, 0)
+        without host memory, (-2, 0) for memory only this process has."""
+        if host is None:
+            return -1, 0
+        from .._ramblock import shared_mapping_of
+
+        found = shared_mapping_of(int(host.ctypes.data))
+        if found is None:
+            return -2, 0
+        fd, addr, size = found
+        bufs = self._bufs
+        for i in range(bufs.shape[0]):
+            if bufs[i, _S.B_SIZE] and bufs[i, _S.B_FD] == fd:
+                break
+        else:
+            empty = np.flatnonzero(bufs[:, _S.B_SIZE] == 0)
+            if empty.size == 0:
+                return -2, 0
+            i = int(empty[0])
+            bufs[i, _S.B_FD] = fd
+            bufs[i, _S.B_SIZE] = size
+            self._buf_views[i] = np.frombuffer((ctypes.c_uint8 * size).from_address(addr), dtype=np.uint8)
+        return i, int(host.ctypes.data) - addr
+
+    def _slot_obj(self, e: int) -> _MemSlot:
+        row = self._slot_table[e]
+        key = (e, int(row[_S.S_SERIAL]))
+        ms = self._slot_cache.get(key)
+        if ms is not None:
+            return ms
+        npages = int(row[_S.S_NPAGES])
+        buf = int(row[_S.S_HOST_BUF])
+        if buf == -1:
+            pages = None
+        elif buf == -2:
+            pages = self._local_pages.get(e)
+            if pages is None:
+                raise RuntimeError(f"memslot {int(row[_S.S_SLOT]):#x}: its host memory is not shareable")
+        else:
+            pages = self._map_buffer(buf)[int(row[_S.S_HOST_OFF]):][: npages * PAGE_SIZE].reshape(-1, PAGE_SIZE)
+        rmap = self._shm.arena_view(int(row[_S.S_RMAP_OFF]), "bool", npages)
+        dirty = self._shm.arena_view(int(row[_S.S_DIRTY_OFF]), "uint64", (npages + 63) >> 6)
+        ms = _MemSlot(self._slot_table, e, pages, rmap, dirty)
+        self._slot_cache[key] = ms
+        return ms
+
+    def _map_buffer(self, i: int) -> NDArray[np.uint8]:
+        v = self._buf_views.get(i)
+        if v is None:
+            import mmap as _mmap
+
+            fd, size = int(self._bufs[i, _S.B_FD]), int(self._bufs[i, _S.B_SIZE])
+            m = _mmap.mmap(fd, size, flags=_mmap.MAP_SHARED, prot=_mmap.PROT_READ | _mmap.PROT_WRITE)
+            v = np.frombuffer(m, dtype=np.uint8)
+            self._buf_views[i] = v
+        return v
+
+    def _invalidate(self, ms: _MemSlot) -> None:
+        """KVM_MEMSLOT_INVALID: accesses to the slot retry; published."""
+        ms.row[_S.S_USED] = _S.SLOT_INVALID
+        self._publish_slots()
+
     def _delete_slot(self, ms: _MemSlot) -> None:
+        self._invalidate(ms)
         _sim_memslot.zap_slot(self, ms)
         del self._slots[ms.id | ms.as_id << 16]
+        ms.row[_S.S_USED] = _S.SLOT_FREE
+        self._local_pages.pop(ms.e, None)
         self._rebuild_layout(ms.as_id)
+        self._publish_slots()
 
     def _rebuild_layout(self, as_id: int) -> None:
         objs = sorted((s for s in self._slots.values() if s.as_id == as_id), key=lambda s: s.base_gfn)
@@ -356,10 +553,74 @@ class SimKVM:
         ends = np.array([s.base_gfn + s.npages for s in objs], dtype=np.int64)
         self._layout[as_id] = (bases, ends, objs)
 
-    def _unlock(self, t0: int) -> None:
-        """Account one mmu_lock critical section that started at ``t0``."""
-        self._stats["mmu_lock_acquisitions"] += 1
-        self._stats["mmu_lock_hold_ns"] += time.perf_counter_ns() - t0
+    def _publish_slots(self) -> None:
+        """Make memslot changes visible, then wait until no vCPU is still in
+        an access that read the old table (synchronize_srcu).  The caller
+        must not hold mmu_lock (a vCPU in its access may be waiting for it)."""
+        gen = _S.fetch_add8(self._shm.addr("hdr", _S.H_SLOTS_GEN), 1) + 1
+        self._slots_gen_seen = gen
+        ctl = self._ctl
+        for v in range(self.nr_vcpus):
+            if v == self.self_vcpu:
+                continue
+            self._wait_while(lambda v=v: 0 < int(ctl[v, _S.C_SRCU]) < gen, v, "synchronize_srcu")
+
+    def _sync_slots(self) -> None:
+        """A vCPU process: rebuild the slot view if the table changed."""
+        gen = int(self._hdr[_S.H_SLOTS_GEN])
+        if gen == self._slots_gen_seen:
+            return
+        t = self._slot_table
+        used = np.flatnonzero(t[:, _S.S_USED] != _S.SLOT_FREE)
+        self._slots = {}
+        for e in used.tolist():
+            ms = self._slot_obj(e)
+            self._slots[int(t[e, _S.S_SLOT])] = ms
+        for as_id in range(KVM_ADDRESS_SPACE_NUM):
+            self._rebuild_layout(as_id)
+        self._slots_gen_seen = gen
+
+    def _wait_while(self, cond, vcpu: int, what: str) -> int:  # noqa: ANN001
+        """Spin (yielding the CPU) while ``cond()``; a vCPU process that died
+        counts as having left.  Returns the ns waited."""
+        if not cond():
+            return 0
+        t0 = time.perf_counter_ns()
+        checked = t0
+        while cond():
+            os.sched_yield()
+            now = time.perf_counter_ns()
+            if now - checked > 200_000_000:
+                checked = now
+                pid = int(self._ctl[vcpu, _S.C_PID])
+                if pid and not _pid_alive(pid):
+                    break
+        return time.perf_counter_ns() - t0
+
+    def _flush_remote_tlbs(self, count: int = 1) -> None:
+        """kvm_flush_remote_tlbs: once it returns, no vCPU still runs on a
+        translation from before the caller's spte changes.  A vCPU stores
+        only in guest mode (odd guest_seq) and re-reads the sptes after
+        entering it; so waiting for every vCPU that is in guest mode now to
+        leave it (the IPI + ack) is the flush.  The full fence orders the
+        caller's spte stores before its reads of guest_seq (Dekker with the
+        vCPU's entry: guest_seq store, fence, spte loads)."""
+        self._stats["tlb_flushes"] += count
+        self._wait_guest_exits()
+
+    def _wait_guest_exits(self) -> None:
+        """Wait until every other vCPU that is in guest mode now has left it."""
+        _S.full_fence()
+        ctl = self._ctl
+        waited = 0
+        for v in range(self.nr_vcpus):
+            if v == self.self_vcpu:
+                continue
+            seq = int(ctl[v, _S.C_GUEST_SEQ])
+            if seq & 1:
+                waited += self._wait_while(lambda v=v, seq=seq: int(ctl[v, _S.C_GUEST_SEQ]) == seq, v, "tlb flush")
+        if waited:
+            self._stats["tlb_flush_wait_ns"] += waited
 
     def memslot(self, slot: int) -> tuple[int, int, int]:
         """(base_gfn, npages, flags) of ``slot`` (KeyError if absent)."""
@@ -401,29 +662,159 @@ class SimKVM:
         if g.size == 0:
             return
         u, first = _unique_first(g)
-        runs = self._resolve(as_id, u, write)
-        self._enter_guest(vcpu, as_id)
+        stats = self._stats
+        stats.row = vcpu
+        try:
+            self._srcu_enter(vcpu)
+            try:
+                runs = self._resolve(as_id, u, write)
+                self._enter_guest(vcpu, as_id)
+                self._fault_batch(as_id, u, first, runs, write)
+            finally:
+                self._srcu_exit(vcpu)
+        finally:
+            stats.row = self._vmm_row
+
+    # --- memslot read side (SRCU) -------------------------------------------
+    def _srcu_enter(self, vcpu: int) -> None:
+        """srcu_read_lock(&kvm->srcu) + reading kvm->memslots: publish the
+        memslot generation this access uses (+1, so 0 means none), fence,
+        re-read the generation (Dekker with :meth:`_publish_slots`), then
+        use the table of that generation."""
+        hdr = self._hdr
+        addr = self._shm.addr("vcpu_ctl", vcpu * _S.C_WORDS + _S.C_SRCU)
+        while True:
+            gen = int(hdr[_S.H_SLOTS_GEN])
+            _S.store8(addr, gen + 1)
+            if int(hdr[_S.H_SLOTS_GEN]) == gen:
+                break
+        if gen != self._slots_gen_seen:
+            self._sync_slots()
+
+    def _srcu_exit(self, vcpu: int) -> None:
+        _S.store8(self._shm.addr("vcpu_ctl", vcpu * _S.C_WORDS + _S.C_SRCU), 0)
+
+    # --- the fault path -------------------------------------------------------
+    def _probe(self, mmu: Mmu, u: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.uint8], NDArray[np.bool_]]:
+        """Lockless look at the batch: (leaf flat index or -1, leaf spte, path
+        writable).  Advisory: every decision is re-made under mmu_lock, by
+        cmpxchg, or at guest entry."""
+        li = mmu.leaf_index(u)
+        flat = mmu.levels[1].flat
+        f = flat[np.maximum(li, 0)]
+        if (li < 0).any():
+            f = np.where(li >= 0, f, _ZERO_U8)
+        return li, f, mmu.path_writable(u)
+
+    def _fault_batch(self, as_id: int, u, first, runs, write: bool) -> None:  # noqa: ANN001
+        """One VM exit per page that needs one, for the sorted unique pages
+        ``u``: the slow path (missing tables or leaves, read-only upper
+        entries) under mmu_lock, the fast page fault lockless by cmpxchg.
+
+        The two sets are disjoint in effect: a slow fault only changes the
+        path through a read-only or missing entry, which a fast page's path
+        does not contain; so doing the slow ones first equals feeding the
+        pages one at a time (fault counts included), which the tests check.
+        """
         mmu = self._mmus[as_id]
-        t0 = time.perf_counter_ns()
-        res = mmu.walk(u, first, write, self._indicator)
-        t1 = time.perf_counter_ns()
-        slow = 0
+        stats = self._stats
+        if not write:
+            with self._mmu_lock:
+                res = mmu.walk(u, first, False, self._indicator)
+                slow = 0
+                for ms, a, b in runs:
+                    slow += self._leaves_read(mmu, ms, u[a:b], res.leaf_index[a:b])
+                stats["mmu_lock_acquisitions"] += slow
+                if res.flushes:
+                    self._flush_remote_tlbs(res.flushes)
+            return
+        li, f, pathw = self._probe(mmu, u)
+        slow_mask = ~pathw | ((f & SPTE_PRESENT) == 0)
+        if slow_mask.any():
+            sel = np.flatnonzero(slow_mask)
+            whole = sel.size == u.size
+            us = u if whole else u[sel]
+            pos = first if whole else (sel if first is None else first[sel])
+            with self._mmu_lock:
+                res = mmu.walk(us, pos, True, self._indicator)
+                nslow = 0
+                for ms, a, b in runs:
+                    if whole:
+                        i, j = a, b
+                    else:
+                        i, j = np.searchsorted(sel, (a, b))
+                    if i == j:
+                        continue
+                    sl = None if res.slow is None else res.slow[i:j]
+                    nslow += self._leaves_write(mmu, ms, us[i:j], res.leaf_index[i:j], sl)
+                stats["mmu_lock_acquisitions"] += nslow
+                if res.flushes:
+                    self._flush_remote_tlbs(res.flushes)
+            if whole:
+                return
+        # fast page fault (lockless): a present leaf, read-only but
+        # mmu-writable, under a writable path; with PML a writable leaf
+        # whose D bit is clear is logged by "hardware" the same way
+        if self.pml:
+            fast_mask = ~slow_mask & ((f & SPTE_DIRTY) == 0)
+        else:
+            fast_mask = ~slow_mask & ((f & (SPTE_WRITABLE | SPTE_MMU_WRITABLE)) == SPTE_MMU_WRITABLE)
+        if not fast_mask.any():
+            return
+        fi = np.flatnonzero(fast_mask)
+        logged = self._fast_fix(mmu, li[fi], f[fi])
+        if not logged.any():
+            return
+        done = fi[logged]
         for ms, a, b in runs:
-            sl = None if res.slow is None else res.slow[a:b]
-            if write:
-                slow += self._leaves_write(mmu, ms, u[a:b], res.leaf_index[a:b], sl)
-            else:
-                slow += self._leaves_read(mmu, ms, u[a:b], res.leaf_index[a:b])
-        if slow:
-            # Each slow-path fault took mmu_lock once.  Hold time, estimated:
-            # the walk if it changed upper entries (push-down, new tables),
-            # plus the leaf phase prorated to the slow faults (the fast page
-            # faults of the same batch are lockless).
-            leaf_ns = time.perf_counter_ns() - t1
-            hold = (t1 - t0 if res.upper_slow_faults else 0) + leaf_ns * slow // int(u.size)
-            self._stats["mmu_lock_acquisitions"] += slow
-            self._stats["mmu_lock_hold_ns"] += hold
-        self._stats["tlb_flushes"] += res.flushes
+            i, j = np.searchsorted(done, (a, b))
+            if i < j:
+                self._mark_dirty(ms, u[done[i:j]] - ms.base_gfn)
+
+    def _fast_fix(self, mmu: Mmu, leaves, f) -> NDArray[np.bool_]:  # noqa: ANN001
+        """fast_pf_fix_direct_spte per page: cmpxchg W (PML: W|D) into the
+        leaf; True where this vCPU made the change (it must then log the
+        page: rule 1, the dirty bit after the spte).  A leaf someone else
+        fixed meanwhile needs no log from us; a leaf zapped or no longer
+        mmu-writable is left for the next fault."""
+        flat = mmu.levels[1].flat
+        base = int(flat.ctypes.data)
+        add = int(SPTE_WRITABLE | SPTE_DIRTY) if self.pml else int(SPTE_WRITABLE)
+        need = int(SPTE_DIRTY) if self.pml else int(SPTE_WRITABLE)
+        ok = np.zeros(leaves.size, dtype=np.bool_)
+        failed = 0
+        cas1 = _S.cas1
+        for k, (leaf, exp) in enumerate(zip(leaves.tolist(), f.tolist())):
+            addr = base + leaf
+            while True:
+                if cas1(addr, exp, exp | add):
+                    ok[k] = True
+                    break
+                failed += 1
+                cur = int(flat[leaf])
+                if cur & need or not cur & 1 or not cur & int(SPTE_MMU_WRITABLE):
+                    break
+                exp = cur
+        stats = self._stats
+        n = int(ok.sum())
+        if self.pml:
+            stats["pml_logged"] += n
+        else:
+            stats["faults_fast"] += n
+        if failed:
+            stats["fast_pf_cas_failed"] += failed
+        return ok
+
+    def guest_can_store(self, gfns: NDArray[np.int64], vcpu: int, *, as_id: int = 0) -> bool:
+        """In guest mode: can vCPU ``vcpu`` store to every page of the sorted
+        unique ``gfns`` without a VM exit?  (Leaf writable, path writable, no
+        root reload pending; with PML also the D bit set, i.e. logged.)"""
+        if self._reload[vcpu] >> as_id & 1:
+            return False
+        mmu = self._mmus[as_id]
+        li, f, pathw = self._probe(mmu, gfns)
+        need = (SPTE_WRITABLE | SPTE_DIRTY) if self.pml else SPTE_WRITABLE
+        return bool(((f & need) == need).all() and pathw.all() and (li >= 0).all())
 
     def _resolve(self, as_id: int, u: NDArray[np.int64], write: bool) -> list[tuple[_MemSlot, int, int]]:
         """Runs of ``u`` (sorted) per slot; EFAULT before any effect."""
@@ -444,6 +835,8 @@ class SimKVM:
             e = np.append(s[1:], n)
             runs = [(objs[int(k[a])], int(a), int(b)) for a, b in zip(s, e)]
         for ms, a, _ in runs:
+            if ms.row[_S.S_USED] != _S.SLOT_VALID:
+                raise _Retry(f"slot {ms.id} is being changed")
             if ms.pages is None:
                 raise _err(errno.EFAULT, f"gfn {int(u[a]):#x}: slot {ms.id} has no host memory")
             if write and ms.flags & K.KVM_MEM_READONLY:
@@ -451,17 +844,19 @@ class SimKVM:
         return runs
 
     def _enter_guest(self, vcpu: int, as_id: int) -> None:
-        """vcpu_enter_guest: a pending KVM_REQ_MMU_RELOAD loads the root."""
+        """vcpu_enter_guest: a pending KVM_REQ_MMU_RELOAD loads the root
+        (under mmu_lock).  The request is taken atomically, so a request
+        made after it is seen at the next entry."""
         bit = 1 << as_id
         if not self._reload[vcpu] & bit:
             return
-        self._reload[vcpu] &= ~bit
+        _S.fetch_and8(self._shm.addr("reload", vcpu), ~bit)
         self._stats["root_reloads"] += 1
-        t0 = time.perf_counter_ns()
-        protected = self._mmus[as_id].load_root(self._indicator)
-        self._unlock(t0)
-        if protected:
-            self._stats["tlb_flushes"] += 1
+        with self._mmu_lock:
+            self._stats["mmu_lock_acquisitions"] += 1
+            protected = self._mmus[as_id].load_root(self._indicator)
+            if protected:
+                self._flush_remote_tlbs()
 
     def _leaves_write(self, mmu: Mmu, ms: _MemSlot, u, leaves, slow) -> int:  # noqa: ANN001
         """Write faults on the leaves of one slot; returns the slow-path faults."""
@@ -518,25 +913,17 @@ class SimKVM:
         return nmiss
 
     def _mark_dirty(self, ms: _MemSlot, idx: NDArray[np.int64]) -> None:
-        """mark_page_dirty_in_slot for sorted, unique page indices ``idx``."""
+        """mark_page_dirty_in_slot for sorted, unique page indices ``idx``:
+        one atomic OR per bitmap word touched (set_bit_le), since GET's
+        xchg and other vCPUs' faults race on the same words."""
         n = int(idx.size)
         if n == 0:
             return
-        lo = int(idx[0]) & ~63
-        span = int(idx[-1]) + 1 - lo
-        if span <= 64 * n:
-            # dense: one bool per page of the span, packed little-endian
-            # into bytes and ORed into the (64-page aligned) words
-            b = np.zeros(span, dtype=np.bool_)
-            b[idx - lo] = True
-            packed = np.packbits(b, bitorder="little")
-            view = ms.dirty.view(np.uint8)[lo >> 3 : (lo >> 3) + packed.size]
-            view |= packed
-        else:
-            w = idx >> 6
-            bits = np.left_shift(_ONE64, (idx & 63).astype(np.uint64))
-            s = run_starts(w)
-            ms.dirty[w[s]] |= bits if s.size == n else np.bitwise_or.reduceat(bits, s)
+        words, masks = _word_masks(idx)
+        base = ms.dirty_addr
+        fetch_or8 = _S.fetch_or8
+        for w, m in zip(words.tolist(), masks.tolist()):
+            fetch_or8(base + 8 * w, m)
         self._stats["pages_marked_dirty"] += n
 
     # ------------------------------------------------------------------
@@ -627,17 +1014,14 @@ class SimKVM:
         if flags:
             # rule 4: snapshot + clear; the pages are protected by a later
             # KVM_WRITE_PROTECT_ALL_MEM, and copied only after it
-            np.copyto(bitmap, words)
-            words.fill(0)
+            _take_words(ms, bitmap)
             ms.snapshot_at = self._wp_all_epoch
             return
-        t0 = time.perf_counter_ns()
-        # rule 3: take the bits (the per-word xchg, done for all words at
-        # once: nothing runs in between here), THEN protect those pages.
-        np.copyto(bitmap, words)
-        words.fill(0)
-        self._protect_logged_pages(ms, bitmap, 0)
-        self._unlock(t0)
+        with self._mmu_lock:
+            self._stats["mmu_lock_acquisitions"] += 1
+            # rule 3: take the bits (xchg per word), THEN protect those pages
+            _take_words(ms, bitmap)
+            self._protect_logged_pages(ms, bitmap, 0)
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: NDArray[np.uint64]) -> None:
         """KVM_CLEAR_DIRTY_LOG (manual protect only).
@@ -673,14 +1057,18 @@ class SimKVM:
         self._stats["clear_dirty_log_calls"] += 1
         if nwords == 0:
             return
-        t0 = time.perf_counter_ns()
         i0 = first_page >> 6
-        live = ms.dirty[i0 : i0 + nwords]
         given = bitmap[:nwords]
-        cleared = given & live  # mask &= atomic_long_fetch_andnot(mask, p)
-        live &= ~given
-        self._protect_logged_pages(ms, cleared, first_page)
-        self._unlock(t0)
+        with self._mmu_lock:
+            self._stats["mmu_lock_acquisitions"] += 1
+            # mask &= atomic_long_fetch_andnot(mask, p), per word given
+            cleared = np.zeros(nwords, dtype=np.uint64)
+            base = ms.dirty_addr + 8 * i0
+            fetch_and8 = _S.fetch_and8
+            for w in np.flatnonzero(given).tolist():
+                m = int(given[w])
+                cleared[w] = fetch_and8(base + 8 * w, ~m) & m
+            self._protect_logged_pages(ms, cleared, first_page)
 
     def _protect_logged_pages(self, ms, words: NDArray[np.uint64], first_page: int) -> None:
         """kvm_arch_mmu_enable_log_dirty_pt_masked: for every page whose bit is
@@ -699,7 +1087,7 @@ class SimKVM:
             else:
                 mmu.protect_leaves(leaves)
         if nz.size:
-            self._stats["tlb_flushes"] += 1
+            self._flush_remote_tlbs()
 
     def write_protect_all(self, enable: bool) -> None:
         """KVM_WRITE_PROTECT_ALL_MEM (2017 series): O(1), no mmu_lock.
@@ -716,9 +1104,16 @@ class SimKVM:
         gen = self._indicator & WP_ALL_GEN_MASK
         if enable:
             gen = (gen + 1) & WP_ALL_GEN_MASK
+            # the indicator BEFORE the requests: a vCPU that takes the
+            # request loads the root against the new generation
             self._indicator = WP_ALL_ENABLE_MASK | gen
-            self._reload = [_ALL_ROOTS] * self.nr_vcpus  # kvm_reload_remote_mmus
-            self._wp_all_epoch += 1
+            self._hdr[_S.H_WP_EPOCH] += 1
+            # kvm_reload_remote_mmus: request, then kick every vCPU in guest
+            # mode and wait for it to leave (KVM_REQUEST_WAIT); it re-enters
+            # only through the request check
+            for v in range(self.nr_vcpus):
+                _S.fetch_or8(self._shm.addr("reload", v), _ALL_ROOTS)
+            self._wait_guest_exits()
         else:
             self._indicator = gen
         self._stats["write_protect_all_calls"] += 1
@@ -731,11 +1126,17 @@ class SimKVM:
         the slow path (mapping a leaf, creating tables, or pushing write
         protection down); faults_push_down counts upper entries made
         writable; faults_fast leaves fixed by the fast page fault."""
-        return dict(self._stats)
+        tot = self._shm["stats"][:, : len(STAT_NAMES)].sum(axis=0)
+        return dict(zip(STAT_NAMES, (int(x) for x in tot)))
+
+    def vcpu_statistics(self, vcpu: int) -> dict[str, int]:
+        """Every counter of vCPU ``vcpu``'s row (its faults, pages written,
+        mmu_lock wait, fault cost, ...)."""
+        row = self._shm["stats"][vcpu]
+        return {n: int(row[i]) for i, n in enumerate(_S.ALL_STATS)}
 
     def reset_statistics(self) -> None:
-        for k in self._stats:
-            self._stats[k] = 0
+        self._shm["stats"][:] = 0
 
     @property
     def write_protect_all_indicator(self) -> int:
