@@ -106,7 +106,8 @@ class ABWorkload(Workload):
 
     def __init__(self, pages: np.ndarray, *, seed: int = 0, gfn_base: int = 0) -> None:
         super().__init__(pages, seed=seed, gfn_base=gfn_base)
-        self.first = AB_START // TARGET_PAGE_SIZE
+        # [1 MiB, end) of guest RAM: a vCPU's range past 1 MiB is all its own
+        self.first = max(0, AB_START // TARGET_PAGE_SIZE - gfn_base)
         if self.npages <= self.first:
             raise ValueError("the ab workload needs more than 1 MiB of RAM")
         self.cursor = self.first  # next page to increment

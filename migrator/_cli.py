@@ -60,6 +60,15 @@ def _serial(text: str) -> str:
     return text[5:]
 
 
+def _smp(text: str) -> int:
+    from ._machine import parse_smp
+
+    try:
+        return parse_smp(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="migrator", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -68,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--accel", type=_accel, default="sim",
                      help="sim[,write-protect-all=on|off][,manual-protect=on|off][,pml=on|off] | "
                           "kvm[,dirty-log=bitmap|clear|ring][,dirty-ring-size=N] | auto")
+    run.add_argument("--smp", type=_smp, default=1, help="number of vCPUs (default 1)")
     run.add_argument("--memory", "-m", type=_size, default="256M", help="guest RAM size (e.g. 256M, 1G)")
     run.add_argument("--workload", type=_workload, default="idle",
                      help="idle | ab | random | hotset [,rate=PAGES_PER_S][,seed=N]")
@@ -125,6 +135,7 @@ def _run(args, parser) -> int:
     from .errors import MigratorError
 
     accel = args.accel if not isinstance(args.accel, str) else parse_accel(args.accel)
+    accel.smp = args.smp
     workload, wopts = args.workload if isinstance(args.workload, tuple) else (args.workload, {})
     if args.incoming and args.incoming != "defer":
         try:

@@ -94,6 +94,8 @@ class CompareConfig:
     cpu_throttle_increment: int = 25
     timeout_s: float = 60.0  # per run; cancelled (not converged) after it
     destination: str = "inprocess"  # or "process"
+    smp: int = 1  # vCPU processes of the source (and destination)
+    fault_cost: str = "host"  # per-fault cost profile (memory.kvm.sim_vcpu.FAULT_COSTS)
 
     @property
     def npages(self) -> int:
@@ -116,6 +118,8 @@ class CompareConfig:
             "cpu-throttle-increment": self.cpu_throttle_increment,
             "timeout-s": self.timeout_s,
             "destination": self.destination,
+            "smp": self.smp,
+            "fault-cost": self.fault_cost,
         }
 
 
@@ -171,8 +175,9 @@ class _KvmAccounting:
         self._wrap("clear_dirty_log", "dirty_log")
         self._wrap("write_protect_all", "dirty_log")
         self._wrap("set_user_memory_region", "memslot")
-        self._wrap("vcpu_write", "guest")
-        self._wrap("vcpu_read", "guest")
+        # "guest": the vCPU processes' own statistics rows (their faults run
+        # there, not through this process's entry points)
+        self._guest0 = self._vcpu_rows()
         inner_sync = ms.memory_global_dirty_log_sync
 
         def sync(last_stage: bool = False) -> None:
@@ -216,7 +221,24 @@ class _KvmAccounting:
 
         setattr(self.kvm, name, call)
 
+    def _vcpu_rows(self) -> dict[str, int]:
+        tot: dict[str, int] = {}
+        for v in range(self.kvm.nr_vcpus):
+            for k, x in self.kvm.vcpu_statistics(v).items():
+                tot[k] = tot.get(k, 0) + x
+        return tot
+
+    def finish_guest(self) -> dict[str, int]:
+        """Fill ``by["guest"]`` from the vCPU rows since :meth:`reset`; returns every vCPU counter's delta."""
+        now = self._vcpu_rows()
+        delta = {k: now[k] - self._guest0.get(k, 0) for k in now}
+        for k in KVM_STATS:
+            self.by["guest"][k] = delta[k]
+        self.time_ns["guest"] = delta["run_ns"]
+        return delta
+
     def reset(self) -> None:
+        self._guest0 = self._vcpu_rows()
         for acc in self.by.values():
             for k in acc:
                 acc[k] = 0
@@ -251,7 +273,7 @@ async def _destination(cfg: CompareConfig, tmp: Path, name: str):
         from ._machine import AccelConfig
         from ._vm import VM
 
-        dst = VM(memory_bytes=cfg.memory_bytes, accel=AccelConfig(kind="sim"), incoming=uri,
+        dst = VM(memory_bytes=cfg.memory_bytes, accel=AccelConfig(kind="sim", smp=cfg.smp), incoming=uri,
                  start_paused=True, label=f"{name}-destination")
 
         async def start(nursery) -> None:
@@ -263,7 +285,8 @@ async def _destination(cfg: CompareConfig, tmp: Path, name: str):
             dst.machine.ram_block.close()
         return
     log_path = tmp / f"{name}.log"
-    cmd = [sys.executable, "-m", "migrator", "run", "--accel", "sim", "--memory", f"{cfg.memory_bytes}B",
+    cmd = [sys.executable, "-m", "migrator", "run", "--accel", "sim", "--smp", str(cfg.smp),
+           "--memory", f"{cfg.memory_bytes}B",
            "--qmp", f"unix:{tmp / (name + '.qmp')}", "--incoming", uri, "-S",
            "--label", f"{name}-destination"]
     with open(log_path, "w") as log:
@@ -298,13 +321,14 @@ async def _stop_process(proc) -> None:
 def _prewrite(vm) -> None:
     """The guest writes each page of its working set once (through the
     fault path: mapped, writable), before anything logs."""
-    from memory.kvm.sim_vcpu import GREEDY_BATCH_PAGES
+    from memory.kvm._sim_vcpu_proc import GREEDY_BATCH_PAGES
 
-    wl = vm.vcpus.workload
     kvm = vm.machine.kvm
-    target = wl.passes + 1
-    while wl.passes < target:
-        wl.step(GREEDY_BATCH_PAGES, lambda g: kvm.vcpu_write(g, 0))
+    for v, wl in enumerate(vm.vcpus.workloads):
+        target = wl.passes + 1
+        while wl.passes < target:
+            wl.step(GREEDY_BATCH_PAGES, lambda g, v=v: kvm.vcpu_write(g, v))
+    vm.vcpus.set_workloads(None)  # pushes the programs' new state to the processes
 
 
 async def run_case(cfg: CompareConfig, guest: str, wp_all: bool, tmp: Path, *,
@@ -323,9 +347,14 @@ async def run_case(cfg: CompareConfig, guest: str, wp_all: bool, tmp: Path, *,
     if guest not in GUESTS:
         raise ValueError(f"guest must be one of {GUESTS}, not {guest!r}")
     label = run_label(guest, wp_all)
-    accel = AccelConfig(kind="sim", write_protect_all=wp_all, manual_protect=False)
+    from memory.kvm.sim_vcpu import parse_fault_cost
+
+    accel = AccelConfig(kind="sim", write_protect_all=wp_all, manual_protect=False, smp=cfg.smp,
+                        fault_cost=parse_fault_cost(cfg.fault_cost))
     vm = VM(memory_bytes=cfg.memory_bytes, accel=accel, workload="stream", start_paused=True, label=label)
-    vm.vcpus.workload = StreamWorkload(vm.machine.ram_block.pages, working_set=cfg.working_set)
+    ws = max(1, cfg.working_set // cfg.smp)  # each vCPU writes its share of the working set
+    vm.vcpus.set_workloads(lambda pages, base: StreamWorkload(pages, gfn_base=base,
+                                                              working_set=min(ws, pages.shape[0])))
     vm.machine.workload_name = f"stream,working-set={cfg.working_set * TARGET_PAGE_SIZE >> 20}M"
     mode = vm.kvm_listener.statistics().mode
     expected = "write-protect-all" if wp_all else "legacy"
@@ -374,6 +403,8 @@ async def run_case(cfg: CompareConfig, guest: str, wp_all: bool, tmp: Path, *,
             written = vcpus.stats["pages_written"] - written0
             run_ns = vcpus.stats["run_ns"] - run_ns0
             kvm_after = kvm.statistics()
+            vdelta = acct.finish_guest()
+            per_vcpu = vcpus.statistics()
             nursery.cancel_scope.cancel()
     mig = vm.last_outgoing
     hist = mig.counters.history
@@ -383,6 +414,10 @@ async def run_case(cfg: CompareConfig, guest: str, wp_all: bool, tmp: Path, *,
     metrics = _metrics(cfg, hist, acct, kvm_before, kvm_after, lst, written=written, guest_s=guest_s,
                        run_ns=run_ns, throttle=max((r.throttle_pct for r in hist.iterations), default=0))
     metrics["listener-mode"] = mode
+    metrics["smp"] = cfg.smp
+    metrics["vcpu-mmu-lock-wait-ns"] = vdelta["mmu_lock_wait_ns"]
+    metrics["vcpu-fault-cost-ms"] = vdelta["fault_cost_ns"] / 1e6
+    metrics["vcpus"] = per_vcpu
     metrics["prewrite"] = guest == "pre-written"
     if mig.counters.error_desc:
         metrics["error"] = mig.counters.error_desc
@@ -651,7 +686,8 @@ def _text_table(headers, rows) -> str:
 
 def _setup_text(cfg: CompareConfig) -> str:
     d = cfg.describe()
-    return (f"simulated KVM, {cfg.memory_bytes >> 20} MiB RAM, 1 vCPU; writer: stream (greedy), working set "
+    return (f"simulated KVM, {cfg.memory_bytes >> 20} MiB RAM, {cfg.smp} vCPU process(es), fault cost "
+            f"{cfg.fault_cost}; writer: stream (greedy), working set "
             f"{d['working-set-bytes'] >> 20} MiB ({cfg.working_set:,} pages); max-bandwidth "
             f"{cfg.max_bandwidth:,} B/s ({cfg.max_bandwidth / 2**20:.0f} MiB/s), downtime-limit "
             f"{cfg.downtime_limit} ms, auto-converge {'on' if cfg.auto_converge else 'off'} "
@@ -679,9 +715,27 @@ def to_json(cfg: CompareConfig, results: list[RunResult], problems: list[str]) -
         "schema": 1,
         "setup": cfg.describe(),
         "seed": {"setup": SEED_SETUP, "figures": {g: {k: list(v) for k, v in f.items()} for g, f in SEED.items()}},
-        "runs": [{"label": r.label, "guest": r.guest, "write-protect-all": r.wp_all, "metrics": r.metrics,
-                  "repeats": r.repeats, "history": r.history.to_json()} for r in results],
+        "runs": [_run_json(r) for r in results],
         "o1-dirty-log-problems": problems,
+    }
+
+
+def _run_json(r: RunResult) -> dict:
+    m = r.metrics
+    first_ms = m.get("first-dirty-log-ms")
+    return {
+        # the summary keys (snake case, one object per run)
+        "guest": "fresh" if r.guest == "fresh" else "prewritten",
+        "write_protect_all": r.wp_all,
+        "smp": m.get("smp"),
+        "guest_dirty_rate_pages_per_s": m.get("guest-dirty-rate-pages-per-s"),
+        "vcpu_mmu_lock_wait_ns": m.get("vcpu-mmu-lock-wait-ns"),
+        "first_dirty_log_ns": None if first_ms is None else int(first_ms * 1e6),
+        "total_time_ms": m.get("total-time-ms"),
+        "status": m.get("status"),
+        # everything else
+        "label": r.label, "write-protect-all": r.wp_all, "metrics": m,
+        "repeats": r.repeats, "history": r.history.to_json(),
     }
 
 
@@ -715,6 +769,8 @@ def _parser() -> argparse.ArgumentParser:
                                                          "unless given")
     p.add_argument("--out", metavar="DIR", help="write report.md/html/json + PNGs, compare.json, compare.md")
     p.add_argument("--json", action="store_true", help="print compare.json instead of the table")
+    p.add_argument("--smp", type=int, help="vCPU processes (default 1)")
+    p.add_argument("--fault-cost", help="per-fault cost: host (default), hw, 0, or FAST_US[:SLOW_US]")
     return p
 
 
@@ -751,6 +807,15 @@ def config_from_args(args) -> CompareConfig:
         cfg.auto_converge = args.auto_converge
     if args.timeout is not None:
         cfg.timeout_s = args.timeout
+    if getattr(args, "smp", None) is not None:
+        from ._machine import parse_smp
+
+        cfg.smp = parse_smp(str(args.smp))
+    if getattr(args, "fault_cost", None) is not None:
+        from memory.kvm.sim_vcpu import parse_fault_cost
+
+        parse_fault_cost(args.fault_cost)
+        cfg.fault_cost = args.fault_cost
     return cfg
 
 

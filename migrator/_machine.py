@@ -2,7 +2,7 @@
 
 ``--accel`` syntax, in QEMU's spirit::
 
-    sim[,write-protect-all=on|off][,manual-protect=on|off][,pml=on|off]
+    sim[,write-protect-all=on|off][,manual-protect=on|off][,pml=on|off][,fault-cost=host|hw|0|US[:US]]
     kvm[,dirty-log=bitmap|clear|ring][,dirty-ring-size=N]
     auto                      # kvm where /dev/kvm is usable, else sim
 
@@ -49,6 +49,10 @@ class AccelConfig:
     pml: bool = False
     dirty_log: str = "bitmap"  # kvm: bitmap | clear | ring
     dirty_ring_size: int = 4096
+    #: sim: ns charged per fast / slow-path fault (see memory.kvm.sim_vcpu.FAULT_COSTS)
+    fault_cost: tuple[int, int] | None = None
+    #: -smp N: the number of vCPUs (QEMU's name)
+    smp: int = 1
 
     def describe(self) -> str:
         if self.kind == "sim":
@@ -59,6 +63,8 @@ class AccelConfig:
                 parts.append(f"manual-protect={'on' if self.manual_protect else 'off'}")
             if self.pml:
                 parts.append("pml=on")
+            if self.fault_cost is not None:
+                parts.append(f"fault-cost={self.fault_cost[0] / 1000:g}:{self.fault_cost[1] / 1000:g}")
             return ",".join(parts)
         out = f"kvm,dirty-log={self.dirty_log}"
         return out + (f",dirty-ring-size={self.dirty_ring_size}" if self.dirty_log == "ring" else "")
@@ -74,7 +80,7 @@ def parse_accel(spec: str) -> AccelConfig:
     if kind not in ("sim", "kvm"):
         raise ValueError(f"unknown accelerator {kind!r} (sim, kvm, auto)")
     cfg = AccelConfig(kind=kind)
-    allowed = {"sim": {"write-protect-all", "manual-protect", "pml"},
+    allowed = {"sim": {"write-protect-all", "manual-protect", "pml", "fault-cost"},
                "kvm": {"dirty-log", "dirty-ring-size"}}[kind]
     for prop in props:
         key, sep, value = prop.partition("=")
@@ -86,6 +92,10 @@ def parse_accel(spec: str) -> AccelConfig:
             cfg.manual_protect = _onoff(key, value)
         elif key == "pml":
             cfg.pml = _onoff(key, value)
+        elif key == "fault-cost":
+            from memory.kvm.sim_vcpu import parse_fault_cost
+
+            cfg.fault_cost = parse_fault_cost(value)
         elif key == "dirty-log":
             if value not in ("bitmap", "clear", "ring"):
                 raise ValueError(f"dirty-log must be bitmap, clear or ring, not {value!r}")
@@ -98,6 +108,17 @@ def parse_accel(spec: str) -> AccelConfig:
     if cfg.write_protect_all and cfg.manual_protect:
         raise ValueError("write-protect-all=on and manual-protect=on exclude each other")
     return cfg
+
+
+def parse_smp(text: str) -> int:
+    """``-smp N`` (QEMU's name): 1..64 vCPUs."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"invalid -smp {text!r} (an integer)") from None
+    if not 1 <= n <= 64:
+        raise ValueError(f"-smp {n} not in 1..64")
+    return n
 
 
 class Machine:
@@ -135,17 +156,22 @@ class Machine:
 
     def _init_sim(self) -> None:
         from memory.kvm import SimKVM
-        from memory.kvm.sim_vcpu import SimVCPUs
-        from memory.workloads import make_workload
+        from memory.kvm._sim_shm import Params
+        from memory.kvm.sim_vcpu import DEFAULT_FAULT_COST, FAULT_COSTS, SimVCPUs
 
         a = self.accel
-        self.kvm = SimKVM(pml=a.pml)
+        npages = self.memory_bytes >> 12
+        # table capacity: the RAM's tables 4 times over (slot moves add tables)
+        params = Params(nr_vcpus=a.smp, l1_rows=4 * (npages // 512) + 1024, l2_rows=4 * (npages >> 18) + 256,
+                        l3_rows=64, arena_bytes=4 * npages + (1 << 24))
+        self.kvm = SimKVM(pml=a.pml, nr_vcpus=a.smp, params=params)
         self._wp_all = a.write_protect_all
         self._manual = a.manual_protect
         self._listener_extra = {}
-        wl = make_workload(self.workload_name, self.ram_block.pages,
-                           seed=self.workload_opts.get("seed", 0))
-        self.vcpus = SimVCPUs(self.kvm, wl, rate=self.workload_opts.get("rate"))
+        cost = a.fault_cost if a.fault_cost is not None else FAULT_COSTS[DEFAULT_FAULT_COST]
+        self.vcpus = SimVCPUs(self.kvm, self.ram_block, self.workload_name, smp=a.smp,
+                              seed=self.workload_opts.get("seed", 0), rate=self.workload_opts.get("rate"),
+                              fault_cost=cost)
 
     def _init_kvm(self, serial_path: str | None) -> None:
         """Real KVM: the memslots are created by the KVM memory listener.
