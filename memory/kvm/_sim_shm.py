@@ -171,7 +171,12 @@ def futex_wake(addr: int) -> None:
 # ---------------------------------------------------------------------------
 #: header words (int64)
 H_INDICATOR, H_WP_EPOCH, H_MANUAL, H_SLOTS_GEN, H_MMU_LOCK, H_DIR_SEQ, H_ARENA_TOP, H_SERIAL = range(8)
-H_COST_FAST, H_COST_MAP, H_COST_PUSH, H_VMM_PID, H_PML, H_NR_MEMSLOTS = range(8, 14)
+H_COST_FAST, H_COST_MAP, H_COST_PUSH, H_VMM_PID, H_PML, H_NR_MEMSLOTS, H_FAULT_ORDER = range(8, 15)
+#: H_FAULT_ORDER values: the correct order of the fault paths, and the
+#: broken ones the ordering rules forbid (mutations for the tests, shared
+#: so the vCPU processes run them too): the dirty bit before the spte is
+#: writable (rule 1), the dirty bit before the rmap add (rule 2)
+FAULT_ORDERS = ("spte_first", "dirty_first", "dirty_before_rmap")
 H_WORDS = 32
 
 #: memslot table columns (int64)

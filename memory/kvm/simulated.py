@@ -209,9 +209,8 @@ def _word_masks(idx: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.u
 def _take_words(ms, out: NDArray[np.uint64]) -> None:  # noqa: ANN001
     """``out[i] = xchg(&dirty_bitmap[i], 0)`` for every word; words read as
     zero are left alone (a bit set after the read stays for the next GET)."""
-    words = ms.dirty
     out.fill(0)
-    nz = np.flatnonzero(words)
+    nz = np.flatnonzero(ms.dirty.copy())  # vCPUs set bits meanwhile: look at one snapshot
     base = ms.dirty_addr
     xchg8 = _S.xchg8
     for w in nz.tolist():
@@ -326,6 +325,16 @@ class SimKVM:
     @_wp_all_epoch.setter
     def _wp_all_epoch(self, v: int) -> None:
         self._hdr[_S.H_WP_EPOCH] = v
+
+    @property
+    def fault_order(self) -> str:
+        """The fault paths' order (``spte_first``; the others are the broken
+        variants the tests must catch).  Shared with the vCPU processes."""
+        return _S.FAULT_ORDERS[int(self._hdr[_S.H_FAULT_ORDER])]
+
+    @fault_order.setter
+    def fault_order(self, order: str) -> None:
+        self._hdr[_S.H_FAULT_ORDER] = _S.FAULT_ORDERS.index(order)
 
     @property
     def _manual(self) -> int:
@@ -528,7 +537,14 @@ class SimKVM:
             import mmap as _mmap
 
             fd, size = int(self._bufs[i, _S.B_FD]), int(self._bufs[i, _S.B_SIZE])
-            m = _mmap.mmap(fd, size, flags=_mmap.MAP_SHARED, prot=_mmap.PROT_READ | _mmap.PROT_WRITE)
+            # a vCPU process: the VMM's memfd, whether or not it was passed
+            # at start (RAM added later was not): /proc/<vmm>/fd/N opens the
+            # same file (a memfd has no other name)
+            own = os.open(f"/proc/{int(self._hdr[_S.H_VMM_PID])}/fd/{fd}", os.O_RDWR)
+            try:
+                m = _mmap.mmap(own, size, flags=_mmap.MAP_SHARED, prot=_mmap.PROT_READ | _mmap.PROT_WRITE)
+            finally:
+                os.close(own)
             v = np.frombuffer(m, dtype=np.uint8)
             self._buf_views[i] = v
         return v
@@ -762,6 +778,14 @@ class SimKVM:
         if not fast_mask.any():
             return
         fi = np.flatnonzero(fast_mask)
+        if self._hdr[_S.H_FAULT_ORDER] == 1:
+            # BROKEN (rule 1 reversed, for the tests): log, THEN cmpxchg
+            for ms, a, b in runs:
+                i, j = np.searchsorted(fi, (a, b))
+                if i < j:
+                    self._mark_dirty(ms, u[fi[i:j]] - ms.base_gfn)
+            self._fast_fix(mmu, li[fi], f[fi])
+            return
         logged = self._fast_fix(mmu, li[fi], f[fi])
         if not logged.any():
             return
@@ -866,9 +890,21 @@ class SimKVM:
         wr = (f & SPTE_WRITABLE) != 0
         idx = u - ms.base_gfn
         slowp = miss if slow is None else (miss | slow)
+        fast = ~wr & ~slowp
+        log = slowp | fast
+        if self.pml:
+            pml = wr & ~slowp & ((f & SPTE_DIRTY) == 0)
+            log |= pml
+            self._stats["pml_logged"] += int(pml.sum())
+        order = int(self._hdr[_S.H_FAULT_ORDER])
+        logging = ms.dirty is not None
+        if order == 2 and logging:  # BROKEN (rule 2 reversed, for the tests)
+            self._mark_dirty(ms, idx[log])
         # rule 2: a new leaf enters the rmap before anything sets its bit
         if miss.any():
             ms.rmap[idx[miss]] = True
+        if order == 1 and logging:  # BROKEN (rule 1 reversed, for the tests)
+            self._mark_dirty(ms, idx[log])
         # rule 1: every spte is writable before its dirty bit is set.  A
         # present leaf is read-only but mmu-writable (fast page fault, or the
         # slow path after a push-down) or already writable.
@@ -880,13 +916,7 @@ class SimKVM:
         # then the dirty bits: every fault logs its page (set_spte and
         # fast_pf_fix_direct_spte both call mark_page_dirty); a writable
         # leaf logs only through PML (D bit was clear)
-        fast = ~wr & ~slowp
-        log = slowp | fast
-        if self.pml:
-            pml = wr & ~slowp & ((f & SPTE_DIRTY) == 0)
-            log |= pml
-            self._stats["pml_logged"] += int(pml.sum())
-        if ms.dirty is not None:
+        if order == 0 and logging:
             self._mark_dirty(ms, idx[log])
         nslow = int(slowp.sum())
         self._stats["faults_map"] += nslow
