@@ -93,6 +93,46 @@ async def measure(memory: int, smp: int, fault_cost: str, bandwidth: int, second
     return out
 
 
+async def converge(memory: int, smp: int, fault_cost: str, timeout: float, tmp: Path) -> dict:
+    """A greedy ab guest migrated at QEMU's default parameters with
+    auto-converge: does it complete, and when?"""
+    from memory.kvm.sim_vcpu import parse_fault_cost
+    from migrator._machine import AccelConfig
+    from migrator._status import MigrationStatus as S
+    from migrator._vm import VM
+
+    cost = parse_fault_cost(fault_cost)
+    src = VM(memory_bytes=memory, accel=AccelConfig(kind="sim", smp=smp, fault_cost=cost), workload="ab",
+             label="converge-src")
+    uri = f"unix:{tmp / 'converge.sock'}"
+    dst = VM(memory_bytes=memory, accel=AccelConfig(kind="sim", smp=smp, fault_cost=cost), incoming=uri,
+             start_paused=True, label="converge-dst")
+    src.options.migrate_set_capabilities([{"capability": "auto-converge", "state": True}])
+    out: dict = {"fault_cost": fault_cost, "memory": memory, "smp": smp}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dst.run)
+        await nursery.start(src.run)
+        await trio.sleep(0.5)
+        t0 = time.perf_counter()
+        await src.qmp_migrate(uri)
+        with trio.move_on_after(timeout):
+            while src.state.status not in (S.COMPLETED, S.FAILED, S.CANCELLED):
+                await trio.sleep(0.01)
+        out["seconds"] = time.perf_counter() - t0
+        out["status"] = str(getattr(src.state.status, "value", src.state.status))
+        hist = src.last_outgoing.counters.history if src.last_outgoing else None
+        if hist is not None:
+            out["iterations"] = len(hist.iterations)
+            out["max_throttle_pct"] = max((r.throttle_pct for r in hist.iterations), default=0)
+            out["downtime_ms"] = None if hist.downtime is None else hist.downtime.total_ms
+        if src.state.status == S.ACTIVE:
+            await src.qmp_migrate_cancel()
+        nursery.cancel_scope.cancel()
+    src.machine.ram_block.close()
+    dst.machine.ram_block.close()
+    return out
+
+
 def bench_atomics(n: int = 200_000) -> dict:
     import numpy as np
 
@@ -143,8 +183,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fault-costs", default="host,0", help="comma-separated fault-cost profiles")
     p.add_argument("--atomics", action="store_true", help="also time the atomics and mmu_lock")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--converge", metavar="SIZE", help="instead: migrate a greedy ab guest of SIZE at QEMU's "
+                                                       "defaults + auto-converge, report the time")
+    p.add_argument("--timeout", type=float, default=120.0, help="--converge: give up after this many s")
     args = p.parse_args(argv)
     memory = parse_size(args.memory)
+    if args.converge:
+        with tempfile.TemporaryDirectory(prefix="bench-vcpu-") as tmp:
+            outs = [trio.run(converge, parse_size(args.converge), args.smp, c, args.timeout, Path(tmp))
+                    for c in args.fault_costs.split(",")]
+        for o in outs:
+            print(json.dumps(o) if args.json else
+                  f"greedy ab {args.converge}, -smp {args.smp}, fault-cost {o['fault_cost']}, QEMU defaults + "
+                  f"auto-converge: {o['status']} after {o['seconds']:.1f} s, {o.get('iterations')} iterations, "
+                  f"max throttle {o.get('max_throttle_pct')} %, downtime {o.get('downtime_ms')} ms")
+        return 0
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-vcpu-") as tmp:
         for cost in args.fault_costs.split(","):
