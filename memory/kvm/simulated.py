@@ -779,22 +779,9 @@ class SimKVM:
         if not fast_mask.any():
             return
         fi = np.flatnonzero(fast_mask)
-        if self._hdr[_S.H_FAULT_ORDER] == 1:
-            # BROKEN (rule 1 reversed, for the tests): log, THEN cmpxchg
-            for ms, a, b in runs:
-                i, j = np.searchsorted(fi, (a, b))
-                if i < j:
-                    self._mark_dirty(ms, u[fi[i:j]] - ms.base_gfn)
-            self._fast_fix(mmu, li[fi], f[fi])
-            return
-        logged = self._fast_fix(mmu, li[fi], f[fi])
-        if not logged.any():
-            return
-        done = fi[logged]
-        for ms, a, b in runs:
-            i, j = np.searchsorted(done, (a, b))
-            if i < j:
-                self._mark_dirty(ms, u[done[i:j]] - ms.base_gfn)
+        out: list = [None]
+        for _ in self._fast_phases(mmu, runs, u, li, f, fi, int(self._hdr[_S.H_FAULT_ORDER]), out):
+            pass
 
     def _fast_fix(self, mmu: Mmu, leaves, f) -> NDArray[np.bool_]:  # noqa: ANN001
         """fast_pf_fix_direct_spte: cmpxchg W (PML: W|D) into each leaf;
@@ -922,7 +909,21 @@ class SimKVM:
                 self._flush_remote_tlbs()
 
     def _leaves_write(self, mmu: Mmu, ms: _MemSlot, u, leaves, slow) -> int:  # noqa: ANN001
-        """Write faults on the leaves of one slot; returns the slow-path faults."""
+        """Write faults on the leaves of one slot (caller holds mmu_lock);
+        returns the slow-path faults.  Runs :meth:`_leaf_phases` through."""
+        out = [0]
+        for _ in self._leaf_phases(mmu, ms, u, leaves, slow, int(self._hdr[_S.H_FAULT_ORDER]), out):
+            pass
+        return out[0]
+
+    def _leaf_phases(self, mmu: Mmu, ms: _MemSlot, u, leaves, slow, order: int, out: list):  # noqa: ANN001, ANN202
+        """The leaf part of the slow-path write fault, one phase per ``yield``
+        (the phase's name): [rmap_add] (new leaves), set_spte, mark_dirty, in
+        the order the rules require (``order`` 0), or a broken order (1:
+        dirty bit before the spte; 2: before the rmap add).  The vectorised
+        path runs it through; the step model (:mod:`._sim_steps`) yields a
+        step per phase, so both run this code.  ``out[0]`` receives the
+        number of slow-path faults."""
         flat = mmu.levels[1].flat
         f = flat[leaves]
         miss = (f & SPTE_PRESENT) == 0
@@ -935,32 +936,73 @@ class SimKVM:
             pml = wr & ~slowp & ((f & SPTE_DIRTY) == 0)
             log |= pml
             self._stats["pml_logged"] += int(pml.sum())
-        order = int(self._hdr[_S.H_FAULT_ORDER])
+        nslow = int(slowp.sum())
+        self._stats["faults_map"] += nslow
+        self._stats["faults_fast"] += int(fast.sum())
+        out[0] = nslow
         logging = ms.dirty is not None
-        if order == 2 and logging:  # BROKEN (rule 2 reversed, for the tests)
-            self._mark_dirty(ms, idx[log])
+        marked = np.zeros(log.shape, dtype=np.bool_)
+
+        def mark(sel: NDArray[np.bool_]) -> None:
+            if logging and sel.any():
+                self._mark_dirty(ms, idx[sel])
+            marked[sel] = True
+
+        if order == 2 and miss.any():  # BROKEN (rule 2 reversed, for the tests)
+            mark(log & miss)
+            yield "mark_dirty"
         # rule 2: a new leaf enters the rmap before anything sets its bit
         if miss.any():
             ms.rmap[idx[miss]] = True
-        if order == 1 and logging:  # BROKEN (rule 1 reversed, for the tests)
-            self._mark_dirty(ms, idx[log])
+            yield "rmap_add"
+        if order == 1:  # BROKEN (rule 1 reversed, for the tests)
+            mark(log)
+            yield "mark_dirty"
         # rule 1: every spte is writable before its dirty bit is set.  A
         # present leaf is read-only but mmu-writable (fast page fault, or the
-        # slow path after a push-down) or already writable.
+        # slow path after a push-down) or already writable.  Re-read: the
+        # step model lets lockless protectors run between phases.
+        f = flat[leaves]
+        miss = (f & SPTE_PRESENT) == 0
         d = SPTE_DIRTY if self.pml else np.uint8(0)
         new = np.where(miss, _MAP_WRITABLE | d, f | SPTE_WRITABLE | d)
         ch = new != f
         if ch.any():
             mmu.spte_write(1, leaves[ch], new[ch], f[ch])
+        yield "set_spte"
         # then the dirty bits: every fault logs its page (set_spte and
         # fast_pf_fix_direct_spte both call mark_page_dirty); a writable
         # leaf logs only through PML (D bit was clear)
-        if order == 0 and logging:
-            self._mark_dirty(ms, idx[log])
-        nslow = int(slowp.sum())
-        self._stats["faults_map"] += nslow
-        self._stats["faults_fast"] += int(fast.sum())
-        return nslow
+        rest = log & ~marked
+        if rest.any() or not marked.any():
+            mark(rest)
+            yield "mark_dirty"
+
+    def _fast_phases(self, mmu: Mmu, runs, u, li, f, fi, order: int, out: list):  # noqa: ANN001, ANN202
+        """The fast page fault for the pages ``u[fi]`` (lockless), one phase
+        per ``yield``: fast_set_writable (or fast_cmpxchg_failed when no
+        cmpxchg of ours changed an spte) then mark_dirty for the pages fixed
+        (rule 1); ``order`` 1 marks first (broken).  Shared by the vectorised
+        path and the step model.  ``out[0]``: mask of the pages fixed."""
+        def mark(sel: NDArray[np.int64]) -> None:
+            for ms, a, b in runs:
+                i, j = np.searchsorted(sel, (a, b))
+                if i < j and ms.dirty is not None:
+                    self._mark_dirty(ms, u[sel[i:j]] - ms.base_gfn)
+
+        if order == 1:  # BROKEN (rule 1 reversed, for the tests): log, THEN cmpxchg
+            mark(fi)
+            yield "mark_dirty"
+            ok = self._fast_fix(mmu, li[fi], f[fi])
+            out[0] = ok
+            yield "fast_set_writable" if ok.any() else "fast_cmpxchg_failed"
+            return
+        ok = self._fast_fix(mmu, li[fi], f[fi])
+        out[0] = ok
+        yield "fast_set_writable" if ok.any() else "fast_cmpxchg_failed"
+        if ok.any():
+            mark(fi[ok])
+            yield "mark_dirty"
 
     def _leaves_read(self, mmu: Mmu, ms: _MemSlot, u, leaves) -> int:  # noqa: ANN001
         flat = mmu.levels[1].flat
