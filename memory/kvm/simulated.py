@@ -580,7 +580,9 @@ class SimKVM:
         for v in range(self.nr_vcpus):
             if v == self.self_vcpu:
                 continue
-            self._wait_while(lambda v=v: 0 < int(ctl[v, _S.C_SRCU]) < gen, v, "synchronize_srcu")
+            # the marker is (generation read) + 1: a vCPU that read any generation
+            # before ``gen`` has a marker <= gen
+            self._wait_while(lambda v=v: 0 < int(ctl[v, _S.C_SRCU]) <= gen, v, "synchronize_srcu")
 
     def _sync_slots(self) -> None:
         """A vCPU process: rebuild the slot view if the table changed."""
