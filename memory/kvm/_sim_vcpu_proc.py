@@ -145,6 +145,7 @@ def main(config: dict) -> int:
         if cmd != cmd_done:
             code = cmd & 0xFF
             if code == CMD_QUIT:
+                ctl.store(S.C_ALIVE, 0)
                 ctl.store(S.C_CMD_ACK, cmd)
                 return 0
             if code == CMD_LOAD:
@@ -169,6 +170,7 @@ def main(config: dict) -> int:
                 ctl.store(S.C_ACK, epoch)
             S.futex_wait(run_addr, epoch, 0.05)
             if os.getppid() != parent:
+                ctl.store(S.C_ALIVE, 0)
                 return 0
             last = time.perf_counter()
             credit = 0.0
@@ -178,6 +180,7 @@ def main(config: dict) -> int:
         # the VMM died (PR_SET_PDEATHSIG would fire when trio's spawning
         # worker thread exits, not the VMM): stop with it
         if int(row[i_batches]) & 127 == 0 and os.getppid() != parent:
+            ctl.store(S.C_ALIVE, 0)
             return 0
         # VM exits still to be paid for (fault cost), then cpu-throttle
         if debt_s > 0:

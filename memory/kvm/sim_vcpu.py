@@ -189,6 +189,7 @@ class SimVCPUs:
             if proc.poll() is None:
                 proc.kill()
                 await proc.wait()
+        self._ctl[:, S.C_ALIVE] = 0  # exited (a killed vCPU could not say so)
         self._procs = []
         self.running = False
 

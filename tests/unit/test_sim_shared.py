@@ -138,3 +138,18 @@ def test_memslot_change_waits_for_the_read_side() -> None:
     ctl[1, S.C_SRCU] = 0
     t.join(5)
     assert done and vm.memslot(0)[0] == (1 << 30) >> 12
+
+
+def test_bitmap_atomics_are_skipped_only_when_no_vcpu_process_can_run() -> None:
+    vm = make()
+    ctl = vm.shared_state["vcpu_ctl"]
+    assert vm._quiescent()  # no vCPU process: numpy copy + fill is exact
+    ctl[1, S.C_ALIVE] = 1
+    ctl[1, S.C_RUN] = 1  # running
+    assert not vm._quiescent()
+    ctl[1, S.C_RUN] = 2  # stop requested, not yet acknowledged: may still set bits
+    assert not vm._quiescent()
+    ctl[1, S.C_ACK] = 2  # acknowledged: nothing in flight
+    assert vm._quiescent()
+    attached = SimKVM(nr_vcpus=2, params=vm.shared_state.params, _attach=(vm.shared_state.fd, 0))
+    assert not attached._quiescent()  # a vCPU process never assumes the others stopped
