@@ -46,7 +46,7 @@ def _accel(text: str):
 
 
 def _workload(text: str):
-    from memory.workloads import parse_workload
+    from memory.kvm.sim.workloads import parse_workload
 
     try:
         return parse_workload(text)

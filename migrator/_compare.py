@@ -95,7 +95,7 @@ class CompareConfig:
     timeout_s: float = 60.0  # per run; cancelled (not converged) after it
     destination: str = "inprocess"  # or "process"
     smp: int = 1  # vCPU processes of the source (and destination)
-    fault_cost: str = "host"  # per-fault cost profile (memory.kvm.sim_vcpu.FAULT_COSTS)
+    fault_cost: str = "host"  # per-fault cost profile (memory.kvm.sim.sim_vcpu.FAULT_COSTS)
 
     @property
     def npages(self) -> int:
@@ -321,7 +321,7 @@ async def _stop_process(proc) -> None:
 def _prewrite(vm) -> None:
     """The guest writes each page of its working set once (through the
     fault path: mapped, writable), before anything logs."""
-    from memory.kvm._sim_vcpu_proc import GREEDY_BATCH_PAGES
+    from memory.kvm.sim._sim_vcpu_proc import GREEDY_BATCH_PAGES
 
     kvm = vm.machine.kvm
     for v, wl in enumerate(vm.vcpus.workloads):
@@ -338,7 +338,7 @@ async def run_case(cfg: CompareConfig, guest: str, wp_all: bool, tmp: Path, *,
     ``kvm_hook(kvm)``, if given, is called with the source's SimKVM before
     anything runs (tests use it to install a broken variant).
     """
-    from memory.workloads import StreamWorkload
+    from memory.kvm.sim.workloads import StreamWorkload
 
     from ._machine import AccelConfig
     from ._status import MigrationStatus as S
@@ -347,7 +347,7 @@ async def run_case(cfg: CompareConfig, guest: str, wp_all: bool, tmp: Path, *,
     if guest not in GUESTS:
         raise ValueError(f"guest must be one of {GUESTS}, not {guest!r}")
     label = run_label(guest, wp_all)
-    from memory.kvm.sim_vcpu import parse_fault_cost
+    from memory.kvm.sim.sim_vcpu import parse_fault_cost
 
     accel = AccelConfig(kind="sim", write_protect_all=wp_all, manual_protect=False, smp=cfg.smp,
                         fault_cost=parse_fault_cost(cfg.fault_cost))
@@ -813,7 +813,7 @@ def config_from_args(args) -> CompareConfig:
 
         cfg.smp = parse_smp(str(args.smp))
     if getattr(args, "fault_cost", None) is not None:
-        from memory.kvm.sim_vcpu import parse_fault_cost
+        from memory.kvm.sim.sim_vcpu import parse_fault_cost
 
         parse_fault_cost(args.fault_cost)
         cfg.fault_cost = args.fault_cost

@@ -49,7 +49,7 @@ class AccelConfig:
     pml: bool = False
     dirty_log: str = "bitmap"  # kvm: bitmap | clear | ring
     dirty_ring_size: int = 4096
-    #: sim: ns charged per fast / slow-path fault (see memory.kvm.sim_vcpu.FAULT_COSTS)
+    #: sim: ns charged per fast / slow-path fault (see memory.kvm.sim.sim_vcpu.FAULT_COSTS)
     fault_cost: tuple[int, int] | None = None
     #: -smp N: the number of vCPUs (QEMU's name)
     smp: int = 1
@@ -93,7 +93,7 @@ def parse_accel(spec: str) -> AccelConfig:
         elif key == "pml":
             cfg.pml = _onoff(key, value)
         elif key == "fault-cost":
-            from memory.kvm.sim_vcpu import parse_fault_cost
+            from memory.kvm.sim.sim_vcpu import parse_fault_cost
 
             cfg.fault_cost = parse_fault_cost(value)
         elif key == "dirty-log":
@@ -156,8 +156,8 @@ class Machine:
 
     def _init_sim(self) -> None:
         from memory.kvm import SimKVM
-        from memory.kvm._sim_shm import Params
-        from memory.kvm.sim_vcpu import DEFAULT_FAULT_COST, FAULT_COSTS, SimVCPUs
+        from memory.kvm.sim._sim_shm import Params
+        from memory.kvm.sim.sim_vcpu import DEFAULT_FAULT_COST, FAULT_COSTS, SimVCPUs
 
         a = self.accel
         npages = self.memory_bytes >> 12

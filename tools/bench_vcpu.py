@@ -46,7 +46,7 @@ UNLIMITED = 1 << 40  # bytes/s: the sender never waits for the rate limiter
 
 async def measure(memory: int, smp: int, fault_cost: str, bandwidth: int, seconds: float, tmp: Path,
                   workload: str = "ab") -> dict:
-    from memory.kvm.sim_vcpu import parse_fault_cost
+    from memory.kvm.sim.sim_vcpu import parse_fault_cost
     from migrator._machine import AccelConfig
     from migrator._status import MigrationStatus as S
     from migrator._vm import VM
@@ -96,7 +96,7 @@ async def measure(memory: int, smp: int, fault_cost: str, bandwidth: int, second
 async def converge(memory: int, smp: int, fault_cost: str, timeout: float, tmp: Path) -> dict:
     """A greedy ab guest migrated at QEMU's default parameters with
     auto-converge: does it complete, and when?"""
-    from memory.kvm.sim_vcpu import parse_fault_cost
+    from memory.kvm.sim.sim_vcpu import parse_fault_cost
     from migrator._machine import AccelConfig
     from migrator._status import MigrationStatus as S
     from migrator._vm import VM
@@ -136,7 +136,7 @@ async def converge(memory: int, smp: int, fault_cost: str, timeout: float, tmp: 
 def bench_atomics(n: int = 200_000) -> dict:
     import numpy as np
 
-    from memory.kvm import _sim_shm as S
+    from memory.kvm.sim import _sim_shm as S
 
     st = S.SharedState.create(S.Params(nr_vcpus=1, l1_rows=4, l2_rows=4, l3_rows=4, arena_bytes=1 << 20))
     words = st.arena_view(0, "uint64", 1 << 14)

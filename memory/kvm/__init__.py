@@ -2,7 +2,7 @@
 
 from ._backend import KvmVM, UserMemoryRegion
 from . import linux_kvm
-from .simulated import SimKVM
+from .sim import SimKVM
 
 __all__ = ["KvmVM", "SimKVM", "UserMemoryRegion", "linux_kvm"]
 
@@ -14,6 +14,6 @@ __all__ += ["RealKVM", "kvm_usable", "GuestPageWriter", "RealMachine", "RealVCPU
 
 # QEMU's KVM glue (accel/kvm/kvm-all.c) and the simulated vCPU runner
 from ._listener import DirtyLogMode, KVMListenerStatistics, KVMMemoryListener, KVMSlot, RegionSyncRule  # noqa: E402
-from .sim_vcpu import SimVCPUs  # noqa: E402
+from .sim import SimVCPUs  # noqa: E402
 
 __all__ += ["DirtyLogMode", "KVMListenerStatistics", "KVMMemoryListener", "KVMSlot", "RegionSyncRule", "SimVCPUs"]

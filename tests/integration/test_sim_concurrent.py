@@ -26,7 +26,7 @@ import trio
 
 from memory import DIRTY_MEMORY_MIGRATION, DIRTY_MEMORY_VGA, GLOBAL_DIRTY_MIGRATION, TARGET_PAGE_SIZE
 from memory.kvm._listener import RegionSyncRule
-from memory.workloads import HotsetWorkload, RandomWorkload
+from memory.kvm.sim.workloads import HotsetWorkload, RandomWorkload
 from migrator._machine import AccelConfig, Machine
 
 P = TARGET_PAGE_SIZE
@@ -192,8 +192,8 @@ async def test_broken_display_sync_without_reprotect_loses_pages():
 # ---------------------------------------------------------------------------
 def _ranges_ok(ram: bytes, npages: int, smp: int) -> list[int]:
     """Bad pages of QEMU's check_guests_ram, per vCPU range (each vCPU's ab program)."""
-    from memory.kvm.sim_vcpu import vcpu_range
-    from memory.workloads import AB_START, check_guests_ram
+    from memory.kvm.sim.sim_vcpu import vcpu_range
+    from memory.kvm.sim.workloads import AB_START, check_guests_ram
 
     mem = np.frombuffer(ram, np.uint8)
     out = []

@@ -62,7 +62,7 @@ class SimBackend(_Backend):
 
     def __init__(self) -> None:
         super().__init__()
-        from memory.kvm.simulated import SimKVM
+        from memory.kvm.sim.simulated import SimKVM
 
         self.vm = SimKVM(pml=False)
         self.vm.set_user_memory_region(UserMemoryRegion(0, 0, 0, LOW, self.low.host))
@@ -110,7 +110,7 @@ def kvm(request):
         try:
             b = SimBackend()
         except ImportError as e:  # pragma: no cover - while the simulator is written
-            pytest.skip(f"memory.kvm.simulated not importable: {e}")
+            pytest.skip(f"memory.kvm.sim.simulated not importable: {e}")
     yield b
     b.close()
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from memory import RAMBlock
 from memory.kvm import SimKVM, UserMemoryRegion
-from memory.kvm import _sim_shm as S
+from memory.kvm.sim import _sim_shm as S
 from memory.kvm import linux_kvm as K
 
 P = 4096

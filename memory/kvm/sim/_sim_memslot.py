@@ -1,6 +1,6 @@
 """Memslots of the simulated KVM: ``struct kvm_memory_slot`` with its rmap and
 dirty bitmap, what a flags change or a delete does to the MMU, and small
-helpers shared by :mod:`memory.kvm.simulated`."""
+helpers shared by :mod:`memory.kvm.sim.simulated`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import _sim_shm as S
-from . import linux_kvm as K
+from .. import linux_kvm as K
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray

@@ -1,7 +1,7 @@
 """The simulated x86-64 direct-map MMU behind :class:`memory.kvm.SimKVM`.
 
 The kernel facts and the ordering rules this code relies on are written up
-at the top of :mod:`memory.kvm.simulated`; this module is the data structure
+at the top of :mod:`memory.kvm.sim.simulated`; this module is the data structure
 and its vectorised operations.
 
 Layout

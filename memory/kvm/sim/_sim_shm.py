@@ -4,7 +4,7 @@ its locks.
 Why shared memory
 =================
 
-The simulated vCPUs are processes (:mod:`memory.kvm._sim_vcpu_proc`): a
+The simulated vCPUs are processes (:mod:`memory.kvm.sim._sim_vcpu_proc`): a
 vCPU stores into guest RAM while the VMM process syncs dirty logs, exactly
 as a KVM vCPU thread runs while QEMU's migration thread does.  So every
 piece of state both sides touch lives in one ``memfd`` mapping

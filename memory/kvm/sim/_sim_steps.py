@@ -1,7 +1,7 @@
 """Step-wise model of one write fault and one KVM_GET_DIRTY_LOG.
 
 The write fault runs the real fault code of
-:class:`memory.kvm.simulated.SimKVM`: the leaf phases of the slow path
+:class:`memory.kvm.sim.simulated.SimKVM`: the leaf phases of the slow path
 (:meth:`SimKVM._leaf_phases`: rmap add, set spte, mark dirty) and the
 fast page fault (:meth:`SimKVM._fast_phases`: the cmpxchg, mark dirty) are
 generators that the vectorised path runs through and this model steps,
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import linux_kvm as K
+from .. import linux_kvm as K
 from ._sim_mmu import (
     SPTE_MMU_WRITABLE,
     SPTE_PRESENT,
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 #: protects the child table (rule 6)
 ORDERS = ("spte_first", "dirty_first", "dirty_before_rmap", "upper_first")
 #: the leaf and fast-path phases take the order as the real code's code
-#: (memory.kvm._sim_shm.FAULT_ORDERS); upper_first concerns the walk only
+#: (memory.kvm.sim._sim_shm.FAULT_ORDERS); upper_first concerns the walk only
 _ORDER_CODE = {"spte_first": 0, "dirty_first": 1, "dirty_before_rmap": 2, "upper_first": 0}
 
 

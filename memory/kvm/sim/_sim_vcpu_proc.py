@@ -1,7 +1,7 @@
 """One simulated vCPU as a process: a plain synchronous loop, as a CPU is.
 
-Started by :class:`memory.kvm.sim_vcpu.SimVCPUs` (``python -m
-memory.kvm._sim_vcpu_proc CONFIG_JSON``) with the simulated KVM's shared
+Started by :class:`memory.kvm.sim.sim_vcpu.SimVCPUs` (``python -m
+memory.kvm.sim._sim_vcpu_proc CONFIG_JSON``) with the simulated KVM's shared
 state memfd and the RAM memfds inherited at the same descriptor numbers
 (``pass_fds``).  It maps them (:mod:`._sim_shm`), builds a
 :class:`memory.kvm.SimKVM` attached to the same state, and runs its
@@ -68,7 +68,7 @@ def vcpu_range(npages: int, nr_vcpus: int, vcpu: int) -> tuple[int, int]:
 
 
 def make_vcpu_workload(name: str, pages: np.ndarray, nr_vcpus: int, vcpu: int, seed: int):  # noqa: ANN201
-    from ..workloads import make_workload
+    from .workloads import make_workload
 
     lo, hi = vcpu_range(pages.shape[0], nr_vcpus, vcpu)
     return make_workload(name, pages[lo:hi], seed=seed + vcpu, gfn_base=lo)

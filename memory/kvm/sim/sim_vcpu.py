@@ -6,7 +6,7 @@ the same controller interface (``run``, ``vm_start``, ``vm_stop``,
 ``set_throttle``, ``save_state``, ``load_state``, ``statistics``), which is
 all the migration engine knows about vCPUs.
 
-Each vCPU is a process (:mod:`memory.kvm._sim_vcpu_proc`, a synchronous
+Each vCPU is a process (:mod:`memory.kvm.sim._sim_vcpu_proc`, a synchronous
 loop) started with trio; it inherits the simulated KVM's state memfd and
 the RAM memfd (``pass_fds``), so it stores into the same guest pages and
 faults on the same sptes as everything else.  The guest's RAM is split
@@ -71,7 +71,7 @@ def parse_fault_cost(text: str) -> tuple[int, int]:
     return int(f * 1000), int(s * 1000)
 
 
-_CHILD = "import sys, json; from memory.kvm._sim_vcpu_proc import main; sys.exit(main(json.loads(sys.argv[1])))"
+_CHILD = "import sys, json; from memory.kvm.sim._sim_vcpu_proc import main; sys.exit(main(json.loads(sys.argv[1])))"
 
 
 class SimVCPUs:
@@ -152,7 +152,8 @@ class SimVCPUs:
                        "params": {"nr_vcpus": p.nr_vcpus, "l1_rows": p.l1_rows, "l2_rows": p.l2_rows,
                                   "l3_rows": p.l3_rows, "arena_bytes": p.arena_bytes}}
                 env = dict(os.environ)
-                root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                # the tree this package is in (memory/kvm/sim/ -> its root)
+                root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
                 env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
                 proc = await trio.lowlevel.open_process(
                     [sys.executable, "-c", _CHILD, json.dumps(cfg)],

@@ -136,8 +136,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import linux_kvm as K
-from ._backend import UserMemoryRegion
+from .. import linux_kvm as K
+from .._backend import UserMemoryRegion
 from ._sim_mmu import (
     MAX_GFN,
     SPTE_DIRTY,
@@ -496,7 +496,7 @@ class SimKVM:
         without host memory, (-2, 0) for memory only this process has."""
         if host is None:
             return -1, 0
-        from .._ramblock import shared_mapping_of
+        from ..._ramblock import shared_mapping_of
 
         found = shared_mapping_of(int(host.ctypes.data))
         if found is None:
@@ -1023,6 +1023,8 @@ class SimKVM:
         if order == 1:  # BROKEN (rule 1 reversed, for the tests): log, THEN cmpxchg
             mark(fi)
             yield "mark_dirty"
+            if not self._quiescent():
+                time.sleep(0.0002)  # widen the window so a concurrent GET lands in it
             ok = self._fast_fix(mmu, li[fi], f[fi])
             out[0] = ok
             yield "fast_set_writable" if ok.any() else "fast_cmpxchg_failed"
@@ -1320,7 +1322,7 @@ class SimKVM:
 
     def _check_invariants(self, *, dirty_log: bool = True) -> None:
         """Raise AssertionError (with evidence) if the simulated state is
-        inconsistent; see :func:`memory.kvm._sim_check.check_invariants`.
+        inconsistent; see :func:`memory.kvm.sim._sim_check.check_invariants`.
         ``dirty_log=False`` skips Marcelo's rule (structure only)."""
         _sim_check.check_invariants(self, dirty_log=dirty_log)
 
