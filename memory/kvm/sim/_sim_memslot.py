@@ -49,34 +49,11 @@ class MemSlot:
         #: memslot->dirty_bitmap (uint64 words); see :attr:`dirty`
         self._dirty: NDArray[np.uint64] = dirty
 
-    @property
-    def base_gfn(self) -> int:
-        return int(self.row[S.S_BASE])
-
-    @base_gfn.setter
-    def base_gfn(self, v: int) -> None:
-        self.row[S.S_BASE] = v
-
-    @property
-    def flags(self) -> int:
-        return int(self.row[S.S_FLAGS])
-
-    @flags.setter
-    def flags(self, v: int) -> None:
-        self.row[S.S_FLAGS] = v
-
-    @property
-    def userspace_addr(self) -> int:
-        return int(self.row[S.S_HVA])
-
-    @property
-    def snapshot_at(self) -> int:
-        """write_protect_all(True) count at the last GET without write protect."""
-        return int(self.row[S.S_SNAPSHOT_AT])
-
-    @snapshot_at.setter
-    def snapshot_at(self, v: int) -> None:
-        self.row[S.S_SNAPSHOT_AT] = v
+    base_gfn = S.SharedWord("row", S.S_BASE)
+    flags = S.SharedWord("row", S.S_FLAGS)
+    userspace_addr = S.SharedWord("row", S.S_HVA)
+    snapshot_at = S.SharedWord("row", S.S_SNAPSHOT_AT,
+                               "write_protect_all(True) count at the last GET without write protect")
 
     @property
     def dirty(self) -> NDArray[np.uint64] | None:

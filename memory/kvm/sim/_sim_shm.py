@@ -355,6 +355,24 @@ class SharedState:
         return a[off : off + n].view(dtype)
 
 
+class SharedWord:
+    """A property backed by one int64 word of a shared array that the
+    owning object holds in attribute ``array`` (``self.row[S_BASE]``...)."""
+
+    def __init__(self, array: str, index: int, doc: str = "") -> None:
+        self.array = array
+        self.index = index
+        self.__doc__ = doc
+
+    def __get__(self, obj, owner=None):  # noqa: ANN001, ANN204
+        if obj is None:
+            return self
+        return int(getattr(obj, self.array)[self.index])
+
+    def __set__(self, obj, value: int) -> None:  # noqa: ANN001
+        getattr(obj, self.array)[self.index] = value
+
+
 class StatRow:
     """``stats["faults_fast"] += 1`` on the shared row of the current actor."""
 

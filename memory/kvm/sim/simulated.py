@@ -325,13 +325,8 @@ class SimKVM:
     def _indicator(self, v: int) -> None:
         self._hdr[_S.H_INDICATOR] = v - (1 << 64) if v >= 1 << 63 else v
 
-    @property
-    def _wp_all_epoch(self) -> int:
-        return int(self._hdr[_S.H_WP_EPOCH])
-
-    @_wp_all_epoch.setter
-    def _wp_all_epoch(self, v: int) -> None:
-        self._hdr[_S.H_WP_EPOCH] = v
+    _wp_all_epoch = _S.SharedWord("_hdr", _S.H_WP_EPOCH)
+    _manual = _S.SharedWord("_hdr", _S.H_MANUAL)
 
     @property
     def fault_order(self) -> str:
@@ -342,10 +337,6 @@ class SimKVM:
     @fault_order.setter
     def fault_order(self, order: str) -> None:
         self._hdr[_S.H_FAULT_ORDER] = _S.FAULT_ORDERS.index(order)
-
-    @property
-    def _manual(self) -> int:
-        return int(self._hdr[_S.H_MANUAL])
 
     # ------------------------------------------------------------------
     # capabilities
