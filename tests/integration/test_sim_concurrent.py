@@ -253,3 +253,35 @@ async def test_greedy_ab_converges_at_qemu_defaults_with_auto_converge(tmp_path,
         info = await src.qmp.wait_migration(timeout=120)
         assert info["status"] == "completed", (info, src.log())
         assert (await dst.qmp.wait_migration())["status"] == "completed"
+
+
+async def test_a_vcpu_writing_outside_ram_exits_and_goes_on():
+    """The guest's pages lose their memslot (the RAM region is removed):
+    the vCPU's faults fail like an MMIO exit, it keeps running, and its
+    pages are not written; once the RAM is back it writes again."""
+    m = Machine(memory_bytes=NPAGES * P, accel=AccelConfig(kind="sim", smp=1, fault_cost=(0, 0)),
+                workload="random")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(m.vcpus.run)
+        await m.vcpus.vm_start()
+        await trio.sleep(0.2)
+        with m.ms.transaction():
+            m.ms.system_memory.del_subregion(m.ram_mr)
+        await trio.sleep(0.05)
+        await m.vcpus.vm_stop()
+        before = bytes(m.ram_block.host)
+        await m.vcpus.vm_start()
+        await trio.sleep(0.2)
+        await m.vcpus.vm_stop()
+        assert bytes(m.ram_block.host) == before  # no store without a mapping
+        st = m.vcpus.statistics()[0]
+        assert st["mmio-exits"] > 0
+        with m.ms.transaction():
+            m.ms.system_memory.add_subregion(0, m.ram_mr)
+        w0 = m.vcpus.statistics()[0]["pages-written"]
+        await m.vcpus.vm_start()
+        await trio.sleep(0.2)
+        await m.vcpus.vm_stop()
+        assert m.vcpus.statistics()[0]["pages-written"] > w0
+        assert all(m.vcpus._alive(v) for v in range(1))
+        nursery.cancel_scope.cancel()

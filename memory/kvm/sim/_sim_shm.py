@@ -232,6 +232,7 @@ VCPU_STAT_NAMES = (
     "run_ns",
     "throttle_sleep_ns",
     "tlb_flush_wait_ns",
+    "mmio_exits",
 )
 ALL_STATS = STAT_NAMES + VCPU_STAT_NAMES
 STAT_INDEX = {n: i for i, n in enumerate(ALL_STATS)}

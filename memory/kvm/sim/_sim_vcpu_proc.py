@@ -214,12 +214,21 @@ def main(config: dict) -> int:
         g = idx + wl.gfn_base
         u, _ = unique_first(g)
         before = (int(row[i_fast]), int(row[i_map]), int(row[i_push]), int(row[i_pml]))
+        efault = False
         while True:
             try:
                 kvm.vcpu_write(u, vcpu)
             except _Retry:
                 os.sched_yield()
                 continue
+            except OSError as exc:
+                # a page outside every slot / in a read-only slot: KVM exits
+                # to userspace (KVM_EXIT_MMIO); the batch's stores do not
+                # happen (no guest memory changes), the vCPU goes on
+                stats["mmio_exits"] += 1
+                ctl.store(S.C_ERROR, exc.errno or 1)
+                efault = True
+                break
             S.fetch_add8(seq_addr, 1)  # enter guest mode (odd)
             if kvm.guest_can_store(u, vcpu):
                 wl.store(idx)
@@ -227,6 +236,9 @@ def main(config: dict) -> int:
                 break
             S.fetch_add8(seq_addr, 1)
             stats["store_retries"] += 1
+        if efault:
+            time.sleep(TICK_S)
+            continue
         stats["guest_entries"] += 1
         wl.pages_written += int(idx.size)
         stats["pages_written"] += int(idx.size)

@@ -324,6 +324,7 @@ class SimVCPUs:
                 "root-reloads": st["root_reloads"],
                 "fault-cost-ns": st["fault_cost_ns"],
                 "store-retries": st["store_retries"],
+                "mmio-exits": st["mmio_exits"],
                 "batches": st["batches"],
                 "run-ns": st["run_ns"],
                 "throttle-sleep-ns": st["throttle_sleep_ns"],
