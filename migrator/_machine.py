@@ -182,7 +182,7 @@ class Machine:
         image: its RAM and vCPU state arrive with the migration.
         """
         from memory.kvm import RealKVM, RealVCPU, RealVCPUs
-        from memory.kvm.guests import load_guest_image
+        from memory.kvm.real.guests import load_guest_image
 
         a = self.accel
         self.kvm = RealKVM()

@@ -8,7 +8,7 @@ __all__ = ["KvmVM", "SimKVM", "UserMemoryRegion", "linux_kvm"]
 
 # real KVM (/dev/kvm): VM, vCPUs, test machine
 from .real import RealKVM, kvm_usable  # noqa: E402
-from .vcpu import GuestPageWriter, RealMachine, RealVCPU, RealVCPUs, VCPUError  # noqa: E402
+from .real import GuestPageWriter, RealMachine, RealVCPU, RealVCPUs, VCPUError  # noqa: E402
 
 __all__ += ["RealKVM", "kvm_usable", "GuestPageWriter", "RealMachine", "RealVCPU", "RealVCPUs", "VCPUError"]
 

@@ -52,8 +52,8 @@ from typing import Callable
 import numpy as np
 import trio
 
-from . import linux_kvm as K
-from ._backend import UserMemoryRegion
+from .. import linux_kvm as K
+from .._backend import UserMemoryRegion
 from .guests import LAYOUT, Ctrl, GuestEntry, load_guest_image
 from .real import RealKVM, StatsReader
 
@@ -650,7 +650,7 @@ class RealMachine:
         if dirty_log not in ("bitmap", "clear", "ring"):
             raise ValueError(f"dirty_log must be bitmap, clear or ring, not {dirty_log!r}")
         if ram_block is None:
-            from .._ramblock import RAMBlock
+            from ..._ramblock import RAMBlock
 
             ram_block = RAMBlock("pc.ram", memory_bytes)
         self.ram = ram_block

@@ -1,7 +1,7 @@
 """Simulated vCPUs: N processes running the guest's program against the
 shared simulated MMU (``migrator run --accel sim --smp N``).
 
-This is the simulated counterpart of ``memory.kvm.vcpu.RealVCPUs`` and has
+This is the simulated counterpart of ``memory.kvm.real.vcpu.RealVCPUs`` and has
 the same controller interface (``run``, ``vm_start``, ``vm_stop``,
 ``set_throttle``, ``save_state``, ``load_state``, ``statistics``), which is
 all the migration engine knows about vCPUs.

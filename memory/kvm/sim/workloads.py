@@ -304,9 +304,9 @@ def check_guests_ram(ram: np.ndarray, start: int = AB_START, end: int | None = N
     ``ram`` is guest memory as uint8 (guest-physical address = index).  The
     one implementation (vectorised, with QEMU's loop beside it as the
     reference) lives with the real guest programs in
-    :mod:`memory.kvm.guests.check`; the simulated ``ab`` workload writes the
+    :mod:`memory.kvm.real.guests.check`; the simulated ``ab`` workload writes the
     same pattern, so both are checked by the same rule.
     """
-    from ..guests.check import check_guests_ram as _check
+    from ..real.guests.check import check_guests_ram as _check
 
     return _check(ram, start, ram.size if end is None else end).bad
