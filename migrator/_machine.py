@@ -65,6 +65,8 @@ class AccelConfig:
                 parts.append("pml=on")
             if self.fault_cost is not None:
                 parts.append(f"fault-cost={self.fault_cost[0] / 1000:g}:{self.fault_cost[1] / 1000:g}")
+            if self.dirty_log == "ring":
+                parts.append(f"dirty-log=ring,dirty-ring-size={self.dirty_ring_size}")
             return ",".join(parts)
         out = f"kvm,dirty-log={self.dirty_log}"
         return out + (f",dirty-ring-size={self.dirty_ring_size}" if self.dirty_log == "ring" else "")
@@ -80,7 +82,7 @@ def parse_accel(spec: str) -> AccelConfig:
     if kind not in ("sim", "kvm"):
         raise ValueError(f"unknown accelerator {kind!r} (sim, kvm, auto)")
     cfg = AccelConfig(kind=kind)
-    allowed = {"sim": {"write-protect-all", "manual-protect", "pml", "fault-cost"},
+    allowed = {"sim": {"write-protect-all", "manual-protect", "pml", "fault-cost", "dirty-log", "dirty-ring-size"},
                "kvm": {"dirty-log", "dirty-ring-size"}}[kind]
     for prop in props:
         key, sep, value = prop.partition("=")
@@ -107,6 +109,10 @@ def parse_accel(spec: str) -> AccelConfig:
             cfg.dirty_ring_size = n
     if cfg.write_protect_all and cfg.manual_protect:
         raise ValueError("write-protect-all=on and manual-protect=on exclude each other")
+    if kind == "sim" and cfg.dirty_log == "clear":
+        raise ValueError("accel sim: dirty-log=clear is manual-protect=on")
+    if kind == "sim" and cfg.dirty_log == "ring" and (cfg.write_protect_all or cfg.manual_protect):
+        raise ValueError("accel sim: dirty-log=ring excludes write-protect-all and manual-protect")
     return cfg
 
 
@@ -149,6 +155,8 @@ class Machine:
         self.kvm_listener = KVMMemoryListener(
             self.ms, self.kvm, write_protect_all=self._wp_all, manual_protect=self._manual,
             **self._listener_extra)
+        if self._listener_extra.get("dirty_ring") and accel.kind == "sim":
+            self.vcpus.on_ring_full = self.kvm_listener._dirty_ring_reap
         self.ms.memory_listener_register(self.kvm_listener, self.ms.address_space_memory)
         self.ms.memory_region_transaction_begin()
         self.ms.system_memory.add_subregion(0, self.ram_mr)
@@ -162,12 +170,18 @@ class Machine:
         a = self.accel
         npages = self.memory_bytes >> 12
         # table capacity: the RAM's tables 4 times over (slot moves add tables)
+        ring = a.dirty_log == "ring"
         params = Params(nr_vcpus=a.smp, l1_rows=4 * (npages // 512) + 1024, l2_rows=4 * (npages >> 18) + 256,
-                        l3_rows=64, arena_bytes=4 * npages + (1 << 24))
+                        l3_rows=64, arena_bytes=4 * npages + (1 << 24),
+                        ring_entries=a.dirty_ring_size if ring else 0)
         self.kvm = SimKVM(pml=a.pml, nr_vcpus=a.smp, params=params)
-        self._wp_all = a.write_protect_all
-        self._manual = a.manual_protect
+        self._wp_all = False if ring else a.write_protect_all
+        self._manual = False if ring else a.manual_protect
         self._listener_extra = {}
+        if ring:
+            # as with real KVM: the ring before any vCPU (and memslot)
+            self.kvm.enable_dirty_ring(a.dirty_ring_size)
+            self._listener_extra = {"dirty_ring": True}
         cost = a.fault_cost if a.fault_cost is not None else FAULT_COSTS[DEFAULT_FAULT_COST]
         self.vcpus = SimVCPUs(self.kvm, self.ram_block, self.workload_name, smp=a.smp,
                               seed=self.workload_opts.get("seed", 0), rate=self.workload_opts.get("rate"),

@@ -39,6 +39,7 @@ MODES = {
     "manual": dict(manual_protect=True),
     "wp_all": dict(write_protect_all=True),
     "pml": dict(pml=True),
+    "ring": dict(dirty_log="ring", dirty_ring_size=4096),
 }
 
 

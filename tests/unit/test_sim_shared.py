@@ -153,3 +153,41 @@ def test_bitmap_atomics_are_skipped_only_when_no_vcpu_process_can_run() -> None:
     assert vm._quiescent()
     attached = SimKVM(nr_vcpus=2, params=vm.shared_state.params, _attach=(vm.shared_state.fd, 0))
     assert not attached._quiescent()  # a vCPU process never assumes the others stopped
+
+
+def test_dirty_ring_in_order_harvest_reset_and_full() -> None:
+    import errno
+
+    import pytest
+
+    vm = SimKVM(nr_vcpus=2, params=S.Params(nr_vcpus=2, ring_entries=256))
+    assert vm.check_extension(K.KVM_CAP_DIRTY_LOG_RING_ACQ_REL) == 256 * 16
+    with pytest.raises(OSError, match="EINVAL"):
+        vm.enable_dirty_ring(512)  # more than the layout holds
+    vm.enable_dirty_ring(128)
+    vm.set_user_memory_region(UserMemoryRegion(0, K.KVM_MEM_LOG_DIRTY_PAGES, 0, 256 * P, _RAM.host))
+    with pytest.raises(OSError, match="ENXIO"):
+        vm.get_dirty_log(0, np.zeros(4, np.uint64))
+    vm.vcpu_write(np.array([7, 3, 9]), 1)  # one vCPU's faults, in page order within the batch
+    vm.vcpu_write(np.array([5]), 0)
+    vm.vcpu_write(np.array([2]), 1)
+    slots, offs = vm.harvest_dirty_rings()
+    assert offs.tolist() == [5, 3, 7, 9, 2] and set(slots.tolist()) == {0}  # vCPU 0's ring, then vCPU 1's
+    assert vm.inspect_spte(3).writable  # harvested, not yet reset
+    assert vm.harvest_dirty_rings()[1].size == 0  # nothing twice
+    assert vm.reset_dirty_rings() == 5
+    assert not vm.inspect_spte(3).writable and not vm.inspect_spte(2).writable  # re-protected
+    vm.vcpu_write(np.array([3]), 1)  # faults again, a new entry
+    assert vm.harvest_dirty_rings()[1].tolist() == [3]
+    vm.reset_dirty_rings()
+    # a full ring refuses the push before changing anything
+    free = vm.ring_free(0)
+    vm.vcpu_write(np.arange(10, 10 + free), 0)
+    assert vm.ring_free(0) == 0
+    with pytest.raises(OSError) as ei:
+        vm.vcpu_write(np.arange(100, 200), 0)  # 100 new faults: past the hard limit
+    assert ei.value.errno == errno.ENOSPC
+    assert not vm.inspect_spte(150).present  # refused before any change
+    vm.harvest_dirty_rings()
+    assert vm.reset_dirty_rings() == free
+    assert vm.ring_free(0) == 128 - S.RING_RSVD_ENTRIES

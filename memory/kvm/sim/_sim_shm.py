@@ -171,7 +171,7 @@ def futex_wake(addr: int) -> None:
 # ---------------------------------------------------------------------------
 #: header words (int64)
 H_INDICATOR, H_WP_EPOCH, H_MANUAL, H_SLOTS_GEN, H_MMU_LOCK, H_DIR_SEQ, H_ARENA_TOP, H_SERIAL = range(8)
-H_COST_FAST, H_COST_MAP, H_COST_PUSH, H_VMM_PID, H_PML, H_NR_MEMSLOTS, H_FAULT_ORDER = range(8, 15)
+H_COST_FAST, H_COST_MAP, H_COST_PUSH, H_VMM_PID, H_PML, H_NR_MEMSLOTS, H_FAULT_ORDER, H_RING_SIZE = range(8, 16)
 #: H_FAULT_ORDER values: the correct order of the fault paths, and the
 #: broken ones the ordering rules forbid (mutations for the tests, shared
 #: so the vCPU processes run them too): the dirty bit before the spte is
@@ -197,7 +197,15 @@ MAX_HOST_BUFS = 16
 #: C_CMD / C_CMD_ACK: mailbox commands while stopped; C_MBOX_LEN: bytes
 #: C_SRCU: memslot generation the vCPU's current access uses (0: none)
 (C_GUEST_SEQ, C_RUN, C_ACK, C_CMD, C_CMD_ACK, C_MBOX_LEN, C_SRCU, C_THROTTLE, C_RELOAD, C_PID, C_ALIVE,
- C_ERROR) = range(12)
+ C_ERROR, C_RING_PUSH, C_RING_RESET, C_RING_FETCH, C_RING_FULL) = range(16)
+#: the dirty ring (per vCPU): C_RING_PUSH = entries the vCPU published
+#: (dirty_index), C_RING_RESET = entries KVM_RESET_DIRTY_RINGS recycled
+#: (reset_index), C_RING_FETCH = entries userspace harvested, C_RING_FULL =
+#: 1 while the vCPU waits in a KVM_EXIT_DIRTY_RING_FULL exit
+#: ring entry columns: flags (KVM_DIRTY_GFN_F_*), slot, offset
+R_FLAGS, R_SLOT, R_OFFSET = range(3)
+#: KVM_DIRTY_RING_RSVD_ENTRIES: a ring this close to full is "soft full"
+RING_RSVD_ENTRIES = 64
 C_WORDS = 16
 MBOX_BYTES = 1 << 16
 
@@ -233,6 +241,7 @@ VCPU_STAT_NAMES = (
     "throttle_sleep_ns",
     "tlb_flush_wait_ns",
     "mmio_exits",
+    "ring_full_exits",
 )
 ALL_STATS = STAT_NAMES + VCPU_STAT_NAMES
 STAT_INDEX = {n: i for i, n in enumerate(ALL_STATS)}
@@ -250,6 +259,8 @@ class Params:
     l2_rows: int = 1 << 10
     l3_rows: int = 64
     arena_bytes: int = 1 << 30
+    #: largest dirty ring (entries per vCPU) the VM may enable; 0: none
+    ring_entries: int = 0
 
     def rows(self, level: int) -> int:
         return {1: self.l1_rows, 2: self.l2_rows, 3: self.l3_rows, 4: 1}[level]
@@ -285,6 +296,7 @@ def sim_layout(p: Params) -> tuple[dict[str, Field], int]:
     add("vcpu_ctl", "int64", (p.nr_vcpus, C_WORDS))
     add("reload", "int64", (p.nr_vcpus,))
     add("mbox", "uint8", (p.nr_vcpus, MBOX_BYTES))
+    add("ring", "int64", (p.nr_vcpus, max(p.ring_entries, 1), 3))
     # one row per vCPU + one for the VMM (each process writes its own rows)
     add("stats", "int64", (p.nr_vcpus + 1, len(ALL_STATS)))
     for as_id in range(ADDRESS_SPACES):

@@ -121,6 +121,7 @@ def main(config: dict) -> int:
     i_pml = S.STAT_INDEX["pml_logged"]
     i_batches = S.STAT_INDEX["batches"]
     row = shm["stats"][vcpu]
+    ring = bool(hdr[S.H_RING_SIZE])
     debt_s = 0.0
     slice_used = 0.0
     credit = 0.0
@@ -195,6 +196,18 @@ def main(config: dict) -> int:
             interruptible_sleep(p / (1.0 - p) * THROTTLE_TIMESLICE_S, epoch, "throttle_sleep_ns")
             last = time.perf_counter()
             continue
+        if ring:
+            free = kvm.ring_free(vcpu)
+            if free <= 0:
+                # KVM_EXIT_DIRTY_RING_FULL: wait (outside guest mode, no
+                # fault in flight) until userspace harvested and reset
+                if not ctl.load(S.C_RING_FULL):
+                    ctl.store(S.C_RING_FULL, 1)
+                    stats["ring_full_exits"] += 1
+                time.sleep(0.0005)
+                continue
+            if ctl.load(S.C_RING_FULL):
+                ctl.store(S.C_RING_FULL, 0)
         now = time.perf_counter()
         if rate is None:
             n = GREEDY_BATCH_PAGES
@@ -203,6 +216,8 @@ def main(config: dict) -> int:
             n = int(credit)
             credit -= n
         last = now
+        if ring:
+            n = min(n, free)  # each page may push one entry
         if n <= 0:
             time.sleep(TICK_S)
             continue

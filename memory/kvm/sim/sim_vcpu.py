@@ -107,6 +107,9 @@ class SimVCPUs:
         self._cmd_seq = 0
         self._procs: list = []
         self._booted = False
+        #: called when a vCPU waits in a dirty-ring-full exit (QEMU's reaper:
+        #: the KVM listener's reap), if the VM uses the dirty ring
+        self.on_ring_full = None
 
     # -- compatibility with the single-vCPU interface -------------------------
     @property
@@ -150,7 +153,8 @@ class SimVCPUs:
                        "ram_size": self.ram.used_length, "workload": self.workloads[v].name,
                        "seed": self.seed, "rate": self.rate,
                        "params": {"nr_vcpus": p.nr_vcpus, "l1_rows": p.l1_rows, "l2_rows": p.l2_rows,
-                                  "l3_rows": p.l3_rows, "arena_bytes": p.arena_bytes}}
+                                  "l3_rows": p.l3_rows, "arena_bytes": p.arena_bytes,
+                                  "ring_entries": p.ring_entries}}
                 env = dict(os.environ)
                 # the tree this package is in (memory/kvm/sim/ -> its root)
                 root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
@@ -171,9 +175,18 @@ class SimVCPUs:
             async with trio.open_nursery() as nursery:
                 for v, proc in enumerate(self._procs):
                     nursery.start_soon(self._watch, v, proc)
+                if shm["hdr"][S.H_RING_SIZE]:
+                    nursery.start_soon(self._reaper)
         finally:
             with trio.CancelScope(shield=True):
                 await self._shutdown()
+
+    async def _reaper(self) -> None:
+        """kvm_dirty_ring_reaper_thread: reap when a vCPU is ring-full."""
+        while True:
+            await trio.sleep(0.002)
+            if self.on_ring_full is not None and self._ctl[:, S.C_RING_FULL].any():
+                self.on_ring_full()
 
     async def _watch(self, v: int, proc) -> None:  # noqa: ANN001
         status = await proc.wait()
@@ -325,6 +338,7 @@ class SimVCPUs:
                 "fault-cost-ns": st["fault_cost_ns"],
                 "store-retries": st["store_retries"],
                 "mmio-exits": st["mmio_exits"],
+                "dirty-ring-full-exits": st["ring_full_exits"],
                 "batches": st["batches"],
                 "run-ns": st["run_ns"],
                 "throttle-sleep-ns": st["throttle_sleep_ns"],

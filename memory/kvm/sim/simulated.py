@@ -347,6 +347,9 @@ class SimKVM:
             return self.nr_memslots
         if cap == K.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
             return K.KVM_DIRTY_LOG_MANUAL_CAPS
+        if cap in (K.KVM_CAP_DIRTY_LOG_RING, K.KVM_CAP_DIRTY_LOG_RING_ACQ_REL):
+            # the largest ring in bytes this VM's shared layout has room for
+            return self._shm.params.ring_entries * K.KVM_DIRTY_GFN_SIZE
         if cap in (K.KVM_CAP_X86_WRITE_PROTECT_ALL_MEM, K.KVM_CAP_X86_DIRTY_LOG_WITHOUT_WRITE_PROTECT):
             # With PML, 4K tracking uses D bits: the review agreed the caps
             # report 0 so that userspace keeps the classic path.
@@ -360,6 +363,9 @@ class SimKVM:
             OSError(EINVAL): unknown cap, or args[0] not a subset of
                 KVM_DIRTY_LOG_MANUAL_CAPS including ..._PROTECT_ENABLE.
         """
+        if cap in (K.KVM_CAP_DIRTY_LOG_RING, K.KVM_CAP_DIRTY_LOG_RING_ACQ_REL):
+            self._enable_ring(cap, args[0] if args else 0)
+            return
         if cap != K.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
             raise _err(errno.EINVAL, f"KVM_ENABLE_CAP: cap {cap} not supported")
         arg = args[0] if args else 0
@@ -691,6 +697,10 @@ class SimKVM:
         if g.size == 0:
             return
         u, first = _unique_first(g)
+        if self._hdr[_S.H_RING_SIZE] and u.size > self.ring_free(vcpu) + _S.RING_RSVD_ENTRIES:
+            # each page may push a ring entry: refuse before any change (a
+            # vCPU takes a ring-full exit before it gets here)
+            raise _err(errno.ENOSPC, f"vCPU {vcpu}'s dirty ring has no room for {u.size} entries")
         stats = self._stats
         stats.row = vcpu
         try:
@@ -1053,6 +1063,10 @@ class SimKVM:
         n = int(idx.size)
         if n == 0:
             return
+        if self._hdr[_S.H_RING_SIZE]:
+            self._ring_push(ms, idx)
+            self._stats["pages_marked_dirty"] += n
+            return
         words, masks = _word_masks(idx)
         base = ms.dirty_addr
         fetch_or8 = _S.fetch_or8
@@ -1130,6 +1144,8 @@ class SimKVM:
         # errno for the rest comes from the full checks.
         if flags and (flags != K.KVM_DIRTY_LOG_WITHOUT_WRITE_PROTECT or self.pml):
             raise _err(errno.EINVAL, f"KVM_GET_DIRTY_LOG: bad flags {flags:#x}")
+        if self._hdr[_S.H_RING_SIZE]:
+            raise _err(errno.ENXIO, "KVM_GET_DIRTY_LOG on a VM with the dirty ring")
         ms = self._slots.get(slot)
         if ms is None or ms.dirty is None:
             ms = self._logged_slot(slot)
@@ -1227,6 +1243,122 @@ class SimKVM:
                 mmu.protect_leaves(leaves)
         if nz.size:
             self._flush_remote_tlbs()
+
+    # ------------------------------------------------------------------
+    # dirty ring (per vCPU, in shared memory)
+    # ------------------------------------------------------------------
+    def _enable_ring(self, cap: int, nbytes: int) -> None:
+        """KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING[_ACQ_REL]): before any memslot
+        (the kernel: before any vCPU); ``nbytes`` a power of two of
+        16-byte entries, at most what KVM_CHECK_EXTENSION reported."""
+        entries = int(nbytes) // K.KVM_DIRTY_GFN_SIZE
+        if (nbytes % K.KVM_DIRTY_GFN_SIZE or entries < 2 * _S.RING_RSVD_ENTRIES or entries & (entries - 1)
+                or entries > self._shm.params.ring_entries):
+            raise _err(errno.EINVAL, f"dirty ring of {nbytes} bytes (max {self.check_extension(cap)})")
+        if self._slots or self._hdr[_S.H_RING_SIZE]:
+            raise _err(errno.EINVAL, "dirty ring: enable it once, before any memslot")
+        self._hdr[_S.H_RING_SIZE] = entries
+        self.dirty_ring_entries = entries
+
+    def enable_dirty_ring(self, size_entries: int) -> int:
+        """As :meth:`RealKVM.enable_dirty_ring`: returns the capability enabled."""
+        self.enable_cap(K.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, size_entries * K.KVM_DIRTY_GFN_SIZE)
+        return K.KVM_CAP_DIRTY_LOG_RING_ACQ_REL
+
+    def _ring_vcpu(self) -> int:
+        row = self._stats.row
+        return row if row < self.nr_vcpus else 0  # no running vCPU: vCPU 0's ring
+
+    def ring_free(self, vcpu: int) -> int:
+        """Entries vCPU ``vcpu`` may still push before its ring is soft full."""
+        size = int(self._hdr[_S.H_RING_SIZE])
+        used = int(self._ctl[vcpu, _S.C_RING_PUSH]) - int(self._ctl[vcpu, _S.C_RING_RESET])
+        return size - _S.RING_RSVD_ENTRIES - used
+
+    def _ring_push(self, ms, idx: NDArray[np.int64]) -> None:  # noqa: ANN001
+        """kvm_dirty_ring_push for each page, in order: the entry's slot and
+        offset are written BEFORE its flags say DIRTY (the release store),
+        so a harvester that sees DIRTY reads a complete entry.  Past the soft
+        limit the push fails with ENOSPC before anything changes (the vCPU
+        must take a ring-full exit first; the vCPU processes size their
+        batches so it does not happen)."""
+        v = self._ring_vcpu()
+        size = int(self._hdr[_S.H_RING_SIZE])
+        n = int(idx.size)
+        if n > self.ring_free(v) + _S.RING_RSVD_ENTRIES:
+            raise _err(errno.ENOSPC, f"vCPU {v}'s dirty ring is full ({size} entries)")
+        ring = self._shm["ring"][v]
+        head = int(self._ctl[v, _S.C_RING_PUSH])
+        pos = (head + np.arange(n, dtype=np.int64)) & (size - 1)
+        ring[pos, _S.R_SLOT] = ms.id | ms.as_id << 16
+        ring[pos, _S.R_OFFSET] = idx
+        _S.full_fence()
+        ring[pos, _S.R_FLAGS] = K.KVM_DIRTY_GFN_F_DIRTY
+        _S.store8(self._shm.addr("vcpu_ctl", v * _S.C_WORDS + _S.C_RING_PUSH), head + n)
+
+    def harvest_dirty_rings(self) -> tuple[NDArray[np.uint32], NDArray[np.uint64]]:
+        """Userspace's harvest, per vCPU in ring order: every entry whose
+        flags say DIRTY, marked RESET (``(slots, offsets)``).  The caller
+        must :meth:`reset_dirty_rings` before it reads the pages."""
+        size = int(self._hdr[_S.H_RING_SIZE])
+        if not size:
+            raise _err(errno.EINVAL, "no dirty ring")
+        slots, offs = [], []
+        for v in range(self.nr_vcpus):
+            ring = self._shm["ring"][v]
+            fetch = int(self._ctl[v, _S.C_RING_FETCH])
+            end = int(self._ctl[v, _S.C_RING_PUSH])  # read once: entries pushed later wait for the next harvest
+            if end == fetch:
+                continue
+            pos = (fetch + np.arange(end - fetch, dtype=np.int64)) & (size - 1)
+            dirty = (ring[pos, _S.R_FLAGS] & K.KVM_DIRTY_GFN_F_DIRTY) != 0
+            k = int(np.argmin(dirty)) if not dirty.all() else int(pos.size)  # in order: stop at the first gap
+            pos = pos[:k]
+            slots.append(ring[pos, _S.R_SLOT].astype(np.uint32))
+            offs.append(ring[pos, _S.R_OFFSET].astype(np.uint64))
+            ring[pos, _S.R_FLAGS] = K.KVM_DIRTY_GFN_F_RESET
+            self._ctl[v, _S.C_RING_FETCH] = fetch + k
+        if not slots:
+            return np.empty(0, np.uint32), np.empty(0, np.uint64)
+        return np.concatenate(slots), np.concatenate(offs)
+
+    def reset_dirty_rings(self) -> int:
+        """KVM_RESET_DIRTY_RINGS: for every vCPU, the entries from its reset
+        index that userspace marked RESET, in order: write-protect their
+        pages again (through the rmap, under mmu_lock, one TLB flush), then
+        recycle the entries.  Returns the number of entries reset."""
+        size = int(self._hdr[_S.H_RING_SIZE])
+        total = 0
+        with self._mmu_lock:
+            self._stats["mmu_lock_acquisitions"] += 1
+            for v in range(self.nr_vcpus):
+                ring = self._shm["ring"][v]
+                start = int(self._ctl[v, _S.C_RING_RESET])
+                end = int(self._ctl[v, _S.C_RING_FETCH])
+                if end == start:
+                    continue
+                pos = (start + np.arange(end - start, dtype=np.int64)) & (size - 1)
+                slot_ids = ring[pos, _S.R_SLOT]
+                offs = ring[pos, _S.R_OFFSET]
+                for sid in np.unique(slot_ids).tolist():
+                    ms = self._slots.get(int(sid))
+                    if ms is None:
+                        continue  # the slot went away meanwhile
+                    pages = np.unique(offs[slot_ids == sid])
+                    pages = pages[(pages >= 0) & (pages < ms.npages)]
+                    pages = pages[ms.rmap[pages]]
+                    mmu = self._mmus[ms.as_id]
+                    leaves = mmu.leaf_index(ms.base_gfn + pages)
+                    if self.pml:
+                        mmu.clear_dirty_leaves(leaves)
+                    else:
+                        mmu.protect_leaves(leaves)
+                ring[pos, _S.R_FLAGS] = 0
+                _S.store8(self._shm.addr("vcpu_ctl", v * _S.C_WORDS + _S.C_RING_RESET), end)
+                total += end - start
+            if total:
+                self._flush_remote_tlbs()
+        return total
 
     def write_protect_all(self, enable: bool) -> None:
         """KVM_WRITE_PROTECT_ALL_MEM (2017 series): O(1), no mmu_lock.
