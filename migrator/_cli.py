@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run one VM process (source, or destination with --incoming)")
     run.add_argument("--accel", type=_accel, default="sim",
-                     help="sim[,write-protect-all=on|off][,manual-protect=on|off][,pml=on|off] | "
+                     help="sim[,write-protect-all=on|off][,manual-protect=on|off][,pml=on|off][,dirty-log=bitmap|ring]"
+                          "[,fault-cost=host|hw|0|US[:US]] | "
                           "kvm[,dirty-log=bitmap|clear|ring][,dirty-ring-size=N] | auto")
     run.add_argument("--smp", type=_smp, default=1, help="number of vCPUs (default 1)")
     run.add_argument("--memory", "-m", type=_size, default="256M", help="guest RAM size (e.g. 256M, 1G)")

@@ -385,6 +385,7 @@ async def run_case(cfg: CompareConfig, guest: str, wp_all: bool, tmp: Path, *,
             await nursery.start(vm.run)
             acct.reset()
             kvm_before = kvm.statistics()
+            vm.options.migrate_set_parameters(max_bandwidth=256 << 10)  # see below
             await vm.qmp_migrate(uri)
             # the guest starts once logging has started (setup done)
             while vm.state.status in (S.NONE, S.SETUP):
@@ -392,6 +393,14 @@ async def run_case(cfg: CompareConfig, guest: str, wp_all: bool, tmp: Path, *,
             written0, run_ns0 = vcpus.stats["pages_written"], vcpus.stats["run_ns"]
             t_cont = time.perf_counter()
             await vm.qmp_cont()
+            # The vCPUs are processes: on a loaded host one may be scheduled
+            # only after a quick run's bulk stage is over, and the first dirty
+            # log then finds nothing.  Hold the sender to a trickle until the
+            # guest has written its first batch (normally a few ms).
+            deadline = time.perf_counter() + 10
+            while vcpus.stats["pages_written"] == written0 and time.perf_counter() < deadline:
+                await trio.sleep(0.001)
+            vm.options.migrate_set_parameters(max_bandwidth=cfg.max_bandwidth)
             with trio.move_on_after(cfg.timeout_s):
                 while vm.state.status in (S.SETUP, S.ACTIVE, S.DEVICE, S.CANCELLING):
                     await trio.sleep(0.005)

@@ -2,7 +2,8 @@
 
 ``--accel`` syntax, in QEMU's spirit::
 
-    sim[,write-protect-all=on|off][,manual-protect=on|off][,pml=on|off][,fault-cost=host|hw|0|US[:US]]
+    sim[,write-protect-all=on|off][,manual-protect=on|off][,pml=on|off][,dirty-log=bitmap|ring]
+       [,dirty-ring-size=N][,fault-cost=host|hw|0|US[:US]]
     kvm[,dirty-log=bitmap|clear|ring][,dirty-ring-size=N]
     auto                      # kvm where /dev/kvm is usable, else sim
 
