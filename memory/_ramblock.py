@@ -7,8 +7,11 @@ per-client dirty bitmaps live), a ``used_length`` and a host mapping.
 Rules this module keeps:
 
 * Guest RAM is never copied: ``host`` and ``pages`` are views of the one
-  anonymous mapping (``MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE``), whose
-  address (``host_addr``) is what a real ``KVM_SET_USER_MEMORY_REGION`` takes.
+  mapping, whose address (``host_addr``) is what a real
+  ``KVM_SET_USER_MEMORY_REGION`` takes.  The mapping is a ``memfd``
+  (``MAP_SHARED``), so other processes (the simulated KVM's vCPU
+  processes) map the same pages: :func:`shared_mapping_of` finds the memfd
+  behind a host address.
 * Blocks are placed in ram_addr space at offsets aligned to 64 pages, so a
   slot's little-endian dirty bitmap ORs into the global bitmaps word by word
   (QEMU's fast path in ``physical_memory_set_dirty_lebitmap``).
@@ -17,6 +20,8 @@ Rules this module keeps:
 from __future__ import annotations
 
 import mmap
+import os
+import weakref
 
 import numpy as np
 
@@ -28,8 +33,26 @@ RAM_ADDR_ALIGN = 64 * TARGET_PAGE_SIZE
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
+#: host address -> (memfd, size) of every live RAM block mapping
+_SHARED: dict[int, tuple[int, int]] = {}
+
+
+def shared_mapping_of(addr: int) -> tuple[int, int, int] | None:
+    """(memfd, mapping address, size) of the RAM block mapping containing
+    ``addr``, or None if ``addr`` is not in one."""
+    for base, (fd, size) in _SHARED.items():
+        if base <= addr < base + size:
+            return fd, base, size
+    return None
+
+
 def _align_up(value: int, align: int) -> int:
     return (value + align - 1) // align * align
+
+
+def _release(addr: int, fd: int) -> None:
+    _SHARED.pop(addr, None)
+    os.close(fd)
 
 
 class RAMBlock:
@@ -54,11 +77,16 @@ class RAMBlock:
         self.used_length = size_bytes
         self.max_length = size_bytes
         self.page_size = TARGET_PAGE_SIZE
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
-        self._mmap = mmap.mmap(-1, size_bytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        # a memfd: sparse (tmpfs pages appear on first touch, like an
+        # anonymous mapping), and shareable with the vCPU processes
+        self.fd = os.memfd_create(f"migrator-ram-{idstr}"[:249], 0)
+        os.ftruncate(self.fd, size_bytes)
+        self._mmap = mmap.mmap(self.fd, size_bytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.host = np.frombuffer(self._mmap, dtype=np.uint8)
         self.pages = self.host.reshape(-1, TARGET_PAGE_SIZE)
         self.host_addr = self.host.ctypes.data
+        _SHARED[self.host_addr] = (self.fd, size_bytes)
+        self._finalizer = weakref.finalize(self, _release, self.host_addr, self.fd)
 
     @property
     def npages(self) -> int:
@@ -84,6 +112,7 @@ class RAMBlock:
     def close(self) -> None:
         # numpy views export the mmap buffer: drop them before closing.
         self.host = self.pages = None  # type: ignore[assignment]
+        self._finalizer()
         try:
             self._mmap.close()
         except BufferError:

@@ -66,7 +66,7 @@ def _smp(text: str) -> int:
 
 
 def _workload(text: str):
-    from memory.workloads import parse_workload
+    from memory.kvm.sim.workloads import parse_workload
 
     try:
         return parse_workload(text)
@@ -86,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run one VM process (source, or destination with --incoming)")
     run.add_argument("--accel", type=_accel, default="sim",
-                     help="sim[,write-protect-all=on|off][,manual-protect=on|off][,pml=on|off] | "
+                     help="sim[,write-protect-all=on|off][,manual-protect=on|off][,pml=on|off][,dirty-log=bitmap|ring]"
+                          "[,fault-cost=host|hw|0|US[:US]] | "
                           "kvm[,dirty-log=bitmap|clear|ring][,dirty-ring-size=N] | auto")
     run.add_argument("--memory", "-m", type=_size, default="256M", help="guest RAM size (e.g. 256M, 1G)")
     run.add_argument("--smp", type=_smp, default=1, metavar="N",
-                     help="number of vCPUs (QEMU's -smp; kvm: N vCPU threads, the ab guest splits its pages)")
+                     help="number of vCPUs (QEMU's -smp; sim: N vCPU processes on the shared MMU; "
+                          "kvm: N vCPU threads; the ab guest splits its pages per vCPU)")
     run.add_argument("--workload", type=_workload, default="idle",
                      help="idle | ab | random | hotset [,rate=PAGES_PER_S][,seed=N]")
     run.add_argument("--qmp", type=_qmp_address, required=True, help="unix:PATH or tcp:HOST:PORT")
@@ -147,6 +149,7 @@ def _run(args, parser) -> int:
     from .errors import MigratorError
 
     accel = args.accel if not isinstance(args.accel, str) else parse_accel(args.accel)
+    accel.smp = args.smp
     workload, wopts = args.workload if isinstance(args.workload, tuple) else (args.workload, {})
     if args.incoming and args.incoming != "defer":
         try:

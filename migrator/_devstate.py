@@ -26,8 +26,11 @@ from dataclasses import dataclass
 
 from memory import TARGET_PAGE_SIZE
 from memory.kvm import linux_kvm as K
-from memory.workloads import AB_START, WORKLOADS
+from memory.kvm.sim import vcpu_range
+from memory.kvm.sim.workloads import AB_START, WORKLOADS
 from transport import RemoteProtocolError
+
+from ._machine import SMP_MAX
 
 __all__ = ["DeviceStateError", "ValidDeviceState", "validate_device_state"]
 
@@ -42,7 +45,7 @@ U128 = (1 << 128) - 1
 #: counters (pages written, passes, sequence numbers) stay far from uint64 wrap
 MAX_COUNTER = (1 << 62) - 1
 
-#: memory.kvm.vcpu's blob format (magic, header, raw structs)
+#: memory.kvm.real.vcpu's blob format (magic, header, raw structs)
 KVM_STATE_MAGIC = b"MGKVCPU1"
 KVM_STATE_SECTIONS = {
     "sregs": ctypes.sizeof(K.kvm_sregs),
@@ -152,37 +155,51 @@ def _keys(obj, required: frozenset[str] | set[str], what: str, fail) -> dict:
 
 # -- the simulated vCPU (memory/kvm/sim_vcpu.py) --------------------------------
 def _check_sim(blob: bytes, fail, *, npages: int, nvcpus: int) -> None:
-    if nvcpus != 1:
-        raise fail(f"a sim vCPU state carries 1 vCPU, this VM has {nvcpus}")
+    """:meth:`memory.kvm.sim.SimVCPUs.save_state`: ``kind``, ``smp``, ``rate``
+    and one workload state per vCPU, each over its own page range
+    (:func:`memory.kvm.sim.vcpu_range`)."""
     if len(blob) > MAX_SIM_STATE_BYTES:
         raise fail(f"sim vCPU state is {len(blob)} bytes, more than {MAX_SIM_STATE_BYTES}")
-    state = _keys(_strict_json(blob, fail, "sim vCPU state"), {"kind", "workload", "rate"}, "sim vCPU state", fail)
+    state = _keys(_strict_json(blob, fail, "sim vCPU state"), {"kind", "smp", "rate", "vcpus"},
+                  "sim vCPU state", fail)
     if state["kind"] != "sim":
         raise fail(f"sim vCPU state has kind {str(state['kind'])[:40]!r}")
+    smp = _int(state["smp"], 1, SMP_MAX, "sim vCPU state smp", fail)
+    vcpus = state["vcpus"]
+    if not isinstance(vcpus, list) or len(vcpus) != smp:
+        raise fail(f"sim vCPU state lists {len(vcpus) if isinstance(vcpus, list) else 'no'} vCPU states for smp {smp}")
+    if smp != nvcpus:
+        raise fail(f"the migration stream carries the state of {smp} vCPU(s), this VM has {nvcpus} "
+                   f"(--smp {nvcpus}); start the destination with --smp {smp}")
     rate = state["rate"]
     if rate is not None:
         if type(rate) not in (int, float):
             raise fail(f"rate must be a number or null, not {type(rate).__name__} {str(rate)[:40]!r}")
         if not math.isfinite(rate) or not 0 < rate <= MAX_RATE_PAGES_PER_S:
             raise fail(f"rate {rate!r} is not in (0, {MAX_RATE_PAGES_PER_S:g}] pages/s")
-    wl = state["workload"]
+    for v, wl in enumerate(vcpus):
+        lo, hi = vcpu_range(npages, smp, v)
+        _check_sim_workload(wl, fail, share=hi - lo, gfn_base=lo, what=f"vCPU {v}")
+
+
+def _check_sim_workload(wl, fail, *, share: int, gfn_base: int, what: str) -> None:
     name = wl.get("name") if isinstance(wl, dict) else None
     if not isinstance(name, str) or name not in _WORKLOAD_FIELDS:
-        raise fail(f"unknown workload {str(name)[:40]!r}")
-    _keys(wl, {"name", "rng", "pages_written"} | _WORKLOAD_FIELDS[name], f"workload {name!r} state", fail)
+        raise fail(f"{what}: unknown workload {str(name)[:40]!r}")
+    _keys(wl, {"name", "rng", "pages_written"} | _WORKLOAD_FIELDS[name], f"{what} workload {name!r} state", fail)
     _check_pcg64(wl["rng"], fail)
-    _int(wl["pages_written"], 0, MAX_COUNTER, "pages_written", fail)
+    _int(wl["pages_written"], 0, MAX_COUNTER, f"{what} pages_written", fail)
     for key in ("passes", "seq"):
         if key in wl:
-            _int(wl[key], 0, MAX_COUNTER, key, fail)
+            _int(wl[key], 0, MAX_COUNTER, f"{what} {key}", fail)
     if name == "ab":
-        first = AB_START // TARGET_PAGE_SIZE
-        if npages <= first:
-            raise fail(f"the ab workload needs more than {first} pages, this VM has {npages}")
-        _int(wl["cursor"], first, npages - 1, "ab cursor", fail)
+        first = max(0, AB_START // TARGET_PAGE_SIZE - gfn_base)  # the ab guest writes [1 MiB, end)
+        if share <= first:
+            raise fail(f"{what}: the ab workload needs more than {first} pages, its share has {share}")
+        _int(wl["cursor"], first, share - 1, f"{what} ab cursor", fail)
     elif name == "stream":
-        ws = _int(wl["working_set"], 1, npages, "stream working_set", fail)
-        _int(wl["cursor"], 0, ws - 1, "stream cursor", fail)
+        ws = _int(wl["working_set"], 1, share, f"{what} stream working_set", fail)
+        _int(wl["cursor"], 0, ws - 1, f"{what} stream cursor", fail)
 
 
 def _check_pcg64(rng, fail) -> None:

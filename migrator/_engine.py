@@ -904,7 +904,7 @@ class IncomingMigration:
                 machine = vm.machine
                 valid = validate_device_state(payload, offset=offset, accel=machine.accel.kind,
                                               npages=machine.ram_block.used_length // TARGET_PAGE_SIZE,
-                                              nvcpus=len(getattr(vm.vcpus, "vcpus", [None])))
+                                              nvcpus=machine.smp)
                 try:
                     vm.vcpus.load_state(valid.vcpu_state)
                 except ValueError as exc:  # not for this VM (e.g. another --smp)

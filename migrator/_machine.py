@@ -2,7 +2,8 @@
 
 ``--accel`` syntax, in QEMU's spirit::
 
-    sim[,write-protect-all=on|off][,manual-protect=on|off][,pml=on|off]
+    sim[,write-protect-all=on|off][,manual-protect=on|off][,pml=on|off][,dirty-log=bitmap|ring]
+       [,dirty-ring-size=N][,fault-cost=host|hw|0|US[:US]]
     kvm[,dirty-log=bitmap|clear|ring][,dirty-ring-size=N]
     auto                      # kvm where /dev/kvm is usable, else sim
 
@@ -67,6 +68,10 @@ class AccelConfig:
     pml: bool = False
     dirty_log: str = "bitmap"  # kvm: bitmap | clear | ring
     dirty_ring_size: int = 4096
+    #: sim: ns charged per fast / slow-path fault (see memory.kvm.sim.sim_vcpu.FAULT_COSTS)
+    fault_cost: tuple[int, int] | None = None
+    #: -smp N: the number of vCPUs (QEMU's name); Machine(smp=) may say it instead
+    smp: int = 1
 
     def describe(self) -> str:
         if self.kind == "sim":
@@ -77,6 +82,10 @@ class AccelConfig:
                 parts.append(f"manual-protect={'on' if self.manual_protect else 'off'}")
             if self.pml:
                 parts.append("pml=on")
+            if self.fault_cost is not None:
+                parts.append(f"fault-cost={self.fault_cost[0] / 1000:g}:{self.fault_cost[1] / 1000:g}")
+            if self.dirty_log == "ring":
+                parts.append(f"dirty-log=ring,dirty-ring-size={self.dirty_ring_size}")
             return ",".join(parts)
         out = f"kvm,dirty-log={self.dirty_log}"
         return out + (f",dirty-ring-size={self.dirty_ring_size}" if self.dirty_log == "ring" else "")
@@ -92,7 +101,7 @@ def parse_accel(spec: str) -> AccelConfig:
     if kind not in ("sim", "kvm"):
         raise ValueError(f"unknown accelerator {kind!r} (sim, kvm, auto)")
     cfg = AccelConfig(kind=kind)
-    allowed = {"sim": {"write-protect-all", "manual-protect", "pml"},
+    allowed = {"sim": {"write-protect-all", "manual-protect", "pml", "fault-cost", "dirty-log", "dirty-ring-size"},
                "kvm": {"dirty-log", "dirty-ring-size"}}[kind]
     for prop in props:
         key, sep, value = prop.partition("=")
@@ -104,6 +113,10 @@ def parse_accel(spec: str) -> AccelConfig:
             cfg.manual_protect = _onoff(key, value)
         elif key == "pml":
             cfg.pml = _onoff(key, value)
+        elif key == "fault-cost":
+            from memory.kvm.sim.sim_vcpu import parse_fault_cost
+
+            cfg.fault_cost = parse_fault_cost(value)
         elif key == "dirty-log":
             if value not in ("bitmap", "clear", "ring"):
                 raise ValueError(f"dirty-log must be bitmap, clear or ring, not {value!r}")
@@ -115,6 +128,10 @@ def parse_accel(spec: str) -> AccelConfig:
             cfg.dirty_ring_size = n
     if cfg.write_protect_all and cfg.manual_protect:
         raise ValueError("write-protect-all=on and manual-protect=on exclude each other")
+    if kind == "sim" and cfg.dirty_log == "clear":
+        raise ValueError("accel sim: dirty-log=clear is manual-protect=on")
+    if kind == "sim" and cfg.dirty_log == "ring" and (cfg.write_protect_all or cfg.manual_protect):
+        raise ValueError("accel sim: dirty-log=ring excludes write-protect-all and manual-protect")
     return cfg
 
 
@@ -134,7 +151,11 @@ class Machine:
         self.workload_name = workload
         self.workload_opts = dict(workload_opts or {})
         self.destination = destination
-        self.smp = parse_smp(smp)
+        # one vCPU count, said by Machine(smp=) or by the AccelConfig
+        if smp != 1 and accel.smp not in (1, smp):
+            raise ValueError(f"--smp {smp} and the accelerator's smp={accel.smp} disagree")
+        self.smp = parse_smp(smp if smp != 1 else accel.smp)
+        accel.smp = self.smp
         self.ms = MemorySystem()
         self.ram_mr = self.ms.memory_region_init_ram(self.RAM_IDSTR, memory_bytes)
         self.ram_block: RAMBlock = self.ram_mr.ram_block
@@ -147,6 +168,8 @@ class Machine:
         self.kvm_listener = KVMMemoryListener(
             self.ms, self.kvm, write_protect_all=self._wp_all, manual_protect=self._manual,
             **self._listener_extra)
+        if self._listener_extra.get("dirty_ring") and accel.kind == "sim":
+            self.vcpus.on_ring_full = self.kvm_listener._dirty_ring_reap
         self.ms.memory_listener_register(self.kvm_listener, self.ms.address_space_memory)
         self.ms.memory_region_transaction_begin()
         self.ms.system_memory.add_subregion(0, self.ram_mr)
@@ -154,19 +177,28 @@ class Machine:
 
     def _init_sim(self) -> None:
         from memory.kvm import SimKVM
-        from memory.kvm.sim_vcpu import SimVCPUs
-        from memory.workloads import make_workload
+        from memory.kvm.sim._sim_shm import Params
+        from memory.kvm.sim.sim_vcpu import DEFAULT_FAULT_COST, FAULT_COSTS, SimVCPUs
 
         a = self.accel
-        if self.smp != 1:  # not silently fewer vCPUs than asked for
-            raise ValueError(f"--smp {self.smp}: this simulated KVM runs one vCPU (use --accel kvm for more)")
-        self.kvm = SimKVM(pml=a.pml)
-        self._wp_all = a.write_protect_all
-        self._manual = a.manual_protect
+        npages = self.memory_bytes >> 12
+        # table capacity: the RAM's tables 4 times over (slot moves add tables)
+        ring = a.dirty_log == "ring"
+        params = Params(nr_vcpus=self.smp, l1_rows=4 * (npages // 512) + 1024, l2_rows=4 * (npages >> 18) + 256,
+                        l3_rows=64, arena_bytes=4 * npages + (1 << 24),
+                        ring_entries=a.dirty_ring_size if ring else 0)
+        self.kvm = SimKVM(pml=a.pml, nr_vcpus=self.smp, params=params)
+        self._wp_all = False if ring else a.write_protect_all
+        self._manual = False if ring else a.manual_protect
         self._listener_extra = {}
-        wl = make_workload(self.workload_name, self.ram_block.pages,
-                           seed=self.workload_opts.get("seed", 0))
-        self.vcpus = SimVCPUs(self.kvm, wl, rate=self.workload_opts.get("rate"))
+        if ring:
+            # as with real KVM: the ring before any vCPU (and memslot)
+            self.kvm.enable_dirty_ring(a.dirty_ring_size)
+            self._listener_extra = {"dirty_ring": True}
+        cost = a.fault_cost if a.fault_cost is not None else FAULT_COSTS[DEFAULT_FAULT_COST]
+        self.vcpus = SimVCPUs(self.kvm, self.ram_block, self.workload_name, smp=self.smp,
+                              seed=self.workload_opts.get("seed", 0), rate=self.workload_opts.get("rate"),
+                              fault_cost=cost)
 
     def _init_kvm(self, serial_path: str | None) -> None:
         """Real KVM: the memslots are created by the KVM memory listener.
@@ -177,8 +209,8 @@ class Machine:
         image: its RAM and vCPU state arrive with the migration.
         """
         from memory.kvm import RealKVM, RealVCPUs
-        from memory.kvm.guests import LAYOUT
-        from memory.kvm.vcpu import create_vcpus
+        from memory.kvm.real.guests import LAYOUT
+        from memory.kvm.real.vcpu import create_vcpus
 
         a = self.accel
         if self.smp > LAYOUT["VCPU_MAX"]:

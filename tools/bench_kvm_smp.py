@@ -1,7 +1,7 @@
 """Benchmark: the real-KVM ``ab`` guest's page-write rate with ``--smp 1``
 and ``--smp N``, untracked and under dirty tracking, measured side by side.
 
-Each run is a fresh :class:`memory.kvm.vcpu.RealMachine` (one memslot, the
+Each run is a fresh :class:`memory.kvm.real.vcpu.RealMachine` (one memslot, the
 ``ab`` guest split over the vCPUs, see ``vcpu_ranges``): the vCPUs run for
 ``--warmup`` s (first touch of every page), then for ``--seconds`` s while
 the rate is taken from the guest's own per-vCPU page-write count
@@ -31,7 +31,7 @@ import numpy as np
 import trio
 
 from memory.kvm import kvm_usable
-from memory.kvm.vcpu import RealMachine
+from memory.kvm.real.vcpu import RealMachine
 from migrator._machine import parse_size, parse_smp
 
 SYNC_INTERVAL_S = 0.010

@@ -2,18 +2,18 @@
 
 from ._backend import KvmVM, UserMemoryRegion
 from . import linux_kvm
-from .simulated import SimKVM
+from .sim import SimKVM
 
 __all__ = ["KvmVM", "SimKVM", "UserMemoryRegion", "linux_kvm"]
 
 # real KVM (/dev/kvm): VM, vCPUs, test machine
 from .real import RealKVM, kvm_usable  # noqa: E402
-from .vcpu import GuestPageWriter, RealMachine, RealVCPU, RealVCPUs, VCPUError  # noqa: E402
+from .real import GuestPageWriter, RealMachine, RealVCPU, RealVCPUs, VCPUError  # noqa: E402
 
 __all__ += ["RealKVM", "kvm_usable", "GuestPageWriter", "RealMachine", "RealVCPU", "RealVCPUs", "VCPUError"]
 
 # QEMU's KVM glue (accel/kvm/kvm-all.c) and the simulated vCPU runner
 from ._listener import DirtyLogMode, KVMListenerStatistics, KVMMemoryListener, KVMSlot, RegionSyncRule  # noqa: E402
-from .sim_vcpu import SimVCPUs  # noqa: E402
+from .sim import SimVCPUs  # noqa: E402
 
 __all__ += ["DirtyLogMode", "KVMListenerStatistics", "KVMMemoryListener", "KVMSlot", "RegionSyncRule", "SimVCPUs"]

@@ -1,7 +1,7 @@
 """The small interface between QEMU's KVM glue and a KVM implementation.
 
 Two backends implement :class:`KvmVM`: the simulated KVM
-(:mod:`memory.kvm.simulated`) and real KVM through ioctls on ``/dev/kvm``
+(:mod:`memory.kvm.sim.simulated`) and real KVM through ioctls on ``/dev/kvm``
 (:mod:`memory.kvm.real`).  Both raise :class:`OSError` with the errno the
 kernel would return (``EINVAL``, ``ENOENT``, ``EEXIST``, ``ENXIO``,
 ``ENOTTY``...), so the KVM listener handles them exactly as ``kvm-all.c``

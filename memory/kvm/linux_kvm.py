@@ -55,7 +55,7 @@ KVM_EXIT_SYSTEM_EVENT = 24
 # =========================================================================
 # Real-KVM part: ioctl numbers and struct layouts (x86-64), from
 # include/uapi/linux/kvm.h and arch/x86/include/uapi/asm/kvm.h.  Only the
-# real backend (memory.kvm.real, memory.kvm.vcpu) uses what follows.
+# real backend (memory.kvm.real, memory.kvm.real.vcpu) uses what follows.
 # =========================================================================
 
 

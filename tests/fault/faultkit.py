@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import trio
 
-from memory.workloads import check_guests_ram
+from memory.kvm.sim.workloads import check_guests_ram
 from tests.integration.harness import TrioQMP, free_port, pmem, vm_process
 from transport import (NEED_DATA, DeviceState, EndOfStream, RamPages, SectionEnd, SectionFull,
                        SectionStart, StreamDecoder)

@@ -51,7 +51,7 @@ def sim_state(workload: str = "ab", *, memory: int = MEMORY, rate: float | None 
     vm = source_vm(memory=memory, workload=workload, rate=rate)
     vm.machine.boot()
     for _ in range(steps):
-        vm.vcpus.workload.step(97, vm.vcpus._mmu)
+        vm.vcpus.workload.step(97, vm.machine.kvm.vcpu_write)
     return json.loads(vm.vcpus.save_state())
 
 

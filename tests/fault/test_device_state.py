@@ -36,7 +36,7 @@ def validate(payload: bytes, *, accel: str = "sim", nvcpus: int = 1):
 
 
 def kvm_blob(nvcpus: int = 1, *, mp_state: int = 0, program="ab") -> bytes:
-    """A blob in memory.kvm.vcpu's format (built without /dev/kvm)."""
+    """A blob in memory.kvm.real.vcpu's format (built without /dev/kvm)."""
     payload = bytearray()
     vcpus = []
     for i in range(nvcpus):
@@ -72,13 +72,13 @@ NAMED = {
     "rate-nan": lambda s: device_payload(json.dumps(with_field(s, ("rate",), float("nan"))).encode()),
     "rate-infinity": lambda s: device_payload(json.dumps(with_field(s, ("rate",), float("inf"))).encode()),
     "rate-negative": lambda s: device_payload(with_field(s, ("rate",), -5)),
-    "cursor-1e30": lambda s: device_payload(with_field(s, ("workload", "cursor"), 10**30)),
-    "cursor-beyond-ram": lambda s: device_payload(with_field(s, ("workload", "cursor"), NPAGES)),
-    "cursor-bool": lambda s: device_payload(with_field(s, ("workload", "cursor"), True)),
-    "passes-float": lambda s: device_payload(with_field(s, ("workload", "passes"), 1.5)),
-    "rng-state-2**200": lambda s: device_payload(with_field(s, ("workload", "rng", "state", "state"), 2**200)),
-    "rng-not-pcg64": lambda s: device_payload(with_field(s, ("workload", "rng", "bit_generator"), "MT19937")),
-    "unknown-workload": lambda s: device_payload(with_field(s, ("workload", "name"), "rm -rf")),
+    "cursor-1e30": lambda s: device_payload(with_field(s, ("vcpus", 0, "cursor"), 10**30)),
+    "cursor-beyond-ram": lambda s: device_payload(with_field(s, ("vcpus", 0, "cursor"), NPAGES)),
+    "cursor-bool": lambda s: device_payload(with_field(s, ("vcpus", 0, "cursor"), True)),
+    "passes-float": lambda s: device_payload(with_field(s, ("vcpus", 0, "passes"), 1.5)),
+    "rng-state-2**200": lambda s: device_payload(with_field(s, ("vcpus", 0, "rng", "state", "state"), 2**200)),
+    "rng-not-pcg64": lambda s: device_payload(with_field(s, ("vcpus", 0, "rng", "bit_generator"), "MT19937")),
+    "unknown-workload": lambda s: device_payload(with_field(s, ("vcpus", 0, "name"), "rm -rf")),
     "unknown-field": lambda s: device_payload(with_field(s, ("extra",), 1)),
     "missing-field": lambda s: device_payload({k: v for k, v in s.items() if k != "rate"}),
     "duplicate-key": lambda s: pack_device_state(True, b'{"kind": "sim", "kind": "sim"}'),
@@ -238,7 +238,7 @@ async def test_device_section_fuzz_through_the_destination():
             counts["accepted"] += 1
             assert vm.state.status is S.COMPLETED and chan.sent == [encode_shut(0)], (name, inc.error_desc)
             # accepted means runnable: a batch of guest writes from the loaded state
-            vm.vcpus.workload.step(600, vm.vcpus._mmu)
+            vm.vcpus.workload.step(600, vm.machine.kvm.vcpu_write)
             vm = destination_vm(start_paused=True)
     print(f"device-section fuzz: {counts}")
     assert counts["rejected"] > 2000 and counts["accepted"] > 10, counts

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import trio
 
-from memory.workloads import AB_START, check_guests_ram
+from memory.kvm.sim.workloads import AB_START, check_guests_ram
 
 from .harness import QMPTestError, free_port, pmem, vm_process
 

@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import trio
 
-from memory.kvm.guests import LAYOUT, check_guests_ram
-from memory.kvm.vcpu import RealMachine
+from memory.kvm.real.guests import LAYOUT, check_guests_ram
+from memory.kvm.real.vcpu import RealMachine
 
 
 async def main(ram_file: str, state_file: str, size: int, min_passes: int) -> dict:

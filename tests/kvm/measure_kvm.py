@@ -17,9 +17,9 @@ import numpy as np
 import trio
 
 from memory.kvm import linux_kvm as K
-from memory.kvm.guests import LAYOUT, load_guest_image
+from memory.kvm.real.guests import LAYOUT, load_guest_image
 from memory.kvm.real import RealKVM, kvm_usable
-from memory.kvm.vcpu import RealMachine, RealVCPU
+from memory.kvm.real.vcpu import RealMachine, RealVCPU
 
 GIB_PAGES = 1 << 18
 

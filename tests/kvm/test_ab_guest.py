@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import trio
 
-from memory.kvm.guests import LAYOUT, check_guests_ram
-from memory.kvm.vcpu import RealMachine
+from memory.kvm.real.guests import LAYOUT, check_guests_ram
+from memory.kvm.real.vcpu import RealMachine
 
 from tests.integration.harness import wait_until as _wait_for
 

@@ -62,7 +62,7 @@ class SimBackend(_Backend):
 
     def __init__(self) -> None:
         super().__init__()
-        from memory.kvm.simulated import SimKVM
+        from memory.kvm.sim.simulated import SimKVM
 
         self.vm = SimKVM(pml=False)
         self.vm.set_user_memory_region(UserMemoryRegion(0, 0, 0, LOW, self.low.host))
@@ -83,7 +83,7 @@ class RealBackend(_Backend):
     def __init__(self) -> None:
         super().__init__()
         from memory.kvm.real import RealKVM
-        from memory.kvm.vcpu import GuestPageWriter
+        from memory.kvm.real.vcpu import GuestPageWriter
 
         self.vm = RealKVM()
         self.vm.set_user_memory_region(UserMemoryRegion(0, 0, 0, LOW, self.low.host))

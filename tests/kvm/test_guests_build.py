@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memory.kvm.guests import LAYOUT, PROGRAMS, check_guests_ram, check_guests_ram_loop, load_guest_image
-from memory.kvm.guests import build
+from memory.kvm.real.guests import LAYOUT, PROGRAMS, check_guests_ram, check_guests_ram_loop, load_guest_image
+from memory.kvm.real.guests import build
 
 
 @pytest.mark.parametrize("program", PROGRAMS)

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from memory.kvm import kvm_usable
-from memory.workloads import AB_START, check_guests_ram
+from memory.kvm.sim.workloads import AB_START, check_guests_ram
 
 from tests.integration.harness import free_port, migrate_live_then_converge, pmem, vm_process, wait_serial
 

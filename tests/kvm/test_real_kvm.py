@@ -14,7 +14,7 @@ from memory import RAMBlock
 from memory.kvm import UserMemoryRegion
 from memory.kvm import linux_kvm as K
 from memory.kvm.real import RealKVM, kvm_usable
-from memory.kvm.vcpu import GuestPageWriter
+from memory.kvm.real.vcpu import GuestPageWriter
 
 pytestmark = pytest.mark.kvm
 LOW = 1 << 20

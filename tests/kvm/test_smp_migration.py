@@ -19,8 +19,8 @@ import pytest
 import trio
 
 from memory.kvm import kvm_usable
-from memory.kvm.guests import LAYOUT, ab_pages_written, check_guests_ram, vcpu_ranges
-from memory.kvm.guests._image import vcpu_slot_gpa
+from memory.kvm.real.guests import LAYOUT, ab_pages_written, check_guests_ram, vcpu_ranges
+from memory.kvm.real.guests._image import vcpu_slot_gpa
 
 from tests.integration.harness import free_port, migrate_live_then_converge, pmem, vm_process, wait_serial
 

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memory.kvm import kvm_usable
-from memory.kvm.guests import LAYOUT, check_guests_ram, load_guest_image, vcpu_ranges
-from memory.kvm.guests._image import IOPB_SIZE, TSS_SIZE, tss_base_limit, vcpu_slot_gpa
-from memory.kvm.vcpu import RealMachine, VCPUStateError, parse_vcpu_state
+from memory.kvm.real.guests import LAYOUT, check_guests_ram, load_guest_image, vcpu_ranges
+from memory.kvm.real.guests._image import IOPB_SIZE, TSS_SIZE, tss_base_limit, vcpu_slot_gpa
+from memory.kvm.real.vcpu import RealMachine, VCPUStateError, parse_vcpu_state
 
 from tests.integration.harness import wait_until as _wait_for
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from memory.kvm.guests import LAYOUT, check_guests_ram
-from memory.kvm.vcpu import STATE_MAGIC, RealMachine
+from memory.kvm.real.guests import LAYOUT, check_guests_ram
+from memory.kvm.real.vcpu import STATE_MAGIC, RealMachine
 
 pytestmark = pytest.mark.kvm
 CHILD = Path(__file__).with_name("kvm_dest_child.py")

@@ -48,7 +48,7 @@ from memory import (
     MemorySystem,
 )
 from memory.kvm._listener import DirtyLogMode, KVMMemoryListener, RegionSyncRule
-from memory.kvm.simulated import SimKVM
+from memory.kvm.sim.simulated import SimKVM
 
 P = TARGET_PAGE_SIZE
 SLOT_PAGES = 16

@@ -495,7 +495,7 @@ def test_tables_created_after_write_protect_all(stamp: str, monkeypatch: pytest.
     loaded.  Broken variant: stamping it with a later generation (as if it
     were protected in advance) leaves those leaves writable after the next
     bump, and a write to one is lost."""
-    from memory.kvm import _sim_mmu
+    from memory.kvm.sim import _sim_mmu
 
     vm = make(2048)  # 4 L1 tables
     vm.vcpu_write(np.arange(512))  # the first L1 table only

@@ -28,8 +28,8 @@ def test_cli_default_and_error(capsys):
     assert "vCPU count must be between 1 and" in capsys.readouterr().err
 
 
-def test_sim_refuses_more_than_one_vcpu():
+def test_machine_takes_one_vcpu_count():
     from migrator._machine import AccelConfig, Machine
 
-    with pytest.raises(ValueError, match="--smp 2: this simulated KVM runs one vCPU"):
-        Machine(memory_bytes=4 << 20, accel=AccelConfig(kind="sim"), smp=2)
+    with pytest.raises(ValueError, match="disagree"):
+        Machine(memory_bytes=4 << 20, accel=AccelConfig(kind="sim", smp=3), smp=2)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from memory.workloads import (AB_START, check_guests_ram, make_workload, parse_workload)
+from memory.kvm.sim.workloads import (AB_START, check_guests_ram, make_workload, parse_workload)
 
 PAGE = 4096
 

@@ -1,6 +1,6 @@
 """Test guests for real KVM: 64-bit CPL3 programs (``ab``, ``selftest``),
 their image builder and QEMU's RAM check.  Sources: ``*.S`` next to the
-assembled ``*.bin`` (rebuild with ``python -m memory.kvm.guests.build``)."""
+assembled ``*.bin`` (rebuild with ``python -m memory.kvm.real.guests.build``)."""
 
 from ._image import (LAYOUT, PROGRAMS, Ctrl, GuestEntry, Segment, load_guest_image, program_bytes,
                      vcpu_ranges)

@@ -1,7 +1,7 @@
 """Simulated guest workloads: deterministic, seeded page writers.
 
 A workload decides which guest pages a vCPU writes next and what it writes;
-the vCPU runner (``memory.kvm.sim_vcpu``) first runs the simulated MMU fault
+the vCPU runner (``memory.kvm.sim.sim_vcpu``) first runs the simulated MMU fault
 path for the batch (``SimKVM.vcpu_write``) and only then lets the workload
 store into guest RAM, which is the order real hardware follows: the write
 fault is resolved (spte writable, page logged) before the store retires.
@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ._ramblock import TARGET_PAGE_SIZE
+from ..._ramblock import TARGET_PAGE_SIZE
 
 #: QEMU's test guest works on [1 MiB, end) of RAM.
 AB_START = 1 << 20
@@ -106,7 +106,8 @@ class ABWorkload(Workload):
 
     def __init__(self, pages: np.ndarray, *, seed: int = 0, gfn_base: int = 0) -> None:
         super().__init__(pages, seed=seed, gfn_base=gfn_base)
-        self.first = AB_START // TARGET_PAGE_SIZE
+        # [1 MiB, end) of guest RAM: a vCPU's range past 1 MiB is all its own
+        self.first = max(0, AB_START // TARGET_PAGE_SIZE - gfn_base)
         if self.npages <= self.first:
             raise ValueError("the ab workload needs more than 1 MiB of RAM")
         self.cursor = self.first  # next page to increment
@@ -303,9 +304,9 @@ def check_guests_ram(ram: np.ndarray, start: int = AB_START, end: int | None = N
     ``ram`` is guest memory as uint8 (guest-physical address = index).  The
     one implementation (vectorised, with QEMU's loop beside it as the
     reference) lives with the real guest programs in
-    :mod:`memory.kvm.guests.check`; the simulated ``ab`` workload writes the
+    :mod:`memory.kvm.real.guests.check`; the simulated ``ab`` workload writes the
     same pattern, so both are checked by the same rule.
     """
-    from .kvm.guests.check import check_guests_ram as _check
+    from ..real.guests.check import check_guests_ram as _check
 
     return _check(ram, start, ram.size if end is None else end).bad

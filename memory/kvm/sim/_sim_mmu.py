@@ -1,7 +1,7 @@
 """The simulated x86-64 direct-map MMU behind :class:`memory.kvm.SimKVM`.
 
 The kernel facts and the ordering rules this code relies on are written up
-at the top of :mod:`memory.kvm.simulated`; this module is the data structure
+at the top of :mod:`memory.kvm.sim.simulated`; this module is the data structure
 and its vectorised operations.
 
 Layout
@@ -35,6 +35,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from ._sim_shm import H_DIR_SEQ as H_DIR_SEQ_WORD
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -120,21 +122,50 @@ def run_lengths(starts: NDArray[np.int64], n: int) -> NDArray[np.int64]:
 
 
 class _Level:
-    """All tables of one level: rows of 512 one-byte sptes + per-table fields."""
+    """All tables of one level: rows of 512 one-byte sptes + per-table fields.
 
-    __slots__ = ("level", "shift", "ids", "rows_of", "ent", "gen", "pwc", "tid", "n")
+    The arrays are views of the shared mapping (:mod:`._sim_shm`), with a
+    fixed capacity of rows; tables are never freed.  The directory (sorted
+    table ids -> row) is changed only under mmu_lock, and is read locklessly
+    by the fast path: writers bracket a change with the shared ``dir_seq``
+    (odd while changing), lockless readers retry a lookup that saw it odd or
+    changed (a seqcount, as the kernel's lockless walks retry on
+    ``mmu_invalidate_seq``).  A table's row never changes once created, so a
+    validated lookup stays valid.
+    """
 
-    def __init__(self, level: int, capacity: int = 4) -> None:
+    __slots__ = ("level", "shift", "_ids", "_rows_of", "ent", "gen", "pwc", "tid", "_n", "_ni", "_hdr", "capacity")
+
+    def __init__(self, level: int, views: dict | None = None, n_ref=None, hdr=None) -> None:  # noqa: ANN001
         self.level = level
         #: entry id = gfn >> shift; table id = gfn >> (shift + 9)
-        self.shift = SPTE_ENT_SHIFT * (level - 1)
-        self.ids: NDArray[np.int64] = np.empty(0, dtype=np.int64)  # sorted table ids
-        self.rows_of: NDArray[np.int64] = np.empty(0, dtype=np.int64)  # row of ids[i]
-        self.ent: NDArray[np.uint8] = np.zeros((capacity, SPTE_ENT_NR), dtype=np.uint8)
-        self.gen: NDArray[np.int64] = np.zeros(capacity, dtype=np.int64)
-        self.pwc: NDArray[np.int64] = np.zeros(capacity, dtype=np.int64)
-        self.tid: NDArray[np.int64] = np.zeros(capacity, dtype=np.int64)
-        self.n = 0
+        self.shift = SPTE_ENT_SHIFT * (level - 1) if level else 0
+        if views is None:  # level 0: a placeholder, never used
+            views = {k: np.zeros((1, SPTE_ENT_NR) if k == "ent" else 1, dtype=np.uint8 if k == "ent" else np.int64)
+                     for k in ("ent", "gen", "pwc", "tid", "ids", "rows_of")}
+            n_ref, hdr = (np.zeros(1, dtype=np.int64), 0), np.zeros(8, dtype=np.int64)
+        self.ent: NDArray[np.uint8] = views["ent"]
+        self.gen: NDArray[np.int64] = views["gen"]
+        self.pwc: NDArray[np.int64] = views["pwc"]
+        self.tid: NDArray[np.int64] = views["tid"]
+        self._ids: NDArray[np.int64] = views["ids"]
+        self._rows_of: NDArray[np.int64] = views["rows_of"]
+        self._n, self._ni = n_ref
+        self._hdr = hdr
+        self.capacity = int(self.gen.size)
+
+    @property
+    def n(self) -> int:
+        return int(self._n[self._ni])
+
+    @property
+    def ids(self) -> NDArray[np.int64]:
+        """Sorted table ids (a view; stable only under mmu_lock)."""
+        return self._ids[: self.n]
+
+    @property
+    def rows_of(self) -> NDArray[np.int64]:
+        return self._rows_of[: self.n]
 
     @property
     def flat(self) -> NDArray[np.uint8]:
@@ -142,44 +173,55 @@ class _Level:
         return self.ent.reshape(-1)
 
     def lookup(self, tids: NDArray[np.int64]) -> NDArray[np.int64]:
-        """Rows of the tables ``tids`` (-1 where the table does not exist)."""
-        ids = self.ids
-        if ids.size == 0:
-            return np.full(tids.shape, -1, dtype=np.int64)
-        pos = np.searchsorted(ids, tids)
-        np.minimum(pos, ids.size - 1, out=pos)
-        hit = ids[pos] == tids
-        rows = self.rows_of[pos]
-        if not hit.all():
-            rows = np.where(hit, rows, -1)
-        return rows
+        """Rows of the tables ``tids`` (-1 where the table does not exist).
+
+        Safe without mmu_lock: retried while the directory changes."""
+        hdr = self._hdr
+        while True:
+            seq = int(hdr[H_DIR_SEQ_WORD])
+            if seq & 1:
+                continue
+            n = int(self._n[self._ni])
+            ids = self._ids[:n]
+            if n == 0:
+                rows = np.full(tids.shape, -1, dtype=np.int64)
+            else:
+                pos = np.searchsorted(ids, tids)
+                np.minimum(pos, n - 1, out=pos)
+                hit = ids[pos] == tids
+                rows = self._rows_of[:n][pos]
+                if not hit.all():
+                    rows = np.where(hit, rows, -1)
+            if int(hdr[H_DIR_SEQ_WORD]) == seq:
+                return rows
 
     def create(self, tids: NDArray[np.int64], gen: int) -> NDArray[np.int64]:
         """kvm_mmu_get_page() for tables that do not exist: empty, ``gen``.
 
-        ``tids`` must be sorted, unique and absent.
+        ``tids`` must be sorted, unique and absent.  Caller holds mmu_lock.
         """
+        import errno
+
         k = int(tids.size)
-        need = self.n + k
-        if need > self.gen.size:
-            cap = max(need, 2 * self.gen.size)
-            ent = np.zeros((cap, SPTE_ENT_NR), dtype=np.uint8)
-            ent[: self.n] = self.ent[: self.n]
-            self.ent = ent
-            for name in ("gen", "pwc", "tid"):
-                old = getattr(self, name)
-                new = np.zeros(cap, dtype=old.dtype)
-                new[: self.n] = old[: self.n]
-                setattr(self, name, new)
-        rows = np.arange(self.n, need, dtype=np.int64)
-        # rows past n are never used before (tables are never freed): all zero
+        n = self.n
+        need = n + k
+        if need > self.capacity:
+            raise OSError(errno.ENOMEM, f"ENOMEM: level {self.level} table capacity {self.capacity} exhausted")
+        rows = np.arange(n, need, dtype=np.int64)
+        # rows past n were never used (tables are never freed): all zero.
+        # The row is complete before the directory publishes it.
         self.gen[rows] = gen
         self.pwc[rows] = 0
         self.tid[rows] = tids
-        pos = np.searchsorted(self.ids, tids)
-        self.ids = np.insert(self.ids, pos, tids)
-        self.rows_of = np.insert(self.rows_of, pos, rows)
-        self.n = need
+        pos = np.searchsorted(self._ids[:n], tids)
+        new_ids = np.insert(self._ids[:n], pos, tids)
+        new_rows = np.insert(self._rows_of[:n], pos, rows)
+        hdr = self._hdr
+        hdr[H_DIR_SEQ_WORD] += 1  # odd: lockless lookups retry
+        self._ids[:need] = new_ids
+        self._rows_of[:need] = new_rows
+        self._n[self._ni] = need
+        hdr[H_DIR_SEQ_WORD] += 1
         return rows
 
 
@@ -202,12 +244,20 @@ class WalkResult:
 class Mmu:
     """The tables of one address space (one direct-map root, shared by vCPUs)."""
 
-    def __init__(self, stats: dict[str, int], gen: int) -> None:
+    def __init__(self, stats, state, as_id: int, gen: int, *, create_root: bool) -> None:  # noqa: ANN001
         self.stats = stats
-        self.levels: list[_Level] = [_Level(0)] + [_Level(lv) for lv in range(1, ROOT_LEVEL + 1)]
-        # mmu_alloc_direct_roots(): the root exists from the start, with the
-        # current write-protect-all generation (kvm_mmu_get_page).
-        self.levels[ROOT_LEVEL].create(np.zeros(1, dtype=np.int64), gen)
+        hdr = state["hdr"]
+        n = state["level_n"][as_id]
+        levels = [_Level(0)]
+        for lv in range(1, ROOT_LEVEL + 1):
+            pre = f"mmu{as_id}_l{lv}_"
+            views = {k: state[pre + k] for k in ("ent", "gen", "pwc", "tid", "ids", "rows_of")}
+            levels.append(_Level(lv, views, (n, lv), hdr))
+        self.levels: list[_Level] = levels
+        if create_root:
+            # mmu_alloc_direct_roots(): the root exists from the start, with
+            # the current write-protect-all generation (kvm_mmu_get_page).
+            self.levels[ROOT_LEVEL].create(np.zeros(1, dtype=np.int64), gen)
 
     # ------------------------------------------------------------------
     # spte stores

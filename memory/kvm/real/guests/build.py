@@ -8,8 +8,8 @@ them with ``as`` + ``objcopy -O binary`` and checks they match.
 
 Usage::
 
-    python -m memory.kvm.guests.build           # rewrite the .bin files
-    python -m memory.kvm.guests.build --check   # exit 1 if any differs
+    python -m memory.kvm.real.guests.build           # rewrite the .bin files
+    python -m memory.kvm.real.guests.build --check   # exit 1 if any differs
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import linux_kvm as K
-from ._backend import UserMemoryRegion
+from .. import linux_kvm as K
+from .._backend import UserMemoryRegion
 
 PAGE_SIZE = 4096
 KVM_DEV = "/dev/kvm"
@@ -167,7 +167,7 @@ class RealKVM:
 
     Memslots are created by whoever owns the memory map (the KVM memory
     listener, or a test) through :meth:`set_user_memory_region`; vCPUs
-    (:class:`memory.kvm.vcpu.RealVCPU`) register themselves so that their
+    (:class:`memory.kvm.real.vcpu.RealVCPU`) register themselves so that their
     dirty rings and statistics are reachable from here.
 
     Dirty ring: :meth:`enable_dirty_ring` before the first vCPU;

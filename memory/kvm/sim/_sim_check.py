@@ -1,4 +1,4 @@
-"""Introspection and invariant checks for :class:`memory.kvm.simulated.SimKVM`.
+"""Introspection and invariant checks for :class:`memory.kvm.sim.simulated.SimKVM`.
 
 Used by the unit tests, and meant for property tests: call
 ``kvm._check_invariants()`` after any operation.

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import trio
 
-from . import linux_kvm as K
-from ._backend import UserMemoryRegion
+from .. import linux_kvm as K
+from .._backend import UserMemoryRegion
 from .guests import LAYOUT, Ctrl, load_guest_image
 from .real import RealKVM
 from .vcpu import RealVCPU, RealVCPUs
@@ -119,7 +119,7 @@ async def run_dirty_log_selftest(
         raise ValueError(f"mode {mode!r} / broken {broken!r}")
     if broken == "clear_all_ones" and mode != "clear":
         raise ValueError("clear_all_ones only applies to the clear mode")
-    from .._ramblock import RAMBlock
+    from ..._ramblock import RAMBlock
 
     low = LAYOUT["DATA_START"]
     ram = RAMBlock("selftest.ram", low + test_bytes)

@@ -1,6 +1,6 @@
 """Real vCPUs: :class:`RealVCPU` (one vCPU fd) and :class:`RealVCPUs`, the
 accelerator-side vCPU controller the migration engine drives (same interface
-as :class:`memory.kvm.sim_vcpu.SimVCPUs`: ``run``, ``running``,
+as :class:`memory.kvm.sim.sim_vcpu.SimVCPUs`: ``run``, ``running``,
 ``vm_start``, ``vm_stop``, ``set_throttle``, ``save_state``,
 ``load_state``, ``statistics``).
 
@@ -68,8 +68,8 @@ from typing import Callable
 import numpy as np
 import trio
 
-from . import linux_kvm as K
-from ._backend import UserMemoryRegion
+from .. import linux_kvm as K
+from .._backend import UserMemoryRegion
 from .guests import LAYOUT, Ctrl, GuestEntry, ab_pages_written, load_guest_image
 from .real import RealKVM, StatsReader, get_cpuid2
 
@@ -813,7 +813,7 @@ def create_vcpus(vm: RealKVM, smp: int = 1, *, ram=None, program: str | None = N
     """Create vCPUs 0..smp-1 (after the dirty ring was enabled, if any).
     With ``ram`` and ``program`` the guest image is built for ``smp`` vCPUs
     first (``ab`` splits its data range per vCPU, see
-    :func:`memory.kvm.guests.vcpu_ranges`) and each vCPU gets its own entry
+    :func:`memory.kvm.real.guests.vcpu_ranges`) and each vCPU gets its own entry
     state; without, the vCPUs are left for ``load_state`` (a destination)."""
     entry = load_guest_image(ram, program, vcpus=smp, **(ctrl or {})) if program is not None else None
     vcpus = [RealVCPU(vm, i) for i in range(smp)]
@@ -852,7 +852,7 @@ class RealMachine:
         if dirty_log not in ("bitmap", "clear", "ring"):
             raise ValueError(f"dirty_log must be bitmap, clear or ring, not {dirty_log!r}")
         if ram_block is None:
-            from .._ramblock import RAMBlock
+            from ..._ramblock import RAMBlock
 
             ram_block = RAMBlock("pc.ram", memory_bytes)
         self.ram = ram_block

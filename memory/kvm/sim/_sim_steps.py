@@ -1,9 +1,16 @@
 """Step-wise model of one write fault and one KVM_GET_DIRTY_LOG.
 
-Each generator performs the same operations as the vectorised paths of
-:class:`memory.kvm.simulated.SimKVM` (the same spte, rmap and bitmap
-primitives), one atomic action per ``next()``, and yields a :class:`SimStep`
-describing the action just done.  A test can then run a fault and a GET
+The write fault runs the real fault code of
+:class:`memory.kvm.sim.simulated.SimKVM`: the leaf phases of the slow path
+(:meth:`SimKVM._leaf_phases`: rmap add, set spte, mark dirty) and the
+fast page fault (:meth:`SimKVM._fast_phases`: the cmpxchg, mark dirty) are
+generators that the vectorised path runs through and this model steps,
+one atomic action per ``next()``, yielding a :class:`SimStep` per action.
+The upper-level walk (table links, push-down one level per step, and its
+broken ``upper_first`` variant) is stepped here level by level with the
+same Mmu primitives (create, spte_write, load_tables) that the vectorised
+walk applies a level at a time; GET is stepped word by word with the
+same rmap protect primitive.  A test can then run a fault and a GET
 under every interleaving of their steps (tests/unit/test_sim_ordering.py).
 
 The model deliberately does not enforce mmu_lock between the two: GET's
@@ -20,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import linux_kvm as K
+from .. import linux_kvm as K
 from ._sim_mmu import (
     SPTE_MMU_WRITABLE,
     SPTE_PRESENT,
@@ -41,8 +48,10 @@ if TYPE_CHECKING:
 #: (rule 2), and a push-down that makes the upper entry writable before it
 #: protects the child table (rule 6)
 ORDERS = ("spte_first", "dirty_first", "dirty_before_rmap", "upper_first")
+#: the leaf and fast-path phases take the order as the real code's code
+#: (memory.kvm.sim._sim_shm.FAULT_ORDERS); upper_first concerns the walk only
+_ORDER_CODE = {"spte_first": 0, "dirty_first": 1, "dirty_before_rmap": 2, "upper_first": 0}
 
-_MAP_WRITABLE = np.uint8(int(SPTE_PRESENT | SPTE_WRITABLE | SPTE_MMU_WRITABLE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,16 +85,7 @@ def _write_fault(kvm: SimKVM, ms: _MemSlot, gfn: int, vcpu: int, order: str, val
     mmu = kvm._mmus[0]
     stats = kvm._stats
     g = np.array([gfn], dtype=np.int64)
-    idx = np.array([gfn - ms.base_gfn], dtype=np.int64)
     one = (gfn,)
-
-    def mark() -> SimStep:
-        if ms.dirty is not None:
-            kvm._mark_dirty(ms, idx)
-        return SimStep(actor, "mark_dirty", one)
-
-    def set_writable(li: int, f: int) -> None:
-        mmu.spte_write(1, np.array([li]), np.array([f | int(SPTE_WRITABLE)], dtype=np.uint8))
 
     while True:
         if kvm._reload[vcpu] & 1:
@@ -98,20 +98,15 @@ def _write_fault(kvm: SimKVM, ms: _MemSlot, gfn: int, vcpu: int, order: str, val
         if not slow and present and f & int(SPTE_WRITABLE):
             pass  # spurious fault (stale TLB): nothing to fix
         elif not slow and present and f & int(SPTE_MMU_WRITABLE):
-            # fast_page_fault: cmpxchg W in, then mark_page_dirty (rule 1)
-            stats["faults_fast"] += 1
-            if order == "dirty_first":
-                yield mark()
-            li, f = _leaf(kvm, g)
-            made = bool(f & int(SPTE_PRESENT)) and not f & int(SPTE_WRITABLE)
-            if made:
-                set_writable(li, f)
-            yield SimStep(actor, "fast_set_writable" if made else "fast_cmpxchg_failed", one)
-            if made and order != "dirty_first":
-                yield mark()
+            # fast_page_fault: the real code's phases (cmpxchg W in, then
+            # mark_page_dirty: rule 1), one step each
+            out: list = [None]
+            for phase in kvm._fast_phases(mmu, [(ms, 0, 1)], g, np.array([li], dtype=np.int64),
+                                          np.array([f], dtype=np.uint8), np.zeros(1, dtype=np.int64),
+                                          _ORDER_CODE[order], out):
+                yield SimStep(actor, phase, one)
         else:
             # the slow path (__direct_map under mmu_lock)
-            stats["faults_map"] += 1
             stats["mmu_lock_acquisitions"] += 1
             indicator = kvm._indicator
             for level in (4, 3, 2):
@@ -145,27 +140,13 @@ def _write_fault(kvm: SimKVM, ms: _MemSlot, gfn: int, vcpu: int, order: str, val
                         stats["tlb_flushes"] += 1
                     mmu.spte_write(level, fi, np.array([fl | int(SPTE_WRITABLE)], dtype=np.uint8))
                     yield SimStep(actor, f"push_down_l{level}", one)
+            # the leaf: the real slow path's phases ([rmap add], set spte,
+            # mark dirty in the rules' order), one step each
             li, f = _leaf(kvm, g)
-            if not f & int(SPTE_PRESENT):
-                # map: rule 2 (rmap before dirty) and rule 1 (spte before dirty)
-                if order == "dirty_before_rmap":
-                    yield mark()
-                ms.rmap[idx] = True
-                yield SimStep(actor, "rmap_add", one)
-                if order == "dirty_first":
-                    yield mark()
-                mmu.spte_write(1, np.array([li]), np.array([_MAP_WRITABLE]))
-                yield SimStep(actor, "set_spte", one)
-                if order not in ("dirty_first", "dirty_before_rmap"):
-                    yield mark()
-            else:
-                # a present leaf fixed after a push-down: rule 1 only
-                if order == "dirty_first":
-                    yield mark()
-                set_writable(li, int(mmu.levels[1].flat[li]))
-                yield SimStep(actor, "set_spte", one)
-                if order != "dirty_first":
-                    yield mark()
+            out = [0]
+            for phase in kvm._leaf_phases(mmu, ms, g, np.array([li], dtype=np.int64), np.ones(1, dtype=np.bool_),
+                                          _ORDER_CODE[order], out):
+                yield SimStep(actor, phase, one)
         # the store retires only through a writable translation; a pending
         # reload that will protect the root is served before the guest runs
         li, f = _leaf(kvm, g)

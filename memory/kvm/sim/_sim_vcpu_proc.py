@@ -1,0 +1,283 @@
+"""One simulated vCPU as a process: a plain synchronous loop, as a CPU is.
+
+Started by :class:`memory.kvm.sim.sim_vcpu.SimVCPUs` (``python -m
+memory.kvm.sim._sim_vcpu_proc CONFIG_JSON``) with the simulated KVM's shared
+state memfd and the RAM memfds inherited at the same descriptor numbers
+(``pass_fds``).  It maps them (:mod:`._sim_shm`), builds a
+:class:`memory.kvm.SimKVM` attached to the same state, and runs its
+workload on its share of guest RAM through the same fault code the
+deterministic in-process mode runs (:meth:`SimKVM.vcpu_write`).
+
+One iteration (a *batch* of page writes)::
+
+    read C_RUN                       stopped? -> ack it (C_ACK = C_RUN), wait
+    pay fault-cost debt, throttle    (VM exits / cpu-throttle sleeps; interruptible)
+    pick the pages                   (the workload's program)
+    vcpu_write(pages)                the VM exits: faults, under SRCU, lock / cmpxchg
+    guest_seq += 1 (odd)             enter guest mode (a locked add: full fence)
+    guest_can_store(pages)?          re-read sptes + reload request AFTER entering
+      yes: store; guest_seq += 1     the stores retire in guest mode
+      no:  guest_seq += 1; again     a protection or request came in between
+
+Why ``vm_stop`` is exact.  The VMM stores a new (even) epoch in ``C_RUN``
+and waits until every vCPU has stored the same epoch in ``C_ACK``.  A vCPU
+writes ``C_ACK`` only at the top of its loop, after the previous batch's
+stores and faults are complete, and from then on re-reads ``C_RUN`` before
+anything else; so when the VMM sees every ack, no fault and no store is in
+flight and none can start until the next (odd) epoch.  This is KVM's kick
++ exit: the request is the epoch, the exit is the ack.
+
+Why a TLB flush is exact.  A store happens only between the two
+increments of ``guest_seq`` and only to pages the vCPU saw writable after
+the first one (a locked instruction, so its spte loads cannot move before
+it).  A protector changes sptes, fences, then waits for every vCPU whose
+``guest_seq`` is odd to change it: either the vCPU entered after the
+protection (it sees it and exits without storing) or it is waited for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import _sim_shm as S
+
+#: QEMU's CPU_THROTTLE_TIMESLICE_NS
+THROTTLE_TIMESLICE_S = 0.010
+#: pages per batch for a greedy (unlimited rate) workload
+GREEDY_BATCH_PAGES = 8192
+#: scheduling tick for rate-limited workloads
+TICK_S = 0.005
+#: mailbox commands (low byte of C_CMD)
+CMD_LOAD, CMD_SAVE, CMD_QUIT = 1, 2, 3
+#: longest uninterrupted sleep (fault-cost debt, throttle): bounds vm_stop latency
+_SLEEP_CHUNK_S = 0.002
+
+
+def vcpu_range(npages: int, nr_vcpus: int, vcpu: int) -> tuple[int, int]:
+    """Pages [lo, hi) of guest RAM that vCPU ``vcpu``'s program works on
+    (64-page aligned boundaries, so the vCPUs share no dirty-bitmap word
+    except by accident of the workload)."""
+    lo = (npages * vcpu // nr_vcpus) & ~63
+    hi = npages if vcpu == nr_vcpus - 1 else (npages * (vcpu + 1) // nr_vcpus) & ~63
+    return lo, hi
+
+
+def make_vcpu_workload(name: str, pages: np.ndarray, nr_vcpus: int, vcpu: int, seed: int):  # noqa: ANN201
+    from .workloads import make_workload
+
+    lo, hi = vcpu_range(pages.shape[0], nr_vcpus, vcpu)
+    return make_workload(name, pages[lo:hi], seed=seed + vcpu, gfn_base=lo)
+
+
+class _Ctl:
+    """Addresses and views of this vCPU's control words."""
+
+    def __init__(self, shm: S.SharedState, vcpu: int) -> None:
+        self.row = shm["vcpu_ctl"][vcpu]
+        self.base = shm.addr("vcpu_ctl", vcpu * S.C_WORDS)
+        self.mbox = shm["mbox"][vcpu]
+
+    def addr(self, word: int) -> int:
+        return self.base + 8 * word
+
+    def load(self, word: int) -> int:
+        return S.load8(self.addr(word))
+
+    def store(self, word: int, value: int) -> None:
+        S.store8(self.addr(word), value)
+
+
+def main(config: dict) -> int:
+    from .simulated import SimKVM, _Retry
+    from ._sim_memslot import unique_first
+
+    vcpu = int(config["vcpu"])
+    nr = int(config["nr_vcpus"])
+    params = S.Params(**config["params"])
+    kvm = SimKVM(nr_vcpus=nr, params=params, _attach=(int(config["state_fd"]), 0))
+    kvm.self_vcpu = vcpu
+    shm = kvm.shared_state
+    ctl = _Ctl(shm, vcpu)
+    hdr = shm["hdr"]
+    stats = S.StatRow(shm["stats"], vcpu)
+    import mmap
+
+    ram_fd, ram_size = int(config["ram_fd"]), int(config["ram_size"])
+    ram_map = mmap.mmap(ram_fd, ram_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    pages = np.frombuffer(ram_map, dtype=np.uint8).reshape(-1, 4096)
+    wl = make_vcpu_workload(config["workload"], pages, nr, vcpu, int(config.get("seed", 0)))
+    rate = config.get("rate")
+    ctl.store(S.C_PID, os.getpid())
+    ctl.store(S.C_ALIVE, 1)
+    parent = os.getppid()
+    seq_addr = ctl.addr(S.C_GUEST_SEQ)
+    run_addr = ctl.addr(S.C_RUN)
+    i_fast, i_map, i_push = (S.STAT_INDEX[n] for n in ("faults_fast", "faults_map", "faults_push_down"))
+    i_pml = S.STAT_INDEX["pml_logged"]
+    i_batches = S.STAT_INDEX["batches"]
+    row = shm["stats"][vcpu]
+    ring = bool(hdr[S.H_RING_SIZE])
+    debt_s = 0.0
+    slice_used = 0.0
+    credit = 0.0
+    last = time.perf_counter()
+    cmd_done = 0
+
+    def interruptible_sleep(total: float, epoch: int, stat: str) -> float:
+        """Sleep up to ``total`` s in chunks while C_RUN stays ``epoch``; returns what is left."""
+        end = time.perf_counter() + total
+        while True:
+            left = end - time.perf_counter()
+            if left <= 0:
+                return 0.0
+            if ctl.load(S.C_RUN) != epoch:
+                return left
+            t0 = time.perf_counter_ns()
+            time.sleep(min(left, _SLEEP_CHUNK_S))
+            stats[stat] += time.perf_counter_ns() - t0
+
+    while True:
+        cmd = ctl.load(S.C_CMD)
+        if cmd != cmd_done:
+            code = cmd & 0xFF
+            if code == CMD_QUIT:
+                ctl.store(S.C_ALIVE, 0)
+                ctl.store(S.C_CMD_ACK, cmd)
+                return 0
+            if code == CMD_LOAD:
+                n = int(ctl.row[S.C_MBOX_LEN])
+                state = json.loads(bytes(ctl.mbox[:n]))
+                wl = _load(wl, state["workload"], pages, nr, vcpu)
+                rate = state.get("rate")
+            elif code == CMD_SAVE:
+                data = json.dumps({"workload": wl.get_state(), "rate": rate}).encode()
+                if len(data) > S.MBOX_BYTES:
+                    ctl.store(S.C_ERROR, 1)
+                else:
+                    ctl.mbox[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+                    ctl.row[S.C_MBOX_LEN] = len(data)
+            cmd_done = cmd
+            ctl.store(S.C_CMD_ACK, cmd)
+            continue
+        epoch = ctl.load(S.C_RUN)
+        if not epoch & 1:
+            # stopped: nothing in flight; say so, then sleep until the epoch moves
+            if ctl.load(S.C_ACK) != epoch:
+                ctl.store(S.C_ACK, epoch)
+            S.futex_wait(run_addr, epoch, 0.05)
+            if os.getppid() != parent:
+                ctl.store(S.C_ALIVE, 0)
+                return 0
+            last = time.perf_counter()
+            credit = 0.0
+            continue
+        if ctl.load(S.C_ACK) != epoch:
+            ctl.store(S.C_ACK, epoch)
+        # the VMM died (PR_SET_PDEATHSIG would fire when trio's spawning
+        # worker thread exits, not the VMM): stop with it
+        if int(row[i_batches]) & 127 == 0 and os.getppid() != parent:
+            ctl.store(S.C_ALIVE, 0)
+            return 0
+        # VM exits still to be paid for (fault cost), then cpu-throttle
+        if debt_s > 0:
+            t = time.perf_counter()
+            debt_s = interruptible_sleep(debt_s, epoch, "fault_cost_ns")
+            slice_used += time.perf_counter() - t
+            continue
+        pct = int(ctl.row[S.C_THROTTLE])
+        if pct and slice_used >= THROTTLE_TIMESLICE_S:
+            p = pct / 100.0
+            slice_used = 0.0
+            interruptible_sleep(p / (1.0 - p) * THROTTLE_TIMESLICE_S, epoch, "throttle_sleep_ns")
+            last = time.perf_counter()
+            continue
+        if ring:
+            free = kvm.ring_free(vcpu)
+            if free <= 0:
+                # KVM_EXIT_DIRTY_RING_FULL: wait (outside guest mode, no
+                # fault in flight) until userspace harvested and reset
+                if not ctl.load(S.C_RING_FULL):
+                    ctl.store(S.C_RING_FULL, 1)
+                    stats["ring_full_exits"] += 1
+                time.sleep(0.0005)
+                continue
+            if ctl.load(S.C_RING_FULL):
+                ctl.store(S.C_RING_FULL, 0)
+        now = time.perf_counter()
+        if rate is None:
+            n = GREEDY_BATCH_PAGES
+        else:
+            credit = min(credit + rate * (now - last), rate * 0.1 + 1)
+            n = int(credit)
+            credit -= n
+        last = now
+        if ring:
+            n = min(n, free)  # each page may push one entry
+        if n <= 0:
+            time.sleep(TICK_S)
+            continue
+        idx = wl.next_pages(n)
+        if idx.size == 0:
+            time.sleep(TICK_S)
+            continue
+        t0 = time.perf_counter_ns()
+        g = idx + wl.gfn_base
+        u, _ = unique_first(g)
+        before = (int(row[i_fast]), int(row[i_map]), int(row[i_push]), int(row[i_pml]))
+        efault = False
+        while True:
+            try:
+                kvm.vcpu_write(u, vcpu)
+            except _Retry:
+                os.sched_yield()
+                continue
+            except OSError as exc:
+                # a page outside every slot / in a read-only slot: KVM exits
+                # to userspace (KVM_EXIT_MMIO); the batch's stores do not
+                # happen (no guest memory changes), the vCPU goes on
+                stats["mmio_exits"] += 1
+                ctl.store(S.C_ERROR, exc.errno or 1)
+                efault = True
+                break
+            S.fetch_add8(seq_addr, 1)  # enter guest mode (odd)
+            if kvm.guest_can_store(u, vcpu):
+                wl.store(idx)
+                S.fetch_add8(seq_addr, 1)  # exit guest mode
+                break
+            S.fetch_add8(seq_addr, 1)
+            stats["store_retries"] += 1
+        if efault:
+            time.sleep(TICK_S)
+            continue
+        stats["guest_entries"] += 1
+        wl.pages_written += int(idx.size)
+        stats["pages_written"] += int(idx.size)
+        stats["batches"] += 1
+        dfast = int(row[i_fast]) - before[0]
+        dmap = int(row[i_map]) - before[1]
+        dpml = int(row[i_pml]) - before[3]
+        cost_ns = dfast * int(hdr[S.H_COST_FAST]) + dmap * int(hdr[S.H_COST_MAP]) + (
+            dpml * int(hdr[S.H_COST_FAST]) >> 9)  # a PML-full exit per 512 logged pages
+        debt_s += cost_ns / 1e9
+        elapsed = time.perf_counter_ns() - t0
+        stats["run_ns"] += elapsed
+        slice_used += elapsed / 1e9
+        if rate is not None:
+            time.sleep(TICK_S)
+
+
+def _load(wl, state: dict, pages: np.ndarray, nr: int, vcpu: int):  # noqa: ANN001, ANN202
+    if state.get("name") != wl.name:
+        # the guest's program comes with its state, as a real guest's code with its RAM
+        wl = make_vcpu_workload(state["name"], pages, nr, vcpu, 0)
+    wl.set_state(state)
+    return wl
+
+
+if __name__ == "__main__":
+    sys.exit(main(json.loads(sys.argv[1])))

@@ -1,0 +1,347 @@
+"""Simulated vCPUs: N processes running the guest's program against the
+shared simulated MMU (``migrator run --accel sim --smp N``).
+
+This is the simulated counterpart of ``memory.kvm.real.vcpu.RealVCPUs`` and has
+the same controller interface (``run``, ``vm_start``, ``vm_stop``,
+``set_throttle``, ``save_state``, ``load_state``, ``statistics``), which is
+all the migration engine knows about vCPUs.
+
+Each vCPU is a process (:mod:`memory.kvm.sim._sim_vcpu_proc`, a synchronous
+loop) started with trio; it inherits the simulated KVM's state memfd and
+the RAM memfd (``pass_fds``), so it stores into the same guest pages and
+faults on the same sptes as everything else.  The guest's RAM is split
+into one page range per vCPU (:func:`vcpu_range`); each vCPU runs its own
+copy of the workload on its range (so QEMU's ``check_guests_ram`` applies
+per range for ``ab``).
+
+The controller keeps the authoritative copy of every vCPU's program state
+in this process: it is pushed to a vCPU before it runs (``vm_start``) if
+it changed (boot, ``load_state``), and pulled back when it stops
+(``vm_stop``), so ``save_state`` needs no vCPU process.  Boot runs here,
+in-process, through the same fault path (:meth:`SimKVM.vcpu_write` with
+the vCPU's index).
+
+``vm_stop`` is exact (see :mod:`._sim_vcpu_proc`): it stores a new stop
+epoch and returns only once every vCPU has acknowledged it at the top of
+its loop, with no fault and no store in flight.
+
+Throttling follows QEMU's cpu-throttle: with ``pct`` percent, after each
+10 ms time slice of running the vCPU sleeps ``pct / (100 - pct) * 10`` ms.
+Fault cost: every VM exit the simulated fault path takes is charged its
+configured cost (``--accel sim,fault-cost=...``) as time the vCPU does not
+run the guest (see the README's model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import trio
+
+from . import _sim_shm as S
+from ._sim_vcpu_proc import CMD_LOAD, CMD_QUIT, CMD_SAVE, make_vcpu_workload, vcpu_range
+
+__all__ = ["FAULT_COSTS", "SimVCPUs", "parse_fault_cost", "vcpu_range"]
+
+#: per-fault cost profiles in ns: (fast page fault, slow-path fault).
+#: ``host``: measured on this nested host with real KVM
+#: (tests/kvm/measure_kvm.py: 35-90 us per tracked write; the lockless
+#: fast fault at the low end, a mapping / push-down fault at the high
+#: end); ``hw``: a typical bare-metal VM exit + fault, 1-2 us; ``0``:
+#: free (the simulator's raw speed).
+FAULT_COSTS = {"host": (35_000, 90_000), "hw": (1_500, 2_000), "0": (0, 0)}
+DEFAULT_FAULT_COST = "host"
+
+
+def parse_fault_cost(text: str) -> tuple[int, int]:
+    """``host`` | ``hw`` | ``0`` | ``FAST_US[:SLOW_US]`` -> (fast ns, slow ns)."""
+    if text in FAULT_COSTS:
+        return FAULT_COSTS[text]
+    fast, _, slow = text.partition(":")
+    try:
+        f = float(fast)
+        s = float(slow) if slow else f
+    except ValueError:
+        raise ValueError(f"fault-cost must be host, hw, 0 or FAST_US[:SLOW_US], not {text!r}") from None
+    if f < 0 or s < 0 or f > 1e6 or s > 1e6:
+        raise ValueError(f"fault-cost {text!r}: microseconds must be in 0..1e6")
+    return int(f * 1000), int(s * 1000)
+
+
+_CHILD = "import sys, json; from memory.kvm.sim._sim_vcpu_proc import main; sys.exit(main(json.loads(sys.argv[1])))"
+
+
+class SimVCPUs:
+    """``smp`` vCPU processes running ``workload`` on ``kvm`` (a SimKVM).
+
+    Args:
+        kvm: the SimKVM (created with ``nr_vcpus=smp``).
+        ram: the RAMBlock (guest-physical 0), shared with the processes.
+        workload: workload name; each vCPU runs it on its page range.
+        rate: pages/s per vCPU (None = greedy).
+        fault_cost: (fast ns, slow ns) charged per VM exit.
+    """
+
+    def __init__(self, kvm, ram, workload: str, *, smp: int = 1, seed: int = 0, rate: float | None = None,  # noqa: ANN001
+                 fault_cost: tuple[int, int] = FAULT_COSTS[DEFAULT_FAULT_COST]) -> None:
+        if smp < 1 or smp != kvm.nr_vcpus:
+            raise ValueError(f"smp {smp} does not match the VM's {kvm.nr_vcpus} vCPUs")
+        self.kvm = kvm
+        self.ram = ram
+        self.smp = smp
+        self.seed = seed
+        self.rate = rate
+        self.workloads = [make_vcpu_workload(workload, ram.pages, smp, v, seed) for v in range(smp)]
+        self.running = False
+        self.throttle_pct = 0
+        self.fault_cost = fault_cost
+        shm = kvm.shared_state
+        self._shm = shm
+        shm["hdr"][S.H_COST_FAST], shm["hdr"][S.H_COST_MAP] = fault_cost
+        self._ctl = shm["vcpu_ctl"]
+        self._epoch = 0  # even: stopped
+        self._dirty_state = [True] * smp  # the process has not got this state yet
+        self._cmd_seq = 0
+        self._procs: list = []
+        self._booted = False
+        #: called when a vCPU waits in a dirty-ring-full exit (QEMU's reaper:
+        #: the KVM listener's reap), if the VM uses the dirty ring
+        self.on_ring_full = None
+
+    # -- compatibility with the single-vCPU interface -------------------------
+    @property
+    def workload(self):  # noqa: ANN201
+        return self.workloads[0]
+
+    def set_workloads(self, factory) -> None:  # noqa: ANN001
+        """Replace every vCPU's program: ``factory(pages, gfn_base)`` per range
+        (stopped); ``None``: keep the programs, whose state this process
+        changed, and send it to the vCPUs at the next vm_start."""
+        if self.running:
+            raise RuntimeError("set_workloads while the vCPUs run")
+        npages = self.ram.pages.shape[0]
+        for v in range(self.smp):
+            if factory is not None:
+                lo, hi = vcpu_range(npages, self.smp, v)
+                self.workloads[v] = factory(self.ram.pages[lo:hi], lo)
+            self._dirty_state[v] = True
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters summed over the vCPUs (pages_written, run_ns, ...)."""
+        out: dict[str, int] = {}
+        for v in range(self.smp):
+            for k, x in self.kvm.vcpu_statistics(v).items():
+                out[k] = out.get(k, 0) + x
+        return out
+
+    # -- the processes --------------------------------------------------------
+    def _addr(self, v: int, word: int) -> int:
+        return self._shm.addr("vcpu_ctl", v * S.C_WORDS + word)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Start the vCPU processes (stopped), then supervise them."""
+        shm = self._shm
+        fds = (shm.fd, self.ram.fd)
+        p = shm.params
+        try:
+            for v in range(self.smp):
+                cfg = {"vcpu": v, "nr_vcpus": self.smp, "state_fd": shm.fd, "ram_fd": self.ram.fd,
+                       "ram_size": self.ram.used_length, "workload": self.workloads[v].name,
+                       "seed": self.seed, "rate": self.rate,
+                       "params": {"nr_vcpus": p.nr_vcpus, "l1_rows": p.l1_rows, "l2_rows": p.l2_rows,
+                                  "l3_rows": p.l3_rows, "arena_bytes": p.arena_bytes,
+                                  "ring_entries": p.ring_entries}}
+                env = dict(os.environ)
+                # the tree this package is in (memory/kvm/sim/ -> its root)
+                root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+                env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+                proc = await trio.lowlevel.open_process(
+                    [sys.executable, "-c", _CHILD, json.dumps(cfg)],
+                    pass_fds=fds, env=env)
+                self._procs.append(proc)
+            deadline = trio.current_time() + 60
+            for v in range(self.smp):
+                while not self._ctl[v, S.C_ALIVE]:
+                    if self._procs[v].poll() is not None:
+                        raise RuntimeError(f"simulated vCPU {v} exited at start (status {self._procs[v].returncode})")
+                    if trio.current_time() > deadline:
+                        raise RuntimeError(f"simulated vCPU {v} did not start")
+                    await trio.sleep(0.005)
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                for v, proc in enumerate(self._procs):
+                    nursery.start_soon(self._watch, v, proc)
+                if shm["hdr"][S.H_RING_SIZE]:
+                    nursery.start_soon(self._reaper)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._shutdown()
+
+    async def _reaper(self) -> None:
+        """kvm_dirty_ring_reaper_thread: reap when a vCPU is ring-full."""
+        while True:
+            await trio.sleep(0.002)
+            if self.on_ring_full is not None and self._ctl[:, S.C_RING_FULL].any():
+                self.on_ring_full()
+
+    async def _watch(self, v: int, proc) -> None:  # noqa: ANN001
+        status = await proc.wait()
+        raise RuntimeError(f"simulated vCPU {v} (pid {proc.pid}) died with status {status}")
+
+    async def _shutdown(self) -> None:
+        for v, proc in enumerate(self._procs):
+            if proc.poll() is None:
+                self._cmd(v, CMD_QUIT)
+        deadline = time.monotonic() + 2.0
+        for proc in self._procs:
+            while proc.poll() is None and time.monotonic() < deadline:
+                await trio.sleep(0.005)
+            if proc.poll() is None:
+                proc.kill()
+                await proc.wait()
+        self._ctl[:, S.C_ALIVE] = 0  # exited (a killed vCPU could not say so)
+        self._procs = []
+        self.running = False
+
+    def _alive(self, v: int) -> bool:
+        return v < len(self._procs) and self._procs[v].poll() is None
+
+    def _cmd(self, v: int, code: int) -> int:
+        self._cmd_seq += 1
+        cmd = self._cmd_seq << 8 | code
+        S.store8(self._addr(v, S.C_CMD), cmd)
+        S.futex_wake(self._addr(v, S.C_RUN))
+        return cmd
+
+    async def _cmd_wait(self, v: int, code: int) -> None:
+        cmd = self._cmd(v, code)
+        while S.load8(self._addr(v, S.C_CMD_ACK)) != cmd:
+            if not self._alive(v):
+                raise RuntimeError(f"simulated vCPU {v} is not running")
+            await trio.sleep(0.0002)
+
+    def _mbox_put(self, v: int, data: bytes) -> None:
+        import numpy as np
+
+        if len(data) > S.MBOX_BYTES:
+            raise ValueError(f"vCPU {v} state is {len(data)} bytes, more than {S.MBOX_BYTES}")
+        self._shm["mbox"][v, : len(data)] = np.frombuffer(data, dtype=np.uint8)
+        self._ctl[v, S.C_MBOX_LEN] = len(data)
+
+    def _mbox_get(self, v: int) -> dict:
+        n = int(self._ctl[v, S.C_MBOX_LEN])
+        return json.loads(bytes(self._shm["mbox"][v, :n]))
+
+    # -- the controller interface -------------------------------------------
+    def boot(self) -> None:
+        """The guest's boot-time work (ab zeroes its pages), in-process through
+        the same fault path as vCPU ``v``.  Source only, before vm_start."""
+        if self._booted:
+            return
+        for v, wl in enumerate(self.workloads):
+            wl.boot(lambda g, v=v: self.kvm.vcpu_write(g, v))
+            self._dirty_state[v] = True
+        self._booted = True
+
+    async def vm_start(self) -> None:
+        if self.running:
+            return
+        if not self._procs:
+            raise RuntimeError("vm_start before the vCPU processes run")
+        for v in range(self.smp):
+            if self._dirty_state[v]:
+                self._mbox_put(v, json.dumps({"workload": self.workloads[v].get_state(), "rate": self.rate}).encode())
+                await self._cmd_wait(v, CMD_LOAD)
+                self._dirty_state[v] = False
+        self._epoch += 1  # odd: run
+        for v in range(self.smp):
+            S.store8(self._addr(v, S.C_RUN), self._epoch)
+            S.futex_wake(self._addr(v, S.C_RUN))
+        self.running = True
+
+    async def vm_stop(self) -> None:
+        """Kick every vCPU and wait for its exit: when this returns, no guest
+        store or fault is in flight, and none starts until vm_start."""
+        if not self.running:
+            return
+        self._epoch += 1  # even: stop
+        for v in range(self.smp):
+            S.store8(self._addr(v, S.C_RUN), self._epoch)
+        for v in range(self.smp):
+            while S.load8(self._addr(v, S.C_ACK)) != self._epoch:
+                if not self._alive(v):
+                    raise RuntimeError(f"simulated vCPU {v} died while stopping")
+                await trio.sleep(0)
+        self.running = False
+        # pull the program state back (the vCPUs are stopped: it is final)
+        for v in range(self.smp):
+            await self._cmd_wait(v, CMD_SAVE)
+            st = self._mbox_get(v)
+            self.workloads[v].set_state(st["workload"])
+
+    def set_throttle(self, pct: int) -> None:
+        if not 0 <= pct <= 99:
+            raise ValueError(f"throttle percentage {pct} not in 0..99")
+        self.throttle_pct = pct
+        self._ctl[:, S.C_THROTTLE] = pct
+
+    def save_state(self) -> bytes:
+        if self.running:
+            raise RuntimeError("save_state while the vCPUs run")
+        return json.dumps({"kind": "sim", "smp": self.smp, "rate": self.rate,
+                           "vcpus": [wl.get_state() for wl in self.workloads]}).encode()
+
+    def load_state(self, data: bytes) -> None:
+        state = json.loads(data)
+        if state.get("kind") != "sim":
+            raise ValueError(f"vCPU state is for a {state.get('kind')!r} accelerator, not sim")
+        vcpus = state.get("vcpus")
+        if not isinstance(vcpus, list) or len(vcpus) != self.smp:
+            n = len(vcpus) if isinstance(vcpus, list) else "?"
+            raise ValueError(f"vCPU state has {n} vCPUs, this machine has -smp {self.smp}")
+        new = []
+        for v, wl_state in enumerate(vcpus):
+            wl = self.workloads[v]
+            if wl_state.get("name") != wl.name:
+                # The guest's program comes with its state, as a real guest's
+                # code comes with its RAM: the destination need not know it.
+                wl = make_vcpu_workload(wl_state["name"], self.ram.pages, self.smp, v, 0)
+            wl.set_state(wl_state)
+            new.append(wl)
+        self.workloads = new
+        self.rate = state.get("rate")
+        self._dirty_state = [True] * self.smp
+        self._booted = True
+
+    def statistics(self) -> list[dict]:
+        """One object per vCPU (x-query-accel-stats' ``vcpus``)."""
+        out = []
+        for v in range(self.smp):
+            st = self.kvm.vcpu_statistics(v)
+            out.append({
+                "cpu-index": v,
+                "pid": int(self._ctl[v, S.C_PID]),
+                "workload": self.workloads[v].name,
+                "pages-written": st["pages_written"],
+                "mmu-lock-wait-ns": st["mmu_lock_wait_ns"],
+                "mmu-lock-acquisitions": st["mmu_lock_acquisitions"],
+                "faults-fast": st["faults_fast"],
+                "faults-map": st["faults_map"],
+                "faults-push-down": st["faults_push_down"],
+                "pml-logged": st["pml_logged"],
+                "fast-pf-cmpxchg-failed": st["fast_pf_cas_failed"],
+                "root-reloads": st["root_reloads"],
+                "fault-cost-ns": st["fault_cost_ns"],
+                "store-retries": st["store_retries"],
+                "mmio-exits": st["mmio_exits"],
+                "dirty-ring-full-exits": st["ring_full_exits"],
+                "batches": st["batches"],
+                "run-ns": st["run_ns"],
+                "throttle-sleep-ns": st["throttle_sleep_ns"],
+                "throttle-pct": self.throttle_pct,
+            })
+        return out
