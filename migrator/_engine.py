@@ -39,9 +39,11 @@ from memory import GLOBAL_DIRTY_MIGRATION, TARGET_PAGE_SIZE
 from transport import (NEED_DATA, Configuration, ConnectionClosed, DeviceState, EndOfStream,
                        ProtocolError, RamEOS, RamMemSize, RamPages, RamZeroPages, RateLimiter,
                        SectionEnd, SectionFooter, SectionFull, SectionPart, SectionStart,
-                       StreamDecoder, StreamEncoder, StreamHeader, listen_channel, open_channel)
+                       StreamDecoder, StreamEncoder, StreamHeader, VMDescription, VMStateSection,
+                       listen_channel, open_channel)
 
 from ._history import DowntimeBreakdown, IterationRecord, MigrationHistory
+from ._qemu_devices import QemuDeviceState
 from ._ram import RAMLoadState, RAMSaveState
 from ._status import MigrationStatus as S
 from .errors import MigrationError
@@ -60,6 +62,9 @@ PERIODIC_SYNC_S = 5.0
 RP_MSG_SHUT = 1
 RP_SHUT_FMT = ">HHI"
 RP_WAIT_S = 10.0
+#: after EOF, how long the destination waits for the VM description (QEMU
+#: blocks on it; a source that sends none is accepted, as QEMU only warns).
+VMDESC_WAIT_S = 2.0
 
 RAM_SECTION = "ram"
 RAM_SECTION_VERSION = 4
@@ -395,6 +400,7 @@ class OutgoingMigration:
         bd = DowntimeBreakdown()
         t0 = time.perf_counter_ns()
         self._vm_was_running = vm.vcpus.running
+        runstate = vm.runstate  # QEMU's global_state_store, before the stop
         await vm.vm_stop("finish-migrate")
         self._stopped_vm = True
         t1 = time.perf_counter_ns()
@@ -410,16 +416,32 @@ class OutgoingMigration:
         self._close_iteration_record()
         t3 = time.perf_counter_ns()
         bd.last_pages_ms = (t3 - t2) / 1e6
-        if not self.caps.x_ram_only:
+        native = False
+        if self.caps.x_ram_only:
+            pass
+        elif self.caps.x_qemu_devices or vm.qemu_devices is not None:
+            # the sections a stock -M none QEMU expects (see _qemu_devices)
+            qdev = vm.qemu_devices or QemuDeviceState()
+            for idstr, payload in qdev.sections(ran_ns=vm.ran_ns(), runstate=runstate):
+                self._section_id += 1
+                sid = self._section_id
+                layout_version = {"timer": 2, "slirp": 4, "globalstate": 1}[idstr]
+                await self._send(enc.section_full(sid, idstr, 0, layout_version)
+                                 + enc.vmstate(payload) + enc.section_footer(sid))
+        else:
+            native = True
             self._section_id += 1
             sid = self._section_id
             state = pack_device_state(self._vm_was_running, vm.vcpus.save_state())
             await self._send(enc.section_full(sid, DEVICE_SECTION, 0, DEVICE_SECTION_VERSION)
                              + enc.device_state(state) + enc.section_footer(sid))
-        await self._send(enc.eof())
+        # EOF, then QEMU's JSON description of every section written
+        await self._send(enc.eof() + enc.vmdescription())
         t4 = time.perf_counter_ns()
         bd.device_state_ms = (t4 - t3) / 1e6
-        if _has_return_path(self.uri) and not self.caps.x_ram_only:
+        # Only our own destination acknowledges on the return path (a stock
+        # QEMU opens one only with the return-path capability).
+        if _has_return_path(self.uri) and native:
             await self._wait_return_path()
         t5 = time.perf_counter_ns()
         bd.destination_resume_ms = (t5 - t4) / 1e6
@@ -505,18 +527,30 @@ class IncomingMigration:
             async with listener:
                 chan = await listener.accept()
             self.counters.start_ns = time.perf_counter_ns()
-            device_state = await self._receive(chan)
+            device_state, qemu_sections = await self._receive(chan)
             source_running = True  # a RAM-only stream carries no run state
+            runstate = None
             if device_state is not None:
                 source_running, vcpu_state = unpack_device_state(device_state)
                 vm.vcpus.load_state(vcpu_state)
+            if qemu_sections:
+                qdev = QemuDeviceState.from_sections(qemu_sections)
+                vm.qemu_devices = qdev
+                if qdev.runstate is not None:
+                    runstate = qdev.runstate
+                    source_running = runstate == "running"
             vm.state.goto(S.COMPLETED)
             # QEMU (process_incoming_migration_bh): start only if the source
-            # was running and autostart is on; a paused source stays paused.
-            if vm.autostart and source_running:
-                await vm.vm_start()
+            # was running (or sent no run state) and autostart is on; other
+            # received run states (globalstate: prelaunch, paused...) are
+            # taken over as they are.
+            if source_running:
+                if vm.autostart:
+                    await vm.vm_start()
+                else:
+                    vm.set_runstate("paused")
             else:
-                vm.set_runstate("paused")
+                vm.set_runstate(runstate or "paused")
             await self._ack(chan, 0)
         except (MigrationError, OSError, Exception) as exc:  # noqa: BLE001 - any failure -> FAILED
             if not isinstance(exc, (MigrationError, OSError, ProtocolError)):
@@ -536,6 +570,21 @@ class IncomingMigration:
                     except Exception:
                         pass
 
+    async def _receive_vmdesc(self, chan, dec) -> None:
+        """After EOF: the VM description, which the decoder checks against the
+        sections it read (a mismatch fails the load).  A source that sends
+        none and closes, or stays silent, is accepted with QEMU's warning."""
+        with trio.move_on_after(VMDESC_WAIT_S):
+            while True:
+                event = dec.next_event()
+                if event is NEED_DATA:
+                    await chan.receive_into(dec)
+                    continue
+                if isinstance(event, VMDescription):
+                    return
+                break  # ConnectionClosed
+        self.vm.log("Expected vmdescription section, but got none")
+
     async def _ack(self, chan, status: int) -> None:
         if not _has_return_path(self.uri):
             return
@@ -544,11 +593,13 @@ class IncomingMigration:
         except OSError:
             pass  # the source is gone: nothing to tell it
 
-    async def _receive(self, chan) -> bytes | None:
-        """Receive the whole stream; returns the device state (or None)."""
+    async def _receive(self, chan) -> tuple[bytes | None, list[VMStateSection]]:
+        """Receive the whole stream; returns our device state (or None) and
+        QEMU's device sections, in stream order."""
         vm = self.vm
         dec = StreamDecoder(max_block_bytes={b.idstr: b.used_length for b in self.ram.blocks.values()})
         device_state = None
+        qemu_sections: list[VMStateSection] = []
         ram_section_id = None
         ram_complete = False
         current = None  # (kind, section_id) of the open section
@@ -579,8 +630,9 @@ class IncomingMigration:
                 if isinstance(event, SectionEnd):
                     ram_complete = True
             elif isinstance(event, SectionFull):
-                if event.idstr != DEVICE_SECTION:
-                    raise MigrationError(f"Unknown savevm section or instance '{event.idstr}' {event.instance_id}")
+                if any(s.idstr == event.idstr for s in qemu_sections) or (
+                        event.idstr == DEVICE_SECTION and device_state is not None):
+                    raise MigrationError(f"section '{event.idstr}' {event.instance_id} appears twice")
                 current = ("device", event.section_id)
             elif isinstance(event, SectionFooter):
                 current = None
@@ -596,11 +648,16 @@ class IncomingMigration:
                 if current is None or current[0] != "device":
                     raise MigrationError("device state outside a device section")
                 device_state = event.data
+            elif isinstance(event, VMStateSection):
+                if current is None or current[0] != "device":
+                    raise MigrationError("device state outside a device section")
+                qemu_sections.append(event)
             elif isinstance(event, ConnectionClosed):
                 raise MigrationError("the source closed the stream before its end")
             elif isinstance(event, EndOfStream):
                 if not ram_complete:
                     raise MigrationError("stream ended before the final RAM section")
-                return device_state
+                await self._receive_vmdesc(chan, dec)
+                return device_state, qemu_sections
             else:  # pragma: no cover - decoder produced something new
                 raise MigrationError(f"unexpected stream event {event!r}")

@@ -27,7 +27,9 @@ Facts from QEMU (migration/options.c, qapi/migration.json, QEMU 10.2):
 Our extensions, both marked ``x-`` as QAPI does for experimental members:
 ``x-clear-bitmap-shift`` (QEMU has it only as ``-global
 migration.x-clear-bitmap-shift`` and clamps to 6..31; we expose it as a
-parameter and refuse values outside 6..31), and the ``x-ram-only`` capability.
+parameter and refuse values outside 6..31), and the ``x-ram-only`` and
+``x-qemu-devices`` capabilities (see the engine: which device sections a
+stream carries).
 ``block-bitmap-mapping`` (no block devices here) and ``accel-path`` are not
 implemented and refused as unexpected parameters.
 """
@@ -82,10 +84,11 @@ MIGRATION_CAPABILITIES: Final[tuple[str, ...]] = (
     "dirty-limit",
     "mapped-ram",
     "x-ram-only",
+    "x-qemu-devices",
 )
 
 #: Capabilities this migrator implements (may be set to true).
-SUPPORTED_CAPABILITIES: Final = frozenset({"events", "auto-converge", "x-ram-only"})
+SUPPORTED_CAPABILITIES: Final = frozenset({"events", "auto-converge", "x-ram-only", "x-qemu-devices"})
 
 #: ``MigrationStatus`` values for which QEMU's ``migration_is_running()`` is true
 #: (the one list lives with the state table).

@@ -27,6 +27,7 @@ from ._events import (
     SectionStart,
     StreamHeader,
     VMDescription,
+    VMStateSection,
 )
 from ._ratelimit import RateLimiter, RateLimiterStatistics
 from ._wire import (
@@ -103,6 +104,7 @@ __all__ = [
     "TransportError",
     "UnixAddress",
     "VMDescription",
+    "VMStateSection",
     "listen_channel",
     "open_channel",
     "parse_uri",
