@@ -28,6 +28,7 @@ On any error the destination is FAILED and its vCPUs never run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import time
@@ -42,6 +43,7 @@ from transport import (NEED_DATA, Configuration, ConnectionClosed, DeviceState, 
                        StreamDecoder, StreamEncoder, StreamHeader, VMDescription, VMStateSection,
                        listen_channel, open_channel)
 
+from . import _multifd
 from ._history import DowntimeBreakdown, IterationRecord, MigrationHistory
 from ._qemu_devices import QemuDeviceState
 from ._ram import RAMLoadState, RAMSaveState
@@ -101,6 +103,13 @@ def error_desc(exc: BaseException) -> str:
     return text
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups from nurseries."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 def _has_return_path(uri: str) -> bool:
     """Sockets carry a return path (QEMU's MIG_RP_MSG_SHUT); files do not."""
     return uri.startswith(("tcp:", "unix:"))
@@ -111,6 +120,7 @@ class MigrationCounters:
     """What ``query-migrate`` reports (QEMU's MigrationStats, ram part)."""
 
     transferred: int = 0
+    multifd_bytes: int = 0
     precopy_bytes: int = 0
     downtime_bytes: int = 0
     duplicate: int = 0
@@ -160,6 +170,8 @@ class OutgoingMigration:
         self._dirty_rate_high_cnt = 0
         self._iteration_record: IterationRecord | None = None
         self._iter_bytes0 = 0
+        self._multifd: _multifd.MultifdSender | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
 
     @property
     def params(self):
@@ -184,9 +196,15 @@ class OutgoingMigration:
             with self.cancel_scope:
                 self._encoder = StreamEncoder()
                 self._chan = await open_channel(self.uri)
-                await self._setup()
-                await self._iterate_until_converged()
-                await self._complete()
+                async with contextlib.AsyncExitStack() as self._stack:  # multifd channels, if any
+                    await self._setup()
+                    await self._iterate_until_converged()
+                    await self._complete()
+        except BaseExceptionGroup as group:  # from the multifd channels' nursery
+            leaf = _leaf(group)
+            if not isinstance(leaf, Exception):
+                raise
+            error = leaf
         except MigrationError as exc:
             error = exc
         except OSError as exc:  # channel errors: peer died, refused...
@@ -205,13 +223,40 @@ class OutgoingMigration:
         n = sum(memoryview(b).nbytes for b in buffers)
         await self._chan.send_all(buffers)
         if account:
-            c = self.counters
-            c.transferred += n
-            if self._stopped_vm:
-                c.downtime_bytes += n
-            else:
-                c.precopy_bytes += n
-            self._limiter.account(n)
+            self._account(n)
+
+    def _account(self, n: int) -> None:
+        """Book ``n`` bytes (main channel or multifd) as QEMU does: transferred,
+        precopy or downtime bytes, and the rate limiter's window."""
+        c = self.counters
+        c.transferred += n
+        if self._stopped_vm:
+            c.downtime_bytes += n
+        else:
+            c.precopy_bytes += n
+        self._limiter.account(n)
+
+    async def _open_multifd(self) -> None:
+        """With the multifd capability: connect the channels (after the main
+        channel's header, as QEMU does) and start their workers."""
+        p = self.params
+        if p.multifd_compression not in ("none", "zstd"):
+            raise MigrationError(f"multifd-compression '{p.multifd_compression}' is not supported (none, zstd)")
+        socks = await _multifd.connect_channels(self.uri, p.multifd_channels)
+        sender = _multifd.MultifdSender(socks, compression=p.multifd_compression, level=p.multifd_zstd_level,
+                                        page_size=TARGET_PAGE_SIZE, on_sent=self._account_multifd)
+        self._multifd = await self._stack.enter_async_context(sender)
+
+    def _account_multifd(self, n: int) -> None:
+        """A multifd packet was written (compressed size with zstd, as QEMU counts)."""
+        self.counters.multifd_bytes += n
+        self._account(n)
+
+    async def _eos(self) -> bytes:
+        """Before every EOS: multifd's SYNC on all channels (7.2: once per section)."""
+        if self._multifd is not None:
+            await self._multifd.sync()
+        return self._encoder.eos()
 
     async def _setup(self) -> None:
         vm, enc, c = self.vm, self._encoder, self.counters
@@ -222,6 +267,8 @@ class OutgoingMigration:
         self._window_pages = 0
         self._window_t0 = time.perf_counter_ns()
         await self._send(enc.header() + enc.configuration(MACHINE_NAME))
+        if self.caps.multifd:
+            await self._open_multifd()
         # ram_save_setup
         self.ram = RAMSaveState(vm.ms, vm.ram_blocks(),
                                 clear_bitmap_shift=self.params.x_clear_bitmap_shift)
@@ -233,8 +280,8 @@ class OutgoingMigration:
         self._section_id += 1
         self._ram_section_id = self._section_id
         await self._send(enc.section_start(self._ram_section_id, RAM_SECTION, 0, RAM_SECTION_VERSION)
-                         + enc.ram_mem_size(blocks) + enc.eos()
-                         + enc.section_footer(self._ram_section_id))
+                         + enc.ram_mem_size(blocks))
+        await self._send(await self._eos() + enc.section_footer(self._ram_section_id))
         c.setup_time_ms = (time.perf_counter_ns() - c.start_ns) // 1_000_000
         vm.state.goto(S.ACTIVE)
 
@@ -373,11 +420,18 @@ class OutgoingMigration:
             want = BATCH_PAGES
             if limited and self._limiter.budget_bytes:
                 want = max(MIN_BATCH_PAGES, min(want, self._limiter.budget_bytes // 16 // TARGET_PAGE_SIZE))
-            batch = ram.next_batch(want)
+            # multifd: end the section where the cursor wraps (rule 2 in _multifd)
+            batch = ram.next_batch(want, stop_at_wrap=self._multifd is not None and not self._stopped_vm)
             if batch is None:
-                return True
+                return ram.migration_dirty_pages == 0
             block, idx = batch
-            buffers, normal, zero = enc.ram_pages(block.idstr, block.pages, idx)
+            mfd = self._multifd
+            if mfd is not None:
+                (buffers, _, zero), nonzero = enc.ram_zero_pages(block.idstr, block.pages, idx)
+                normal = int(nonzero.size)
+                await mfd.queue(block.idstr, block.pages, nonzero)
+            else:
+                buffers, normal, zero = enc.ram_pages(block.idstr, block.pages, idx)
             c.normal += normal
             c.duplicate += zero
             rec = self._iteration_record
@@ -392,7 +446,7 @@ class OutgoingMigration:
         await self._send(enc.section_part(self._ram_section_id))
         deadline = time.perf_counter_ns() + int(MAX_WAIT_S * 1e9)
         await self._send_pages(deadline_ns=deadline, limited=True)
-        await self._send(enc.eos() + enc.section_footer(self._ram_section_id))
+        await self._send(await self._eos() + enc.section_footer(self._ram_section_id))
 
     # -- switchover -------------------------------------------------------------
     async def _complete(self) -> None:
@@ -412,7 +466,7 @@ class OutgoingMigration:
         bd.final_sync_ms = (t2 - t1) / 1e6
         await self._send(enc.section_end(self._ram_section_id))
         await self._send_pages(deadline_ns=None, limited=False)
-        await self._send(enc.eos() + enc.section_footer(self._ram_section_id))
+        await self._send(await self._eos() + enc.section_footer(self._ram_section_id))
         self._close_iteration_record()
         t3 = time.perf_counter_ns()
         bd.last_pages_ms = (t3 - t2) / 1e6
@@ -509,6 +563,7 @@ class IncomingMigration:
         self.counters = MigrationCounters()
         #: set once listening succeeded (migrate-incoming may be retried before)
         self.listening = trio.Event()
+        self._mfd: _multifd.MultifdReceiver | None = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         vm = self.vm
@@ -523,11 +578,21 @@ class IncomingMigration:
             raise MigrationError(f"Failed to listen on {self.uri}: {exc}") from exc
         task_status.started()
         self.listening.set()
+        mfd_socks = None
         try:
-            async with listener:
-                chan = await listener.accept()
+            if vm.caps.multifd:
+                if not self.uri.startswith(("tcp:", "unix:")):
+                    await listener.aclose()
+                    raise MigrationError("multifd needs a tcp: or unix: incoming URI")
+                chan, mfd_socks = await _multifd.accept_channels(listener, vm.params.multifd_channels)
+            else:
+                async with listener:
+                    chan = await listener.accept()
             self.counters.start_ns = time.perf_counter_ns()
-            device_state, qemu_sections = await self._receive(chan)
+            if mfd_socks is None:
+                device_state, qemu_sections = await self._receive(chan)
+            else:
+                device_state, qemu_sections = await self._receive_multifd(chan, mfd_socks)
             source_running = True  # a RAM-only stream carries no run state
             runstate = None
             if device_state is not None:
@@ -553,6 +618,7 @@ class IncomingMigration:
                 vm.set_runstate(runstate or "paused")
             await self._ack(chan, 0)
         except (MigrationError, OSError, Exception) as exc:  # noqa: BLE001 - any failure -> FAILED
+            exc = _leaf(exc)
             if not isinstance(exc, (MigrationError, OSError, ProtocolError)):
                 vm.log(f"incoming migration failed with an unexpected error: {exc!r}")
             self.error_desc = error_desc(exc)
@@ -592,6 +658,27 @@ class IncomingMigration:
             await chan.send_all([struct.pack(RP_SHUT_FMT, RP_MSG_SHUT, 4, status)])
         except OSError:
             pass  # the source is gone: nothing to tell it
+
+    async def _receive_multifd(self, chan, socks) -> tuple[bytes | None, list[VMStateSection]]:
+        """The main stream plus N multifd channels writing pages into guest RAM."""
+        p = self.vm.params
+        if p.multifd_compression not in ("none", "zstd"):
+            for s in socks:
+                s.close()
+            raise MigrationError(f"multifd-compression '{p.multifd_compression}' is not supported (none, zstd)")
+        mfd = _multifd.MultifdReceiver(socks, self.ram, compression=p.multifd_compression,
+                                       page_size=TARGET_PAGE_SIZE)
+        self._mfd = mfd
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(mfd.run)
+                result = await self._receive(chan)
+                nursery.cancel_scope.cancel()  # the channels wait for a next packet that never comes
+        except BaseExceptionGroup as group:
+            raise _leaf(group) from None
+        finally:
+            mfd.close()
+        return result
 
     async def _receive(self, chan) -> tuple[bytes | None, list[VMStateSection]]:
         """Receive the whole stream; returns our device state (or None) and
@@ -643,7 +730,8 @@ class IncomingMigration:
             elif isinstance(event, RamZeroPages):
                 self.ram.load_zero_pages(event.block, event.offsets)
             elif isinstance(event, RamEOS):
-                pass
+                if self._mfd is not None:
+                    await self._mfd.sync()  # every channel's SYNC for this section (rule 3)
             elif isinstance(event, DeviceState):
                 if current is None or current[0] != "device":
                     raise MigrationError("device state outside a device section")

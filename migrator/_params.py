@@ -88,7 +88,7 @@ MIGRATION_CAPABILITIES: Final[tuple[str, ...]] = (
 )
 
 #: Capabilities this migrator implements (may be set to true).
-SUPPORTED_CAPABILITIES: Final = frozenset({"events", "auto-converge", "x-ram-only", "x-qemu-devices"})
+SUPPORTED_CAPABILITIES: Final = frozenset({"events", "auto-converge", "multifd", "x-ram-only", "x-qemu-devices"})
 
 #: ``MigrationStatus`` values for which QEMU's ``migration_is_running()`` is true
 #: (the one list lives with the state table).

@@ -88,6 +88,8 @@ class RAMSaveState:
         self.dirty_sync_count = 0
         self._block_index = 0
         self.last_stage = False
+        #: times the dirty cursor wrapped from the last block back to the first
+        self.wraps = 0
         # dirty-rate period (QEMU: reset every >1000 ms at sync time)
         self.num_dirty_pages_period = 0
 
@@ -136,12 +138,15 @@ class RAMSaveState:
         return self.migration_dirty_pages * TARGET_PAGE_SIZE
 
     # -- find and test-and-clear -----------------------------------------
-    def next_batch(self, max_pages: int):
+    def next_batch(self, max_pages: int, *, stop_at_wrap: bool = False):
         """Next dirty pages: ``(block, page_indices)`` or None if all clean.
 
         Takes whole bitmap words (64 pages) from the cursor until at least
         ``max_pages`` pages are collected, clears their bits (test-and-clear)
-        and returns their page indices in ascending order.
+        and returns their page indices in ascending order.  With
+        ``stop_at_wrap`` it returns None (and ``wraps`` grows) instead of
+        wrapping from the last block to the first: multifd ends its section
+        there, so no page is in flight twice between two syncs.
         """
         if self.migration_dirty_pages == 0:
             return None
@@ -154,6 +159,10 @@ class RAMSaveState:
             # block exhausted from its cursor: wrap it and move on
             bs.cursor_word = 0
             self._block_index = (self._block_index + 1) % nblocks
+            if self._block_index == 0:
+                self.wraps += 1
+                if stop_at_wrap:
+                    return None
         return None  # pragma: no cover - dirty count said otherwise
 
     _WINDOW_WORDS = 4096
@@ -228,6 +237,16 @@ class RAMLoadState:
         # in this map needs no work at all: no read, no write, no fault.
         self.fresh = fresh
         self.written = {b.idstr: np.zeros(b.npages, dtype=bool) for b in blocks}
+
+    @property
+    def used_lengths(self) -> dict[str, int]:
+        return {name: b.used_length for name, b in self.blocks.items()}
+
+    def mark_written(self, idstr: str, idx: np.ndarray) -> None:
+        """Pages written outside :meth:`load_pages` (multifd channels): a later
+        ZERO record for them must really zero them."""
+        self.written[idstr][idx] = True
+        self.normal_pages += int(idx.size)
 
     def mem_size(self, blocks: tuple) -> None:
         from .errors import MigrationError

@@ -299,7 +299,7 @@ class VM:
                 "precopy-bytes": c.precopy_bytes,
                 "downtime-bytes": c.downtime_bytes,
                 "postcopy-bytes": 0,
-                "multifd-bytes": 0,
+                "multifd-bytes": c.multifd_bytes,
                 "postcopy-requests": 0,
                 "dirty-sync-missed-zero-copy": 0,
             }
@@ -423,3 +423,4 @@ class _Caps:
         self.auto_converge = caps["auto-converge"]
         self.x_ram_only = caps["x-ram-only"]
         self.x_qemu_devices = caps["x-qemu-devices"]
+        self.multifd = caps["multifd"]

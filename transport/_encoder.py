@@ -295,6 +295,8 @@ class StreamEncoder:
     ) -> EncodedPages:
         """Encode pages of one block as ZERO and PAGE records.
 
+        (:meth:`ram_zero_pages` is the multifd variant: ZERO records only.)
+
         Args:
             block_idstr: the block, as listed in MEM_SIZE.
             block_pages: the whole block as a ``(npages, page_size)`` ``uint8``
@@ -312,6 +314,19 @@ class StreamEncoder:
             LocalProtocolError: not inside a RAM payload, unknown block, shape
                 mismatch or an index outside the block.  Nothing is encoded.
         """
+        return self._encode_pages(block_idstr, block_pages, page_indices, detect_zero=detect_zero, stage=True)[0]
+
+    def ram_zero_pages(
+        self, block_idstr: str, block_pages: NDArray[np.uint8], page_indices: ArrayLike
+    ) -> tuple[EncodedPages, NDArray[np.intp]]:
+        """multifd (QEMU 7.2): ZERO records for the zero pages among ``page_indices``;
+        the non-zero ones are returned (ascending if the input was) for the
+        multifd channels, neither copied nor encoded here.  Validation as
+        :meth:`ram_pages`."""
+        enc, nonzero = self._encode_pages(block_idstr, block_pages, page_indices, detect_zero=True, stage=False)
+        return enc, nonzero
+
+    def _encode_pages(self, block_idstr, block_pages, page_indices, *, detect_zero: bool, stage: bool):
         self._require(_State.RAM, what="page records")
         if self._blocks is None:
             raise LocalProtocolError("page records before MEM_SIZE")
@@ -334,14 +349,14 @@ class StreamEncoder:
         idx = idx.astype(np.intp, copy=False)
         n = idx.size
         if n == 0:
-            return EncodedPages([], 0, 0)
+            return EncodedPages([], 0, 0), idx
         if int(idx.min()) < 0 or int(idx.max()) >= npages:
             raise LocalProtocolError(f"page index outside block {block_idstr!r} ({npages} pages)")
 
         rec = self._rec
-        if self._stage.size < n * rec:
+        if stage and self._stage.size < n * rec:
             self._stage = np.empty(n * rec, dtype=np.uint8)
-        records = self._stage[: n * rec].reshape(n, rec)
+        records = self._stage[: n * rec].reshape(-1, rec)
         data_col = records[:, 8:]
         zero_idx: list[NDArray[np.intp]] = []
         sent_idx: list[NDArray[np.intp]] = []
@@ -359,13 +374,15 @@ class StreamEncoder:
                 np.take(block_pages, ci, axis=0, out=src, mode="clip")  # the one read of guest RAM
             zmask = self._zero_mask(src) if detect_zero else None
             if zmask is None or not zmask.any():
-                data_col[k : k + m] = src
+                if stage:
+                    data_col[k : k + m] = src
                 sent_idx.append(ci)
                 k += m
             else:
                 keep = ~zmask
                 nz = int(np.count_nonzero(keep))
-                data_col[k : k + nz] = src[keep]
+                if stage:
+                    data_col[k : k + nz] = src[keep]
                 sent_idx.append(ci[keep])
                 zero_idx.append(ci[zmask])
                 k += nz
@@ -384,8 +401,12 @@ class StreamEncoder:
             zbytes = memoryview(zrec.view(np.uint8).reshape(-1))
             buffers += self._name_first(block_idstr, zbytes, int(zi[0]), w.RAM_SAVE_FLAG_ZERO)
             first = False
+        pi = (np.concatenate(sent_idx) if len(sent_idx) > 1 else sent_idx[0]) if sent_idx else idx[:0]
+        if not stage:
+            if nzero:
+                self._last_block = block_idstr
+            return EncodedPages(buffers, 0, nzero), pi
         if k:
-            pi = np.concatenate(sent_idx) if len(sent_idx) > 1 else sent_idx[0]
             hdr_col = np.ndarray((k,), dtype=_BE64, buffer=self._stage, offset=0, strides=(rec,))
             hdr_col[:] = (pi.astype(np.uint64) << np.uint64(self._shift)) | np.uint64(w.PAGE_CONT)
             pbytes = memoryview(self._stage)[: k * rec]
@@ -394,7 +415,7 @@ class StreamEncoder:
             else:
                 buffers.append(pbytes)
         self._last_block = block_idstr
-        return EncodedPages(buffers, k, nzero)
+        return EncodedPages(buffers, k, nzero), pi
 
     def _name_first(self, idstr: str, recs: memoryview, page: int, kind: int) -> list[memoryview]:
         """Split off the first record's header if it must name the block."""
