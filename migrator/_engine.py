@@ -420,10 +420,10 @@ class OutgoingMigration:
             want = BATCH_PAGES
             if limited and self._limiter.budget_bytes:
                 want = max(MIN_BATCH_PAGES, min(want, self._limiter.budget_bytes // 16 // TARGET_PAGE_SIZE))
-            # multifd: end the section where the cursor wraps (rule 2 in _multifd)
-            batch = ram.next_batch(want, stop_at_wrap=self._multifd is not None and not self._stopped_vm)
+            # multifd: no bitmap sync inside a section (rule 2 in _multifd)
+            batch = ram.next_batch(want)
             if batch is None:
-                return ram.migration_dirty_pages == 0
+                return True
             block, idx = batch
             mfd = self._multifd
             if mfd is not None:

@@ -30,11 +30,15 @@ Ordering rules (each one loses or corrupts a page if broken)
    thread reads the page later.  A write after the clear is logged (the
    chunk was re-protected before the batch was handed out), so a page read
    late carries that write *and* is sent again later: never lost.
-2. *At most one copy of a page between two syncs.*  Channels are not
+2. *At most one copy of a page between two SYNCs.*  Channels are not
    ordered with each other, so a page must not be queued twice before the
-   next SYNC: the engine ends a RAM section (sync + EOS) whenever its dirty
-   cursor wraps (QEMU 8.0+ flushes per round for the same reason).  In the
-   stopped last stage every page is queued once anyway.
+   next SYNC.  A page is queued only when its bmap bit is taken, and bits
+   are set again only by a dirty-bitmap sync; the engine syncs only between
+   RAM sections (QEMU's ``migration_iteration_run`` too), and every section
+   ends with a multifd SYNC, so each page is queued at most once per
+   section.  A bitmap sync inside a section would break this (QEMU 8.0+,
+   which flushes once per round instead, flushes when the cursor wraps for
+   the same reason).
 3. *SYNC after the pages.*  A channel writes its SYNC packet only after
    every packet queued to it before; the main channel's EOS is written only
    after every channel wrote its SYNC.  The receiver at that EOS waits for

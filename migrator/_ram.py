@@ -88,8 +88,6 @@ class RAMSaveState:
         self.dirty_sync_count = 0
         self._block_index = 0
         self.last_stage = False
-        #: times the dirty cursor wrapped from the last block back to the first
-        self.wraps = 0
         # dirty-rate period (QEMU: reset every >1000 ms at sync time)
         self.num_dirty_pages_period = 0
 
@@ -138,15 +136,12 @@ class RAMSaveState:
         return self.migration_dirty_pages * TARGET_PAGE_SIZE
 
     # -- find and test-and-clear -----------------------------------------
-    def next_batch(self, max_pages: int, *, stop_at_wrap: bool = False):
+    def next_batch(self, max_pages: int):
         """Next dirty pages: ``(block, page_indices)`` or None if all clean.
 
         Takes whole bitmap words (64 pages) from the cursor until at least
         ``max_pages`` pages are collected, clears their bits (test-and-clear)
-        and returns their page indices in ascending order.  With
-        ``stop_at_wrap`` it returns None (and ``wraps`` grows) instead of
-        wrapping from the last block to the first: multifd ends its section
-        there, so no page is in flight twice between two syncs.
+        and returns their page indices in ascending order.
         """
         if self.migration_dirty_pages == 0:
             return None
@@ -159,10 +154,6 @@ class RAMSaveState:
             # block exhausted from its cursor: wrap it and move on
             bs.cursor_word = 0
             self._block_index = (self._block_index + 1) % nblocks
-            if self._block_index == 0:
-                self.wraps += 1
-                if stop_at_wrap:
-                    return None
         return None  # pragma: no cover - dirty count said otherwise
 
     _WINDOW_WORDS = 4096
