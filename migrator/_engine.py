@@ -426,12 +426,16 @@ class OutgoingMigration:
                 return True
             block, idx = batch
             mfd = self._multifd
+            # zero-page-detection: none sends every page as data; legacy and
+            # multifd both detect on the main thread (QEMU 7.2 has no multifd
+            # zero pages; 9.0's "multifd" moves the check into the channels)
+            detect = self.params.zero_page_detection != "none"
             if mfd is not None:
-                (buffers, _, zero), nonzero = enc.ram_zero_pages(block.idstr, block.pages, idx)
+                (buffers, _, zero), nonzero = enc.ram_zero_pages(block.idstr, block.pages, idx, detect_zero=detect)
                 normal = int(nonzero.size)
                 await mfd.queue(block.idstr, block.pages, nonzero)
             else:
-                buffers, normal, zero = enc.ram_pages(block.idstr, block.pages, idx)
+                buffers, normal, zero = enc.ram_pages(block.idstr, block.pages, idx, detect_zero=detect)
             c.normal += normal
             c.duplicate += zero
             rec = self._iteration_record

@@ -317,13 +317,14 @@ class StreamEncoder:
         return self._encode_pages(block_idstr, block_pages, page_indices, detect_zero=detect_zero, stage=True)[0]
 
     def ram_zero_pages(
-        self, block_idstr: str, block_pages: NDArray[np.uint8], page_indices: ArrayLike
+        self, block_idstr: str, block_pages: NDArray[np.uint8], page_indices: ArrayLike, *, detect_zero: bool = True
     ) -> tuple[EncodedPages, NDArray[np.intp]]:
         """multifd (QEMU 7.2): ZERO records for the zero pages among ``page_indices``;
         the non-zero ones are returned (ascending if the input was) for the
         multifd channels, neither copied nor encoded here.  Validation as
         :meth:`ram_pages`."""
-        enc, nonzero = self._encode_pages(block_idstr, block_pages, page_indices, detect_zero=True, stage=False)
+        enc, nonzero = self._encode_pages(block_idstr, block_pages, page_indices, detect_zero=detect_zero,
+                                          stage=False)
         return enc, nonzero
 
     def _encode_pages(self, block_idstr, block_pages, page_indices, *, detect_zero: bool, stage: bool):

@@ -125,3 +125,23 @@ async def test_multifd_refuses_file_uris(tmp_path):
         assert info["status"] == "failed"
         assert "multifd needs a tcp: or unix: migration URI" in info["error-desc"]
         assert (await src.qmp.execute("query-status"))["status"] == "running"
+
+
+@pytest.mark.parametrize("multifd", [False, True], ids=["single", "multifd"])
+async def test_zero_page_detection_none_sends_zero_pages_as_data(tmp_path, multifd):
+    uri = f"unix:{tmp_path / 'mig.sock'}"
+    async with vm_process(tmp_path, "dst", "--incoming", "defer", "-S", memory="16M") as dst, \
+            vm_process(tmp_path, "src", memory="16M") as src:
+        if multifd:
+            for cmd, args in _settings(2, "none"):
+                await src.qmp.execute(cmd, args)
+                await dst.qmp.execute(cmd, args)
+        await src.qmp.execute("migrate-set-parameters", {"zero-page-detection": "none"})
+        await dst.qmp.execute("migrate-incoming", {"uri": uri})
+        await trio.sleep(0.2)
+        await src.qmp.execute("migrate", {"uri": uri})
+        info = await src.qmp.wait_migration()
+        assert info["status"] == "completed", src.log()
+        assert info["ram"]["duplicate"] == 0 and info["ram"]["normal"] == 16 * 256
+        assert info["ram"]["transferred"] > 16 << 20
+        assert await pmem(src, tmp_path, 16 << 20, "a.ram") == await pmem(dst, tmp_path, 16 << 20, "b.ram")
