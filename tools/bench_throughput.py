@@ -266,6 +266,20 @@ def run_raw(kind: str, tmp: str, nbytes: int) -> dict:
 
 
 # -- one migration -----------------------------------------------------------------
+def quit_all(qmps: dict, procs: dict) -> None:
+    """``quit`` every VM (ours or QEMU), then wait for (or kill) its process."""
+    for q in qmps.values():
+        with suppress(Exception):
+            q.execute("quit")
+        q.close()
+    for p in procs.values():
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def run_migration(kind: str, tmp: str, memory: int, workload: str, *, profile_dir: str | None = None,
                   tag: str = "", downtime_limit: int = 300, verify: bool = False,
                   multifd: tuple[int, str] | None = None) -> dict:
@@ -342,16 +356,7 @@ def run_migration(kind: str, tmp: str, memory: int, workload: str, *, profile_di
             os.unlink(b)
         return out
     finally:
-        for q in qmps.values():
-            with suppress(Exception):
-                q.execute("quit")
-            q.close()
-        for p in procs.values():
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        quit_all(qmps, procs)
         for name, f in logs.items():
             f.seek(0)
             text = f.read()
@@ -462,16 +467,7 @@ def run_qemu_migration(kind: str, tmp: str, memory: int, multifd: tuple[int, str
                 "normal_pages": ram.get("normal"), "total_time_ms": info.get("total-time"),
                 "downtime_ms": info.get("downtime"), "cpu_s_src": cpu["src"], "cpu_s_dst": cpu["dst"]}
     finally:
-        for q in qmps.values():
-            with suppress(Exception):
-                q.execute("quit")
-            q.close()
-        for p in procs.values():
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        quit_all(qmps, procs)
 
 
 def bench_multifd(args, tmp: str) -> list[dict]:
