@@ -42,6 +42,7 @@ from transport import (NEED_DATA, Configuration, ConnectionClosed, DeviceState, 
                        SectionEnd, SectionFooter, SectionFull, SectionPart, SectionStart,
                        StreamDecoder, StreamEncoder, StreamHeader, VMDescription, VMStateSection,
                        listen_channel, open_channel)
+from transport._vmstate import KNOWN_SECTIONS
 
 from . import _multifd
 from ._history import DowntimeBreakdown, IterationRecord, MigrationHistory
@@ -243,8 +244,8 @@ class OutgoingMigration:
         if p.multifd_compression not in ("none", "zstd"):
             raise MigrationError(f"multifd-compression '{p.multifd_compression}' is not supported (none, zstd)")
         socks = await _multifd.connect_channels(self.uri, p.multifd_channels)
-        sender = _multifd.MultifdSender(socks, compression=p.multifd_compression, level=p.multifd_zstd_level,
-                                        page_size=TARGET_PAGE_SIZE, on_sent=self._account_multifd)
+        sender = _multifd.multifd_sender(socks, compression=p.multifd_compression, level=p.multifd_zstd_level,
+                                         page_size=TARGET_PAGE_SIZE, on_sent=self._account_multifd)
         self._multifd = await self._stack.enter_async_context(sender)
 
     def _account_multifd(self, n: int) -> None:
@@ -483,8 +484,7 @@ class OutgoingMigration:
             for idstr, payload in qdev.sections(ran_ns=vm.ran_ns(), runstate=runstate):
                 self._section_id += 1
                 sid = self._section_id
-                layout_version = {"timer": 2, "slirp": 4, "globalstate": 1}[idstr]
-                await self._send(enc.section_full(sid, idstr, 0, layout_version)
+                await self._send(enc.section_full(sid, idstr, 0, KNOWN_SECTIONS[idstr].version)
                                  + enc.vmstate(payload) + enc.section_footer(sid))
         else:
             native = True

@@ -184,8 +184,9 @@ class _SendChannel:
 class MultifdSender:
     """The source's N channels: ``queue`` pages, ``sync`` before each EOS.
 
-    Use inside ``async with``: the channel tasks run in its nursery; an error
-    on any channel cancels the rest and is raised from the ``async with``.
+    Create with :func:`multifd_sender` (``async with``): the channel tasks run
+    in its nursery; an error on any channel cancels the rest and is raised
+    from the ``async with``.
     """
 
     def __init__(self, socks: list[socket.socket], *, compression: str, level: int, page_size: int,
@@ -199,30 +200,12 @@ class MultifdSender:
         self._send_jobs, self._recv_jobs = trio.open_memory_channel[_Job](len(socks))
         self._packet_num = 0
         self.bytes_sent = 0  #: multifd bytes written (query-migrate multifd-bytes)
-        self._nursery: trio.Nursery | None = None
 
-    async def __aenter__(self) -> MultifdSender:
-        self._nursery_cm = trio.open_nursery()
-        self._nursery = await self._nursery_cm.__aenter__()
-        for ch in self.channels:
-            self._nursery.start_soon(self._run, ch)
-        return self
-
-    async def __aexit__(self, *exc) -> bool | None:
-        await self._send_jobs.aclose()  # the channel tasks finish their queue and end
-        if exc[0] is not None:
-            self._shutdown()
-        try:
-            return await self._nursery_cm.__aexit__(*exc)
-        finally:
-            self._shutdown()
-            for ch in self.channels:
-                ch.sock.close()
-
-    def _shutdown(self) -> None:
+    def close(self) -> None:
         for ch in self.channels:
             with contextlib.suppress(OSError):
                 ch.sock.shutdown(socket.SHUT_RDWR)
+            ch.sock.close()
 
     async def _run(self, ch: _SendChannel) -> None:
         async with self._recv_jobs.clone() as jobs:
@@ -256,6 +239,27 @@ class MultifdSender:
         for _ in self.channels:
             await self._send_jobs.send(_Job("", None, np.empty(0, np.intp), bar))
         await bar.done.wait()
+
+
+@contextlib.asynccontextmanager
+async def multifd_sender(socks: list[socket.socket], *, compression: str, level: int, page_size: int,
+                         on_sent=None):
+    """Run a :class:`MultifdSender` over ``socks`` for the body of the ``async with``.
+
+    On a normal exit the channels write what is queued and stop; on an error
+    (or cancellation) they are cancelled.  The sockets are closed either way.
+    """
+    sender = MultifdSender(socks, compression=compression, level=level, page_size=page_size, on_sent=on_sent)
+    try:
+        async with trio.open_nursery() as nursery:
+            for ch in sender.channels:
+                nursery.start_soon(sender._run, ch)
+            try:
+                yield sender
+            finally:
+                sender._send_jobs.close()  # the channel tasks drain their queue and end
+    finally:
+        sender.close()
 
 
 async def connect_channels(uri: str, n: int) -> list[socket.socket]:

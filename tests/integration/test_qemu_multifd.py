@@ -145,3 +145,34 @@ async def test_zero_page_detection_none_sends_zero_pages_as_data(tmp_path, multi
         assert info["ram"]["duplicate"] == 0 and info["ram"]["normal"] == 16 * 256
         assert info["ram"]["transferred"] > 16 << 20
         assert await pmem(src, tmp_path, 16 << 20, "a.ram") == await pmem(dst, tmp_path, 16 << 20, "b.ram")
+
+
+@pytest.mark.parametrize("how", ["cancel", "kill-destination"])
+async def test_multifd_failure_leaves_the_source_running(tmp_path, how):
+    """migrate_cancel, or the destination dying, in the middle of a multifd
+    migration: the source ends cancelled/failed and keeps running; a
+    destination never loads a partial stream."""
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    async with vm_process(tmp_path, "src", memory="64M", workload="random,rate=5000") as src:
+        async with vm_process(tmp_path, "dst", "--incoming", "defer", "-S", memory="64M") as dst:
+            for cmd, args in _settings(2, "none"):
+                await src.qmp.execute(cmd, args)
+                await dst.qmp.execute(cmd, args)
+            await dst.qmp.execute("migrate-incoming", {"uri": uri})
+            await src.qmp.execute("migrate-set-parameters", {"max-bandwidth": 8 << 20})
+            await trio.sleep(0.2)
+            await src.qmp.execute("migrate", {"uri": uri})
+            with trio.fail_after(30):
+                while (await src.qmp.execute("query-migrate")).get("ram", {}).get("multifd-bytes", 0) < 2 << 20:
+                    await trio.sleep(0.05)
+            if how == "cancel":
+                await src.qmp.execute("migrate_cancel")
+                dinfo = await dst.qmp.wait_migration(statuses=("failed", "completed"))
+                assert dinfo["status"] == "failed"
+                assert (await dst.qmp.execute("query-status"))["running"] is False
+            else:
+                dst.proc.kill()
+            info = await src.qmp.wait_migration()
+        assert info["status"] == ("cancelled" if how == "cancel" else "failed"), src.log()
+        st = await src.qmp.execute("query-status")
+        assert st["running"] is True and st["status"] == "running"

@@ -155,8 +155,8 @@ async def test_sender_sync_reaches_every_channel_after_its_pages():
         for sock in (a, b):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    async with m.MultifdSender([p[0] for p in pairs], compression="none", level=1, page_size=PS,
-                               on_sent=sent.append) as tx:
+    async with m.multifd_sender([p[0] for p in pairs], compression="none", level=1, page_size=PS,
+                                on_sent=sent.append) as tx:
         await tx.queue("ram", src.pages, np.arange(0, 200))
         await tx.sync()
     hdr_bytes = mf.packet_header_bytes(PS)
