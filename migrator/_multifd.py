@@ -374,7 +374,7 @@ class _RecvChannel:
             comp = bytearray(hdr.next_packet_size)
             if _recv_exact_into(self.sock, [memoryview(comp)]) != len(comp):
                 raise RemoteProtocolError(f"multifd channel {self.cid}: EOF inside packet data", 0)
-            out = self.dobj.decompress(bytes(comp))
+            out = self.dobj.decompress(comp)
             if len(out) != n * ps:
                 raise RemoteProtocolError(f"multifd channel {self.cid}: zstd packet decompressed to {len(out)} "
                                           f"bytes, expected {n * ps}", 0)
