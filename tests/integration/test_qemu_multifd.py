@@ -29,6 +29,16 @@ def _settings(channels: int, compression: str) -> list[tuple[str, dict]]:
             ("migrate-set-parameters", {"multifd-channels": channels, "multifd-compression": compression})]
 
 
+async def _prepare_ours(src, dst, uri: str, channels: int, compression: str, max_bandwidth: int) -> None:
+    """multifd on both of our VMs, the destination listening, the source's bandwidth set."""
+    for cmd, args in _settings(channels, compression):
+        await src.qmp.execute(cmd, args)
+        await dst.qmp.execute(cmd, args)
+    await dst.qmp.execute("migrate-incoming", {"uri": uri})
+    await src.qmp.execute("migrate-set-parameters", {"max-bandwidth": max_bandwidth})
+    await trio.sleep(0.3)
+
+
 @needs_qemu
 @pytest.mark.parametrize(("channels", "compression"), CONFIGS, ids=IDS)
 async def test_qemu_to_migrator_to_qemu_multifd(tmp_path, channels, compression):
@@ -102,12 +112,7 @@ async def test_ours_to_ours_multifd(tmp_path, channels, compression, transport):
     uri = f"tcp:127.0.0.1:{free_port()}" if transport == "tcp" else f"unix:{tmp_path / 'mig.sock'}"
     async with vm_process(tmp_path, "dst", "--incoming", "defer", "-S", memory="64M") as dst, \
             vm_process(tmp_path, "src", memory="64M", workload="random,rate=30000") as src:
-        for cmd, args in _settings(channels, compression):
-            await src.qmp.execute(cmd, args)
-            await dst.qmp.execute(cmd, args)
-        await dst.qmp.execute("migrate-incoming", {"uri": uri})
-        await src.qmp.execute("migrate-set-parameters", {"max-bandwidth": 200 << 20})
-        await trio.sleep(0.3)
+        await _prepare_ours(src, dst, uri, channels, compression, 200 << 20)
         await src.qmp.execute("migrate", {"uri": uri})
         info = await src.qmp.wait_migration()
         assert info["status"] == "completed", src.log()
@@ -155,12 +160,7 @@ async def test_multifd_failure_leaves_the_source_running(tmp_path, how):
     uri = f"tcp:127.0.0.1:{free_port()}"
     async with vm_process(tmp_path, "src", memory="64M", workload="random,rate=5000") as src:
         async with vm_process(tmp_path, "dst", "--incoming", "defer", "-S", memory="64M") as dst:
-            for cmd, args in _settings(2, "none"):
-                await src.qmp.execute(cmd, args)
-                await dst.qmp.execute(cmd, args)
-            await dst.qmp.execute("migrate-incoming", {"uri": uri})
-            await src.qmp.execute("migrate-set-parameters", {"max-bandwidth": 8 << 20})
-            await trio.sleep(0.2)
+            await _prepare_ours(src, dst, uri, 2, "none", 8 << 20)
             await src.qmp.execute("migrate", {"uri": uri})
             with trio.fail_after(30):
                 while (await src.qmp.execute("query-migrate")).get("ram", {}).get("multifd-bytes", 0) < 2 << 20:
