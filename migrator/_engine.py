@@ -89,6 +89,7 @@ sides); expiry decides as above and never resumes a guest the peer may run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
@@ -102,13 +103,16 @@ from transport import (MIG_CMD_X_GO, MIG_CMD_X_NOGO, MIG_RP_MSG_SHUT, MIG_RP_MSG
                        Configuration, ConnectionClosed, DeviceState, EndOfStream, Message, MessageDecoder,
                        ProtocolError, RamEOS, RamMemSize, RamPages, RamZeroPages, RateLimiter,
                        SectionEnd, SectionFooter, SectionFull, SectionPart, SectionStart,
-                       StreamDecoder, StreamEncoder, StreamHeader, encode_go, encode_loaded, encode_nogo,
-                       encode_shut, listen_channel, open_channel)
+                       StreamDecoder, StreamEncoder, StreamHeader, VMDescription, VMStateSection, encode_go,
+                       encode_loaded, encode_nogo, encode_shut, listen_channel, open_channel)
+from transport._vmstate import KNOWN_SECTIONS
 from transport.channel import SOCKET_BUFFER_BYTES
 
+from . import _multifd
 from ._devstate import validate_device_state
 from ._history import (DestinationTimeline, DowntimeBreakdown, DowntimePrediction, IterationRecord,
                        MigrationHistory)
+from ._qemu_devices import QemuDeviceState
 from ._ram import RAMLoadState, RAMSaveState
 from ._status import MigrationStatus as S
 from .errors import MigrationError
@@ -153,6 +157,9 @@ INFLIGHT_BYTES = SOCKET_BUFFER_BYTES
 #: headroom that a slower last stage would need.
 PREDICT_HEADROOM = 0.75
 PREDICT_STALL = 0.10
+#: after EOF, how long the destination waits for the VM description (QEMU
+#: blocks on it; a source that sends none is accepted, as QEMU only warns).
+VMDESC_WAIT_S = 2.0
 
 RAM_SECTION = "ram"
 RAM_SECTION_VERSION = 4
@@ -178,6 +185,13 @@ def error_desc(exc: BaseException) -> str:
     return text
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups from nurseries."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 def _has_return_path(uri: str) -> bool:
     """Sockets carry a return path (QEMU's MIG_RP_MSG_SHUT); files do not."""
     return uri.startswith(("tcp:", "unix:"))
@@ -188,6 +202,7 @@ class MigrationCounters:
     """What ``query-migrate`` reports (QEMU's MigrationStats, ram part)."""
 
     transferred: int = 0
+    multifd_bytes: int = 0
     precopy_bytes: int = 0
     downtime_bytes: int = 0
     duplicate: int = 0
@@ -258,6 +273,8 @@ class OutgoingMigration:
         self._committed = False  #: the destination owns the guest; we never run it again
         self._dest_may_run = False  #: the destination may run it (without our word)
         self._handover_note = ""
+        self._multifd: _multifd.MultifdSender | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
 
     @property
     def params(self):
@@ -288,9 +305,15 @@ class OutgoingMigration:
             with self.cancel_scope:
                 self._encoder = StreamEncoder()
                 self._chan = await open_channel(self.uri)
-                await self._setup()
-                await self._iterate_until_converged()
-                await self._complete()
+                async with contextlib.AsyncExitStack() as self._stack:  # multifd channels, if any
+                    await self._setup()
+                    await self._iterate_until_converged()
+                    await self._complete()
+        except BaseExceptionGroup as group:  # from the multifd channels' nursery
+            leaf = _leaf(group)
+            if not isinstance(leaf, Exception):
+                raise
+            error = leaf
         except MigrationError as exc:
             error = exc
         except OSError as exc:  # channel errors: peer died, refused...
@@ -309,13 +332,40 @@ class OutgoingMigration:
         n = sum(memoryview(b).nbytes for b in buffers)
         await self._chan.send_all(buffers)
         if account:
-            c = self.counters
-            c.transferred += n
-            if self._stopped_vm:
-                c.downtime_bytes += n
-            else:
-                c.precopy_bytes += n
-            self._limiter.account(n)
+            self._account(n)
+
+    def _account(self, n: int) -> None:
+        """Book ``n`` bytes (main channel or multifd) as QEMU does: transferred,
+        precopy or downtime bytes, and the rate limiter's window."""
+        c = self.counters
+        c.transferred += n
+        if self._stopped_vm:
+            c.downtime_bytes += n
+        else:
+            c.precopy_bytes += n
+        self._limiter.account(n)
+
+    async def _open_multifd(self) -> None:
+        """With the multifd capability: connect the channels (after the main
+        channel's header, as QEMU does) and start their workers."""
+        p = self.params
+        if p.multifd_compression not in ("none", "zstd"):
+            raise MigrationError(f"multifd-compression '{p.multifd_compression}' is not supported (none, zstd)")
+        socks = await _multifd.connect_channels(self.uri, p.multifd_channels)
+        sender = _multifd.multifd_sender(socks, compression=p.multifd_compression, level=p.multifd_zstd_level,
+                                         page_size=TARGET_PAGE_SIZE, on_sent=self._account_multifd)
+        self._multifd = await self._stack.enter_async_context(sender)
+
+    def _account_multifd(self, n: int) -> None:
+        """A multifd packet was written (compressed size with zstd, as QEMU counts)."""
+        self.counters.multifd_bytes += n
+        self._account(n)
+
+    async def _eos(self) -> bytes:
+        """Before every EOS: multifd's SYNC on all channels (7.2: once per section)."""
+        if self._multifd is not None:
+            await self._multifd.sync()
+        return self._encoder.eos()
 
     async def _setup(self) -> None:
         vm, enc, c = self.vm, self._encoder, self.counters
@@ -326,6 +376,8 @@ class OutgoingMigration:
         self._window_pages = 0
         self._window_t0 = time.perf_counter_ns()
         await self._send(enc.header() + enc.configuration(MACHINE_NAME))
+        if self.caps.multifd:
+            await self._open_multifd()
         # ram_save_setup
         mode = getattr(getattr(vm, "kvm_listener", None), "mode", None)
         self.ram = RAMSaveState(vm.ms, vm.ram_blocks(),
@@ -339,8 +391,8 @@ class OutgoingMigration:
         self._section_id += 1
         self._ram_section_id = self._section_id
         await self._send(enc.section_start(self._ram_section_id, RAM_SECTION, 0, RAM_SECTION_VERSION)
-                         + enc.ram_mem_size(blocks) + enc.eos()
-                         + enc.section_footer(self._ram_section_id))
+                         + enc.ram_mem_size(blocks))
+        await self._send(await self._eos() + enc.section_footer(self._ram_section_id))
         c.setup_time_ms = (time.perf_counter_ns() - c.start_ns) // 1_000_000
         vm.state.goto(S.ACTIVE)
 
@@ -623,6 +675,7 @@ class OutgoingMigration:
             want = BATCH_PAGES
             if limited and self._limiter.budget_bytes:
                 want = max(MIN_BATCH_PAGES, min(want, self._limiter.budget_bytes // 16 // TARGET_PAGE_SIZE))
+            # multifd: no bitmap sync inside a section (rule 2 in _multifd)
             # sending time = finding, gathering and sending a batch (the
             # whole per-byte cost of the sender, which the last stage pays too)
             t0, b0 = time.perf_counter_ns(), c.transferred
@@ -630,7 +683,17 @@ class OutgoingMigration:
             if batch is None:
                 return True
             block, idx = batch
-            buffers, normal, zero = enc.ram_pages(block.idstr, block.pages, idx)
+            mfd = self._multifd
+            # zero-page-detection: none sends every page as data; legacy and
+            # multifd both detect on the main thread (QEMU 7.2 has no multifd
+            # zero pages; 9.0's "multifd" moves the check into the channels)
+            detect = self.params.zero_page_detection != "none"
+            if mfd is not None:
+                (buffers, _, zero), nonzero = enc.ram_zero_pages(block.idstr, block.pages, idx, detect_zero=detect)
+                normal = int(nonzero.size)
+                await mfd.queue(block.idstr, block.pages, nonzero)
+            else:
+                buffers, normal, zero = enc.ram_pages(block.idstr, block.pages, idx, detect_zero=detect)
             c.normal += normal
             c.duplicate += zero
             rec = self._iteration_record
@@ -649,7 +712,7 @@ class OutgoingMigration:
         await self._send(enc.section_part(self._ram_section_id))
         deadline = time.perf_counter_ns() + int(MAX_WAIT_S * 1e9)
         await self._send_pages(deadline_ns=deadline, limited=True)
-        await self._send(enc.eos() + enc.section_footer(self._ram_section_id))
+        await self._send(await self._eos() + enc.section_footer(self._ram_section_id))
 
     # -- switchover -------------------------------------------------------------
     async def _complete(self) -> None:
@@ -657,6 +720,7 @@ class OutgoingMigration:
         bd = DowntimeBreakdown()
         t0 = time.perf_counter_ns()
         self._vm_was_running = vm.vcpus.running
+        runstate = vm.runstate  # QEMU's global_state_store, before the stop
         await vm.vm_stop("finish-migrate")
         self._stopped_vm = True
         t1 = time.perf_counter_ns()
@@ -668,23 +732,41 @@ class OutgoingMigration:
         bd.final_sync_ms = (t2 - t1) / 1e6
         await self._send(enc.section_end(self._ram_section_id))
         await self._send_pages(deadline_ns=None, limited=False)
-        await self._send(enc.eos() + enc.section_footer(self._ram_section_id))
+        await self._send(await self._eos() + enc.section_footer(self._ram_section_id))
         self._close_iteration_record()
         t3 = time.perf_counter_ns()
         bd.last_pages_ms = (t3 - t2) / 1e6
-        if not self.caps.x_ram_only:
+        native = False
+        if self.caps.x_ram_only:
+            pass
+        elif self.caps.x_qemu_devices or vm.qemu_devices is not None:
+            # the sections a stock -M none QEMU expects (see _qemu_devices)
+            qdev = vm.qemu_devices or QemuDeviceState()
+            for idstr, payload in qdev.sections(ran_ns=vm.ran_ns(), runstate=runstate):
+                self._section_id += 1
+                sid = self._section_id
+                await self._send(enc.section_full(sid, idstr, 0, KNOWN_SECTIONS[idstr].version)
+                                 + enc.vmstate(payload) + enc.section_footer(sid))
+        else:
+            native = True
             self._section_id += 1
             sid = self._section_id
             state = pack_device_state(self._vm_was_running, vm.vcpus.save_state())
             await self._send(enc.section_full(sid, DEVICE_SECTION, 0, DEVICE_SECTION_VERSION)
                              + enc.device_state(state) + enc.section_footer(sid))
+        if not native:
+            # x-ram-only and QEMU's device sections go to a stock QEMU, which
+            # opens no return path without its return-path capability: the
+            # EOF byte is the point of no return (QEMU's postmigrate).
+            self._return_path = False
         self._handover_cap = self.caps.x_handover and self._return_path
         if not self._handover_cap:
             # Without our hand-over, a destination that has the whole stream
             # may run: from the moment the EOF byte is on the wire the
             # source can no longer know the guest is its own (see the essay).
             self._dest_may_run = True
-        await self._send(enc.eof())
+        # EOF, then QEMU's JSON description of every section written
+        await self._send(enc.eof() + enc.vmdescription())
         self._eof_sent = True
         if not self._return_path:
             self._committed = True  # QEMU without a return path: completed, postmigrate
@@ -856,6 +938,7 @@ class IncomingMigration:
 
     def _stamp(self, name: str) -> None:
         setattr(self.timeline, name, time.time() * 1000)
+        self._mfd: _multifd.MultifdReceiver | None = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         vm = self.vm
@@ -870,11 +953,26 @@ class IncomingMigration:
             raise MigrationError(f"Failed to listen on {self.uri}: {exc}") from exc
         task_status.started()
         self.listening.set()
+        mfd_socks = None
         try:
-            async with listener:
-                chan = await listener.accept()
+            try:
+                if vm.caps.multifd:
+                    if not self.uri.startswith(("tcp:", "unix:")):
+                        await listener.aclose()
+                        raise MigrationError("multifd needs a tcp: or unix: incoming URI")
+                    chan, mfd_socks = await _multifd.accept_channels(listener, vm.params.multifd_channels)
+                else:
+                    async with listener:
+                        chan = await listener.accept()
+            except (MigrationError, OSError, ProtocolError, BaseExceptionGroup) as exc:
+                # e.g. a multifd channel's handshake is garbage: failed, never runs
+                exc = _leaf(exc)
+                if isinstance(exc, trio.Cancelled):
+                    raise
+                self._fail(exc)
+                return
             self._stamp("accepted_unix_ms")
-            await self.process(chan)
+            await self.process(chan, mfd_socks)
         finally:
             if chan is not None:
                 with trio.CancelScope(shield=True):
@@ -883,7 +981,7 @@ class IncomingMigration:
                     except Exception:
                         pass
 
-    async def process(self, chan) -> None:
+    async def process(self, chan, mfd_socks=None) -> None:
         """Receive, validate and load the stream from ``chan``, then hand over.
 
         Ordering rule: nothing is acknowledged, loaded into a vCPU or resumed
@@ -896,9 +994,13 @@ class IncomingMigration:
         self.counters.start_ns = time.perf_counter_ns()
         loaded = False
         try:
-            device_state = await self._receive(chan)
+            if mfd_socks is None:
+                device_state, qemu_sections = await self._receive(chan)
+            else:
+                device_state, qemu_sections = await self._receive_multifd(chan, mfd_socks)
             self._stamp("stream_received_unix_ms")
             source_running = True  # a RAM-only stream carries no run state
+            runstate = None
             if device_state is not None:
                 payload, offset = device_state
                 machine = vm.machine
@@ -910,9 +1012,16 @@ class IncomingMigration:
                 except ValueError as exc:  # not for this VM (e.g. another --smp)
                     raise MigrationError(f"cannot load the vCPU state: {exc}") from exc
                 source_running = valid.running
+            if qemu_sections:  # a stock QEMU's sections, decoded and checked by transport
+                qdev = QemuDeviceState.from_sections(qemu_sections)
+                vm.qemu_devices = qdev
+                if qdev.runstate is not None:
+                    runstate = qdev.runstate
+                    source_running = runstate == "running"
             self._stamp("device_state_loaded_unix_ms")
             loaded = True
         except (MigrationError, OSError, Exception) as exc:  # noqa: BLE001 - any failure -> FAILED
+            exc = _leaf(exc)
             if not isinstance(exc, (MigrationError, OSError, ProtocolError)):
                 vm.log(f"incoming migration failed with an unexpected error: {exc!r}")
             self._fail(exc)
@@ -922,13 +1031,15 @@ class IncomingMigration:
         if loaded:
             vm.state.goto(S.COMPLETED)
             # QEMU (process_incoming_migration_bh): start only if the source
-            # was running and autostart is on; a paused source stays paused.
-            # Then migration_incoming_state_destroy sends SHUT(0).
-            if vm.autostart and source_running:
+            # was running (or sent no run state) and autostart is on; other
+            # received run states (globalstate: prelaunch, paused...) are
+            # taken over as they are.  Then migration_incoming_state_destroy
+            # sends SHUT(0).
+            if source_running and vm.autostart:
                 await vm.vm_start()
                 self._stamp("resumed_unix_ms")
             else:
-                vm.set_runstate("paused")
+                vm.set_runstate("paused" if source_running else (runstate or "paused"))
             if not handover:
                 self._stamp("acknowledged_unix_ms")  # just before the reply goes out
             await self._ack(chan, encode_shut(0))
@@ -984,6 +1095,21 @@ class IncomingMigration:
         self.vm.set_runstate("paused")
         return False
 
+    async def _receive_vmdesc(self, chan, dec) -> None:
+        """After EOF: the VM description, which the decoder checks against the
+        sections it read (a mismatch fails the load).  A source that sends
+        none and closes, or stays silent, is accepted with QEMU's warning."""
+        with trio.move_on_after(VMDESC_WAIT_S):
+            while True:
+                event = dec.next_event()
+                if event is NEED_DATA:
+                    await chan.receive_into(dec)
+                    continue
+                if isinstance(event, VMDescription):
+                    return
+                break  # ConnectionClosed
+        self.vm.log("Expected vmdescription section, but got none")
+
     async def _ack(self, chan, message: bytes) -> None:
         if not _has_return_path(self.uri):
             return
@@ -992,12 +1118,35 @@ class IncomingMigration:
         except OSError:
             pass  # the source is gone: nothing to tell it
 
-    async def _receive(self, chan) -> tuple[bytes, int] | None:
-        """Receive the whole stream; returns the device state and its stream
-        offset (or None for a RAM-only stream)."""
+    async def _receive_multifd(self, chan, socks) -> tuple[tuple[bytes, int] | None, list[VMStateSection]]:
+        """The main stream plus N multifd channels writing pages into guest RAM."""
+        p = self.vm.params
+        if p.multifd_compression not in ("none", "zstd"):
+            for s in socks:
+                s.close()
+            raise MigrationError(f"multifd-compression '{p.multifd_compression}' is not supported (none, zstd)")
+        mfd = _multifd.MultifdReceiver(socks, self.ram, compression=p.multifd_compression,
+                                       page_size=TARGET_PAGE_SIZE)
+        self._mfd = mfd
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(mfd.run)
+                result = await self._receive(chan)
+                nursery.cancel_scope.cancel()  # the channels wait for a next packet that never comes
+        except BaseExceptionGroup as group:
+            raise _leaf(group) from None
+        finally:
+            mfd.close()
+        return result
+
+    async def _receive(self, chan) -> tuple[tuple[bytes, int] | None, list[VMStateSection]]:
+        """Receive the whole stream and its VM description; returns our device
+        state with its stream offset (or None) and QEMU's device sections, in
+        stream order."""
         vm = self.vm
         dec = StreamDecoder(max_block_bytes={b.idstr: b.used_length for b in self.ram.blocks.values()})
         device_state = None
+        qemu_sections: list[VMStateSection] = []
         ram_section_id = None
         ram_complete = False
         current = None  # (kind, section_id) of the open section
@@ -1029,8 +1178,9 @@ class IncomingMigration:
                 if isinstance(event, SectionEnd):
                     ram_complete = True
             elif isinstance(event, SectionFull):
-                if event.idstr != DEVICE_SECTION:
-                    raise MigrationError(f"Unknown savevm section or instance '{event.idstr}' {event.instance_id}")
+                if any(s.idstr == event.idstr for s in qemu_sections) or (
+                        event.idstr == DEVICE_SECTION and device_state is not None):
+                    raise MigrationError(f"section '{event.idstr}' {event.instance_id} appears twice")
                 current = ("device", event.section_id)
             elif isinstance(event, SectionFooter):
                 current = None
@@ -1041,18 +1191,26 @@ class IncomingMigration:
             elif isinstance(event, RamZeroPages):
                 self.ram.load_zero_pages(event.block, event.offsets)
             elif isinstance(event, RamEOS):
-                pass
+                if self._mfd is not None:
+                    await self._mfd.sync()  # every channel's SYNC for this section (rule 3)
             elif isinstance(event, DeviceState):
                 if current is None or current[0] != "device":
                     raise MigrationError("device state outside a device section")
                 device_state = (event.data, dec.stream_offset - len(event.data))
+            elif isinstance(event, VMStateSection):
+                if current is None or current[0] != "device":
+                    raise MigrationError("device state outside a device section")
+                qemu_sections.append(event)
             elif isinstance(event, ConnectionClosed):
                 raise MigrationError("the source closed the stream before its end")
             elif isinstance(event, EndOfStream):
                 if not ram_complete:
                     raise MigrationError("stream ended before the final RAM section")
+                await self._receive_vmdesc(chan, dec)
+                # LOADED and GO count every byte of the main channel, the VM
+                # description included (the source's bytes_sent)
                 self._stream_bytes = dec.stream_offset
                 self._trailing = dec.trailing_data[0]
-                return device_state
+                return device_state, qemu_sections
             else:  # pragma: no cover - decoder produced something new
                 raise MigrationError(f"unexpected stream event {event!r}")

@@ -32,9 +32,10 @@ parameter and refuse values outside 6..31), ``x-return-path-timeout`` (ms,
 hand-over message; QEMU waits forever), ``x-predictive-switchover`` (bool,
 default false: the switchover test becomes "predicted stop-and-copy time <=
 downtime-limit", which changes when a migration switches over, so it is not
-QEMU's default), and the ``x-ram-only`` and ``x-handover`` capabilities (the
-latter set on both sides, as QEMU users set ``return-path``: the explicit
-ownership hand-over of the engine's essay).
+QEMU's default), and the capabilities ``x-ram-only``, ``x-qemu-devices`` (see the
+engine: which device sections a stream carries) and ``x-handover`` (set on
+both sides, as QEMU users set ``return-path``: the explicit ownership
+hand-over of the engine's essay).
 ``block-bitmap-mapping`` (no block devices here) and ``accel-path`` are not
 implemented and refused as unexpected parameters.
 """
@@ -90,10 +91,12 @@ MIGRATION_CAPABILITIES: Final[tuple[str, ...]] = (
     "mapped-ram",
     "x-ram-only",
     "x-handover",
+    "x-qemu-devices",
 )
 
 #: Capabilities this migrator implements (may be set to true).
-SUPPORTED_CAPABILITIES: Final = frozenset({"events", "auto-converge", "x-ram-only", "x-handover"})
+SUPPORTED_CAPABILITIES: Final = frozenset({"events", "auto-converge", "multifd", "x-ram-only", "x-handover",
+                                           "x-qemu-devices"})
 
 #: ``MigrationStatus`` values for which QEMU's ``migration_is_running()`` is true
 #: (the one list lives with the state table).

@@ -251,6 +251,16 @@ class RAMLoadState:
         self.fresh = fresh
         self.written = {b.idstr: np.zeros(b.npages, dtype=bool) for b in blocks}
 
+    @property
+    def used_lengths(self) -> dict[str, int]:
+        return {name: b.used_length for name, b in self.blocks.items()}
+
+    def mark_written(self, idstr: str, idx: np.ndarray) -> None:
+        """Pages written outside :meth:`load_pages` (multifd channels): a later
+        ZERO record for them must really zero them."""
+        self.written[idstr][idx] = True
+        self.normal_pages += int(idx.size)
+
     def mem_size(self, blocks: tuple) -> None:
         from .errors import MigrationError
 

@@ -92,6 +92,11 @@ class VM:
         self.server = None  # QMPServer, set by run()
         self._nursery: trio.Nursery | None = None
         self.dirty_rate: dict = {"status": "unstarted"}
+        #: QEMU device state (timer, slirp, run state) when this VM was loaded
+        #: from a QEMU stream; None for a VM of ours (see _qemu_devices).
+        self.qemu_devices = None
+        self._ran_ns = 0  # time the vCPUs ran (the timer section's clock)
+        self._running_since: int | None = None
 
     # -- plumbing -------------------------------------------------------------
     @property
@@ -128,6 +133,11 @@ class VM:
             "capabilities": sorted(self.options.capabilities.enabled),
         }
 
+    def ran_ns(self) -> int:
+        """How long the vCPUs ran in this process (the virtual clock advance)."""
+        now = time.monotonic_ns()
+        return self._ran_ns + (now - self._running_since if self._running_since is not None else 0)
+
     def ram_blocks(self):
         return self.machine.ram_blocks()
 
@@ -137,12 +147,17 @@ class VM:
     async def vm_stop(self, runstate: str = "paused") -> None:
         was_running = self.vcpus.running
         await self.vcpus.vm_stop()
+        if self._running_since is not None:
+            self._ran_ns += time.monotonic_ns() - self._running_since
+            self._running_since = None
         self.runstate = runstate
         if was_running:
             self.emit_event("STOP")
 
     async def vm_start(self) -> None:
         await self.vcpus.vm_start()
+        if self._running_since is None:
+            self._running_since = time.monotonic_ns()
         self.runstate = "running"
         self.emit_event("RESUME")
 
@@ -326,7 +341,7 @@ class VM:
                 "precopy-bytes": c.precopy_bytes,
                 "downtime-bytes": c.downtime_bytes,
                 "postcopy-bytes": 0,
-                "multifd-bytes": 0,
+                "multifd-bytes": c.multifd_bytes,
                 "postcopy-requests": 0,
                 "dirty-sync-missed-zero-copy": 0,
             }
@@ -464,3 +479,5 @@ class _Caps:
         self.auto_converge = caps["auto-converge"]
         self.x_ram_only = caps["x-ram-only"]
         self.x_handover = caps["x-handover"]
+        self.x_qemu_devices = caps["x-qemu-devices"]
+        self.multifd = caps["multifd"]

@@ -55,8 +55,9 @@ by +-30-50 %; raw and migration runs are interleaved and medians reported.
 Usage::
 
     python tools/bench_throughput.py [--json] [--memory 1G] [--runs 3]
-        [--transports tcp,unix] [--skip idle,sync] [--sync-sizes 1G,16G,256G]
+        [--transports tcp,unix] [--skip bulk,multifd,idle,sync] [--sync-sizes 1G,16G,256G]
         [--switchover qemu,predictive] [--downtime-limit 300]
+        [--multifd 1:none,2:none,4:none,1:zstd,2:zstd,4:zstd] [--no-qemu]
         [--profile DIR]   # py-spy flame data of both migrator processes
 
 ``--json`` prints one JSON object per line; otherwise a table.
@@ -273,9 +274,23 @@ def run_raw(kind: str, tmp: str, nbytes: int) -> dict:
 
 
 # -- one migration -----------------------------------------------------------------
+def quit_all(qmps: dict, procs: dict) -> None:
+    """``quit`` every VM (ours or QEMU), then wait for (or kill) its process."""
+    for q in qmps.values():
+        with suppress(Exception):
+            q.execute("quit")
+        q.close()
+    for p in procs.values():
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def run_migration(kind: str, tmp: str, memory: int, workload: str, *, profile_dir: str | None = None,
                   tag: str = "", downtime_limit: int = 300, verify: bool = False,
-                  switchover: str = "qemu") -> dict:
+                  switchover: str = "qemu", multifd: tuple[int, str] | None = None) -> dict:
     src_qmp, dst_qmp = os.path.join(tmp, "src.qmp"), os.path.join(tmp, "dst.qmp")
     uri = f"unix:{os.path.join(tmp, 'mig.sock')}" if kind == "unix" else f"tcp:127.0.0.1:{free_port()}"
     base = [sys.executable, "-m", "migrator", "run", "--accel", "sim", "--memory", f"{memory}B"]
@@ -299,11 +314,15 @@ def run_migration(kind: str, tmp: str, memory: int, workload: str, *, profile_di
         return int(out[0]) if out else p.pid
 
     try:
-        spawn("dst", ["--qmp", f"unix:{dst_qmp}", "--incoming", uri, "-S", "--label", "dst"])
+        spawn("dst", ["--qmp", f"unix:{dst_qmp}", "--incoming", "defer" if multifd else uri, "-S",
+                      "--label", "dst"])
         spawn("src", ["--workload", workload, "--qmp", f"unix:{src_qmp}", "--label", "src"])
         qmps["dst"] = QMP(dst_qmp, procs["dst"])
         qmps["src"] = QMP(src_qmp, procs["src"])
         src, dst = qmps["src"], qmps["dst"]
+        if multifd:
+            set_multifd([src, dst], *multifd)
+            dst.execute("migrate-incoming", {"uri": uri})
         src.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
         src.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH, "downtime-limit": downtime_limit,
                                                "x-predictive-switchover": switchover == "predictive"})
@@ -349,16 +368,7 @@ def run_migration(kind: str, tmp: str, memory: int, workload: str, *, profile_di
             os.unlink(b)
         return out
     finally:
-        for q in qmps.values():
-            with suppress(Exception):
-                q.execute("quit")
-            q.close()
-        for p in procs.values():
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        quit_all(qmps, procs)
         for name, f in logs.items():
             f.seek(0)
             text = f.read()
@@ -458,6 +468,125 @@ def bench_bulk(args, tmp: str) -> list[dict]:
             "runs_detail": [{"raw_bytes_per_s": r["bytes_per_s"], **m} for r, m in zip(raws, migs)],
         })
     return results + checks
+
+
+# -- multifd rows and a stock QEMU row (issue 12) -----------------------------------
+def set_multifd(qmps, channels: int, compression: str) -> None:
+    for q in qmps:
+        q.execute("migrate-set-capabilities", {"capabilities": [{"capability": "multifd", "state": True}]})
+        q.execute("migrate-set-parameters", {"multifd-channels": channels, "multifd-compression": compression})
+
+
+def run_qemu_migration(kind: str, tmp: str, memory: int, multifd: tuple[int, str] | None = None) -> dict:
+    """Stock QEMU -M none -> stock QEMU, the guest RAM filled with the same kind
+    of non-zero data as ``--workload fill`` (a -device loader blob)."""
+    qemu = shutil.which("qemu-system-x86_64")
+    blob = os.path.join(tmp, "fill.bin")
+    if not os.path.exists(blob) or os.path.getsize(blob) != memory:
+        pages = np.arange(memory // PS, dtype=np.uint64)
+        data = np.empty((memory // PS, PS // 8), dtype=np.uint64)
+        data[:] = (pages[:, None] * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+        data.tofile(blob)
+        del data
+    uri = f"unix:{os.path.join(tmp, 'qmig.sock')}" if kind == "unix" else f"tcp:127.0.0.1:{free_port()}"
+    base = [qemu, "-M", "none", "-m", f"{memory >> 20}M", "-nodefaults", "-display", "none"]
+    procs, qmps = {}, {}
+    try:
+        for name, extra in (("dst", ["-incoming", "defer" if multifd else uri]),
+                            ("src", ["-device", f"loader,file={blob},addr=0,force-raw=on"])):
+            path = os.path.join(tmp, f"q{name}.qmp")
+            procs[name] = subprocess.Popen(base + extra + ["-qmp", f"unix:{path},server=on,wait=off"],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            qmps[name] = QMP(path, procs[name])
+        src, dst = qmps["src"], qmps["dst"]
+        if multifd:
+            set_multifd([src, dst], *multifd)
+            dst.execute("migrate-incoming", {"uri": uri})
+        src.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+        src.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+        time.sleep(0.3)
+        cpu0 = {n: proc_cpu_s(p.pid) for n, p in procs.items()}
+        t0 = time.perf_counter()
+        src.execute("migrate", {"uri": uri})
+        status, t1 = src.wait_migration_event()
+        cpu = {n: proc_cpu_s(p.pid) - cpu0[n] for n, p in procs.items()}
+        info = src.execute("query-migrate")
+        ram = info.get("ram", {})
+        return {"status": status, "wall_s": t1 - t0, "transferred": ram.get("transferred"),
+                "normal_pages": ram.get("normal"), "total_time_ms": info.get("total-time"),
+                "downtime_ms": info.get("downtime"), "cpu_s_src": cpu["src"], "cpu_s_dst": cpu["dst"]}
+    finally:
+        quit_all(qmps, procs)
+
+
+def bench_multifd(args, tmp: str) -> list[dict]:
+    """multifd configurations beside the raw single-stream socket (and stock
+    QEMU, single stream and multifd, when installed), interleaved per run."""
+    configs = [(int(c), comp) for c, comp in (x.split(":") for x in args.multifd.split(",") if x)]
+    have_qemu = shutil.which("qemu-system-x86_64") is not None and not args.no_qemu
+    rows: dict[tuple, list[dict]] = {}
+    raws: dict[str, list[dict]] = {k: [] for k in args.transports}
+    for run in range(args.runs):
+        for kind in args.transports:
+            raws[kind].append(run_raw(kind, tmp, args.memory))
+            for cfg in [None, *configs]:
+                m = run_migration(kind, tmp, args.memory, "fill", multifd=cfg, verify=args.verify,
+                                  tag=f"mfd-{kind}{run}")
+                rows.setdefault(("migrator", kind, cfg), []).append(m)
+            if have_qemu:
+                for cfg in [None, *configs[:1]]:
+                    rows.setdefault(("qemu", kind, cfg), []).append(
+                        run_qemu_migration(kind, tmp, args.memory, multifd=cfg))
+            if args.verbose:
+                print(f"# multifd {kind} run {run} done", file=sys.stderr, flush=True)
+    out = []
+    for (who, kind, cfg), ms in rows.items():
+        raw_bps = [r["bytes_per_s"] for r in raws[kind]]
+        ok = [m for m in ms if m["status"] == "completed"]
+        bps = [m["transferred"] / m["wall_s"] if m["status"] == "completed" else None for m in ms]
+        out.append({
+            "bench": "multifd",
+            "engine": who,
+            "transport": kind,
+            "channels": cfg[0] if cfg else 0,
+            "compression": cfg[1] if cfg else "-",
+            "memory_bytes": args.memory,
+            "runs": len(ms),
+            "completed": len(ok),
+            "ram_match": [m.get("ram_match") for m in ms] if args.verify and who == "migrator" else None,
+            # guest RAM moved per second of wall time (compression changes the bytes, not the RAM)
+            "ram_bytes_per_s": median([args.memory / m["wall_s"] for m in ok]),
+            "wire_bytes_per_s": median(bps),
+            "raw_bytes_per_s": median(raw_bps),
+            "ratio": median([args.memory / m["wall_s"] / r if m["status"] == "completed" else None
+                             for m, r in zip(ms, raw_bps)]),
+            "wall_s": median([m["wall_s"] for m in ok]),
+            "total_time_ms": median([m["total_time_ms"] for m in ok]),
+            "downtime_ms": median([m["downtime_ms"] for m in ok]),
+            "transferred": median([m["transferred"] for m in ok]),
+            "cpu_s_src": median([m["cpu_s_src"] for m in ok]),
+            "cpu_s_dst": median([m["cpu_s_dst"] for m in ok]),
+        })
+    return out
+
+
+def print_multifd_table(results: list[dict]) -> None:
+    rows = [r for r in results if r["bench"] == "multifd"]
+    if not rows:
+        return
+    r0 = rows[0]
+    print(f"multifd: {r0['memory_bytes'] >> 20} MiB non-zero guest, medians of {r0['runs']} interleaved runs; "
+          "ratio = guest RAM per wall second / raw single-stream socket, same run (GB = 1e9 B)")
+    print(f"{'engine':<9} {'transport':<9} {'channels':>8} {'comp':<5} {'RAM GB/s':>9} {'wire':>10} "
+          f"{'raw':>10} {'ratio':>6} {'wall s':>7} {'total ms':>8} {'downtime':>8} {'CPU s src/dst':>13}")
+    for r in rows:
+        print(f"{r['engine']:<9} {r['transport']:<9} {r['channels'] or 'main':>8} {r['compression']:<5} "
+              f"{_f(r['ram_bytes_per_s'] and r['ram_bytes_per_s'] / GB, 2):>9} {_gbs(r['wire_bytes_per_s']):>10} "
+              f"{_gbs(r['raw_bytes_per_s']):>10} {_f(r['ratio'], 2):>6} {_f(r['wall_s'], 2):>7} "
+              f"{_f(r['total_time_ms'], 0):>8} {_f(r['downtime_ms'], 0):>8} "
+              f"{_f(r['cpu_s_src'], 2):>6}/{_f(r['cpu_s_dst'], 2):<6}"
+              + (f" ram_match {r['ram_match']}" if r.get("ram_match") else ""))
+    print()
 
 
 def bench_idle(args, tmp: str) -> list[dict]:
@@ -698,6 +827,9 @@ def main() -> None:
     ap.add_argument("--verify", action="store_true", help="compare source and destination RAM after each bulk run")
     ap.add_argument("--profile", metavar="DIR", help="record both migrator processes with py-spy into DIR")
     ap.add_argument("--verbose", "-v", action="store_true", help="per-run lines on stderr")
+    ap.add_argument("--multifd", default="1:none,2:none,4:none,1:zstd,2:zstd,4:zstd",
+                    help="multifd rows CHANNELS:COMPRESSION,... (skip with --skip multifd)")
+    ap.add_argument("--no-qemu", action="store_true", help="leave out the stock QEMU rows of the multifd bench")
     ap.add_argument("--_raw", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--_sync", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -729,6 +861,11 @@ def main() -> None:
                 results.append(r)
                 if args.json:
                     print(json.dumps(r), flush=True)
+        if "multifd" not in skip:
+            for r in bench_multifd(args, tmp):
+                results.append(r)
+                if args.json:
+                    print(json.dumps(r), flush=True)
         if "idle" not in skip:
             for r in bench_idle(args, tmp):
                 results.append(r)
@@ -743,6 +880,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     if not args.json:
         print_table(results)
+        print_multifd_table(results)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 * :class:`StreamEncoder` / :class:`StreamDecoder`: the savevm v3 format
   (header, configuration, sections with footers, the ``"ram"`` section's
-  records, our ``"migrator-vcpus"`` device section, EOF).  No I/O.
+  records, our ``"migrator-vcpus"`` device section, QEMU's ``-M none``
+  device sections (``_vmstate``), EOF, the VM description JSON).  No I/O.
+* ``_multifd``: QEMU 7.2's multifd handshake and packet headers.
 * :func:`open_channel`, :func:`listen_channel`, :func:`serve_once`: move the
   bytes over ``tcp:``, ``unix:`` or ``file:`` URIs with trio.
 * :class:`RateLimiter`: QEMU's max-bandwidth accounting in 100 ms windows.
@@ -29,6 +31,7 @@ from ._events import (
     SectionStart,
     StreamHeader,
     VMDescription,
+    VMStateSection,
 )
 from ._ratelimit import RateLimiter, RateLimiterStatistics
 from ._return_path import (
@@ -129,6 +132,7 @@ __all__ = [
     "encode_loaded",
     "encode_nogo",
     "encode_shut",
+    "VMStateSection",
     "listen_channel",
     "open_channel",
     "parse_uri",

@@ -54,7 +54,9 @@ from ._events import (
     SectionStart,
     StreamHeader,
     VMDescription,
+    VMStateSection,
 )
+from ._vmstate import KNOWN_SECTIONS, LayoutError, measure_section, validate_vmdesc
 from .errors import LocalProtocolError, RemoteProtocolError
 
 if TYPE_CHECKING:
@@ -91,6 +93,7 @@ class _State(enum.Enum):
     TOP = "top"  # expecting a section type byte
     RAM = "ram"  # inside a RAM payload (until EOS)
     DEVICE = "device"  # expecting our device section payload
+    VMSTATE = "vmstate"  # expecting a QEMU device section payload
     FOOTER = "footer"  # expecting the section footer
     AFTER_EOF = "after-eof"  # only VMDESCRIPTION may follow
     DONE = "done"  # nothing may follow
@@ -146,6 +149,13 @@ class StreamDecoder:
         self._sections: dict[int, _Sec] = {}
         self._cur: int | None = None  # section whose payload/footer we are in
         self._seen_ram = False
+        self._machine: str | None = None  # the CONFIGURATION's machine name
+        #: device sections read, for the VM description check:
+        #: (idstr, instance_id, version_id, payload length)
+        self._devices: list[tuple[str, int, int, int]] = []
+        self._full: tuple[str, int, int] | None = None  # the open FULL section
+        #: the parsed VM description (after VMDescription)
+        self.vmdesc: dict | None = None
 
     # -- input -----------------------------------------------------------
     def get_buffer(self, sizehint: int = -1) -> memoryview:
@@ -295,6 +305,7 @@ class StreamDecoder:
             raise self._fail(f"machine name is not valid UTF-8: {raw!r}", p + 5) from None
         self._start = p + 5 + length
         self._state = _State.TOP
+        self._machine = name
         return Configuration(name)
 
     def _p_top(self) -> Event | _Sentinel:
@@ -346,8 +357,8 @@ class StreamDecoder:
             expect = (w.RAM_SECTION_INSTANCE, w.RAM_SECTION_VERSION)
             if self._seen_ram:
                 raise self._fail("a second 'ram' section was started", p)
-        elif idstr == w.VCPU_SECTION_IDSTR and not start:
-            expect = (w.VCPU_SECTION_INSTANCE, w.VCPU_SECTION_VERSION)
+        elif not start and idstr in KNOWN_SECTIONS:
+            expect = (0, KNOWN_SECTIONS[idstr].version)
         else:
             raise self._fail(
                 f"unknown savevm section or instance {idstr!r} {instance_id} in a {w.SECTION_TYPE_NAMES[kind]} section",
@@ -367,7 +378,8 @@ class StreamDecoder:
             self._state = _State.RAM
             return SectionStart(sid, idstr, instance_id, version_id)
         self._sections[sid] = _Sec.FULL
-        self._state = _State.DEVICE
+        self._full = (idstr, instance_id, version_id)
+        self._state = _State.DEVICE if idstr == w.VCPU_SECTION_IDSTR else _State.VMSTATE
         return SectionFull(sid, idstr, instance_id, version_id)
 
     def _p_footer(self) -> Event | _Sentinel:
@@ -398,7 +410,28 @@ class StreamDecoder:
         data = bytes(self._mv[p + 4 : p + 4 + length])
         self._start = p + 4 + length
         self._state = _State.FOOTER
+        self._devices.append((*self._full, 4 + length))  # type: ignore[arg-type]
         return DeviceState(data)
+
+    def _p_vmstate(self) -> Event | _Sentinel:
+        p = self._start
+        idstr, instance_id, version_id = self._full  # type: ignore[misc]
+        try:
+            measured = measure_section(self._mv, p, self._end, KNOWN_SECTIONS[idstr])
+        except LayoutError as exc:
+            raise self._fail(f"section {idstr!r}: {exc.detail}", p + exc.offset) from None
+        if measured is None:
+            if self._eof:
+                raise self._fail(f"stream truncated: EOF inside section {idstr!r}", p)
+            if self._end - p > self._max_device_state:
+                raise self._fail(f"section {idstr!r} longer than {self._max_device_state} bytes", p)
+            return NEED_DATA
+        n = measured.length
+        data = bytes(self._mv[p : p + n])
+        self._start = p + n
+        self._state = _State.FOOTER
+        self._devices.append((idstr, instance_id, version_id, n))
+        return VMStateSection(idstr, instance_id, version_id, data)
 
     def _p_after_eof(self) -> Event | ConnectionClosed | _Sentinel:
         p = self._start
@@ -414,6 +447,11 @@ class StreamDecoder:
         if not self._have(5 + length, "the VM description"):
             return NEED_DATA
         data = bytes(self._mv[p + 5 : p + 5 + length])
+        try:
+            self.vmdesc = validate_vmdesc(data, page_size=self.page_size, machine=self._machine,
+                                          sections=self._devices)
+        except ValueError as exc:
+            raise self._fail(str(exc), p + 5) from None
         self._start = p + 5 + length
         self._state = _State.DONE
         return VMDescription(data)
@@ -569,6 +607,7 @@ class StreamDecoder:
         _State.TOP: _p_top,
         _State.RAM: _p_ram,
         _State.DEVICE: _p_device,
+        _State.VMSTATE: _p_vmstate,
         _State.FOOTER: _p_footer,
         _State.AFTER_EOF: _p_after_eof,
         _State.DONE: _p_after_eof,

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from . import _vmstate as vms
 from . import _wire as w
 from .errors import LocalProtocolError
 
@@ -72,7 +73,8 @@ class _State(enum.Enum):
     RAM_DONE = "ram-done"  # EOS written, footer due
     DEVICE = "device"
     DEVICE_DONE = "device-done"
-    DONE = "done"
+    DONE = "done"  # EOF written: only the VM description may follow
+    DESCRIBED = "described"
 
 
 class StreamEncoder:
@@ -99,6 +101,8 @@ class StreamEncoder:
         self._cur: int | None = None
         self._blocks: dict[str, int] | None = None
         self._last_block: str | None = None
+        self._vmdesc = vms.VMDescWriter(page_size)
+        self._full: tuple[str, int] | None = None  # (idstr, instance_id) of the open FULL section
 
     # -- helpers ---------------------------------------------------------
     def _require(self, *states: _State, what: str) -> None:
@@ -125,6 +129,7 @@ class StreamEncoder:
         if len(raw) > w.MAX_MACHINE_NAME_BYTES:
             raise LocalProtocolError(f"machine name longer than {w.MAX_MACHINE_NAME_BYTES} bytes")
         self._state = _State.TOP
+        self._vmdesc.configuration = vms.configuration_desc(name)
         return bytes((w.QEMU_VM_CONFIGURATION,)) + w.BE32.pack(len(raw)) + raw
 
     def section_start(self, section_id: int, idstr: str, instance_id: int, version_id: int) -> bytes:
@@ -157,16 +162,22 @@ class StreamEncoder:
         return head
 
     def section_full(self, section_id: int, idstr: str, instance_id: int, version_id: int) -> bytes:
-        """QEMU_VM_SECTION_FULL; here only our ``"migrator-vcpus"`` device section."""
+        """QEMU_VM_SECTION_FULL: our ``"migrator-vcpus"`` section or a QEMU device
+        section whose layout ``transport._vmstate`` knows (``timer``, ``globalstate``,
+        ``slirp``); follow it with :meth:`device_state` or :meth:`vmstate`."""
         head = self._enter_section(section_id, w.QEMU_VM_SECTION_FULL)
-        if (idstr, instance_id, version_id) != (w.VCPU_SECTION_IDSTR, w.VCPU_SECTION_INSTANCE, w.VCPU_SECTION_VERSION):
-            raise LocalProtocolError(f"only {w.VCPU_SECTION_IDSTR!r} instance 0 version 1 is a full section here")
+        layout = vms.KNOWN_SECTIONS.get(idstr)
+        if layout is None or (instance_id, version_id) != (0, layout.version):
+            known = ", ".join(f"{k!r} v{v.version}" for k, v in vms.KNOWN_SECTIONS.items())
+            raise LocalProtocolError(f"no full section {idstr!r} instance {instance_id} version {version_id} "
+                                     f"(known: instance 0 of {known})")
         if section_id in self._sections:
             raise LocalProtocolError(f"section id {section_id} is already used")
         out = head + w.encode_idstr(idstr) + w.SECTION_TAIL.pack(instance_id, version_id)
         self._sections[section_id] = "full"
         self._state = _State.DEVICE
         self._cur = section_id
+        self._full = (idstr, instance_id)
         return out
 
     def section_footer(self, section_id: int) -> bytes:
@@ -183,6 +194,18 @@ class StreamEncoder:
         self._require(_State.AFTER_HEADER, _State.TOP, what="EOF")
         self._state = _State.DONE
         return bytes((w.QEMU_VM_EOF,))
+
+    def vmdescription(self) -> bytes:
+        """QEMU_VM_VMDESCRIPTION after EOF: the JSON describing every section written.
+
+        QEMU's layout (see ``transport._vmstate``): the configuration, the page
+        size and one entry per device section, in stream order, sized from the
+        bytes actually written.
+        """
+        self._require(_State.DONE, what="the VM description")
+        raw = self._vmdesc.json_bytes()
+        self._state = _State.DESCRIBED
+        return bytes((w.QEMU_VM_VMDESCRIPTION,)) + w.BE32.pack(len(raw)) + raw
 
     def _open_ram(self, section_id: int) -> None:
         self._state = _State.RAM
@@ -226,11 +249,41 @@ class StreamEncoder:
     def device_state(self, data: bytes | bytearray | memoryview) -> bytes:
         """Payload of our device section: be32 length + the opaque bytes."""
         self._require(_State.DEVICE, what="device state")
+        if self._full is None or self._full[0] != w.VCPU_SECTION_IDSTR:
+            raise LocalProtocolError(f"device_state() is for {w.VCPU_SECTION_IDSTR!r}; use vmstate()")
         raw = bytes(data)
         if len(raw) > 0xFFFFFFFF:
             raise LocalProtocolError("device state does not fit a be32 length")
+        out = w.BE32.pack(len(raw)) + raw
+        self._describe(out)
         self._state = _State.DEVICE_DONE
-        return w.BE32.pack(len(raw)) + raw
+        return out
+
+    def vmstate(self, payload: bytes | bytearray | memoryview) -> bytes:
+        """Payload of a QEMU device section, checked against its layout (so the
+        description written after EOF is true to the bytes)."""
+        self._require(_State.DEVICE, what="device state")
+        if self._full is None or self._full[0] == w.VCPU_SECTION_IDSTR:
+            raise LocalProtocolError(f"vmstate() is for QEMU device sections; use device_state() for "
+                                     f"{w.VCPU_SECTION_IDSTR!r}")
+        raw = bytes(payload)
+        self._describe(raw)
+        self._state = _State.DEVICE_DONE
+        return raw
+
+    def _describe(self, payload: bytes) -> None:
+        assert self._full is not None
+        idstr, instance_id = self._full
+        layout = vms.KNOWN_SECTIONS[idstr]
+        # A footer byte after the payload ends its subsection list.
+        try:
+            measured = vms.measure_section(payload + bytes((w.QEMU_VM_SECTION_FOOTER,)), 0, len(payload) + 1, layout)
+        except vms.LayoutError as exc:
+            raise LocalProtocolError(f"section {idstr!r} payload: {exc.detail}") from None
+        if measured is None or measured.length != len(payload):
+            got = "too short" if measured is None else f"{measured.length} of its {len(payload)} bytes fit"
+            raise LocalProtocolError(f"section {idstr!r} payload does not fit its layout ({got})")
+        self._vmdesc.devices.append(vms.describe_section(idstr, instance_id, layout, measured))
 
     def ram_pages(
         self,
@@ -241,6 +294,8 @@ class StreamEncoder:
         detect_zero: bool = True,
     ) -> EncodedPages:
         """Encode pages of one block as ZERO and PAGE records.
+
+        (:meth:`ram_zero_pages` is the multifd variant: ZERO records only.)
 
         Args:
             block_idstr: the block, as listed in MEM_SIZE.
@@ -259,6 +314,20 @@ class StreamEncoder:
             LocalProtocolError: not inside a RAM payload, unknown block, shape
                 mismatch or an index outside the block.  Nothing is encoded.
         """
+        return self._encode_pages(block_idstr, block_pages, page_indices, detect_zero=detect_zero, stage=True)[0]
+
+    def ram_zero_pages(
+        self, block_idstr: str, block_pages: NDArray[np.uint8], page_indices: ArrayLike, *, detect_zero: bool = True
+    ) -> tuple[EncodedPages, NDArray[np.intp]]:
+        """multifd (QEMU 7.2): ZERO records for the zero pages among ``page_indices``;
+        the non-zero ones are returned (ascending if the input was) for the
+        multifd channels, neither copied nor encoded here.  Validation as
+        :meth:`ram_pages`."""
+        enc, nonzero = self._encode_pages(block_idstr, block_pages, page_indices, detect_zero=detect_zero,
+                                          stage=False)
+        return enc, nonzero
+
+    def _encode_pages(self, block_idstr, block_pages, page_indices, *, detect_zero: bool, stage: bool):
         self._require(_State.RAM, what="page records")
         if self._blocks is None:
             raise LocalProtocolError("page records before MEM_SIZE")
@@ -281,14 +350,14 @@ class StreamEncoder:
         idx = idx.astype(np.intp, copy=False)
         n = idx.size
         if n == 0:
-            return EncodedPages([], 0, 0)
+            return EncodedPages([], 0, 0), idx
         if int(idx.min()) < 0 or int(idx.max()) >= npages:
             raise LocalProtocolError(f"page index outside block {block_idstr!r} ({npages} pages)")
 
         rec = self._rec
-        if self._stage.size < n * rec:
+        if stage and self._stage.size < n * rec:
             self._stage = np.empty(n * rec, dtype=np.uint8)
-        records = self._stage[: n * rec].reshape(n, rec)
+        records = self._stage[: n * rec].reshape(-1, rec)
         data_col = records[:, 8:]
         zero_idx: list[NDArray[np.intp]] = []
         sent_idx: list[NDArray[np.intp]] = []
@@ -306,13 +375,15 @@ class StreamEncoder:
                 np.take(block_pages, ci, axis=0, out=src, mode="clip")  # the one read of guest RAM
             zmask = self._zero_mask(src) if detect_zero else None
             if zmask is None or not zmask.any():
-                data_col[k : k + m] = src
+                if stage:
+                    data_col[k : k + m] = src
                 sent_idx.append(ci)
                 k += m
             else:
                 keep = ~zmask
                 nz = int(np.count_nonzero(keep))
-                data_col[k : k + nz] = src[keep]
+                if stage:
+                    data_col[k : k + nz] = src[keep]
                 sent_idx.append(ci[keep])
                 zero_idx.append(ci[zmask])
                 k += nz
@@ -331,8 +402,12 @@ class StreamEncoder:
             zbytes = memoryview(zrec.view(np.uint8).reshape(-1))
             buffers += self._name_first(block_idstr, zbytes, int(zi[0]), w.RAM_SAVE_FLAG_ZERO)
             first = False
+        pi = (np.concatenate(sent_idx) if len(sent_idx) > 1 else sent_idx[0]) if sent_idx else idx[:0]
+        if not stage:
+            if nzero:
+                self._last_block = block_idstr
+            return EncodedPages(buffers, 0, nzero), pi
         if k:
-            pi = np.concatenate(sent_idx) if len(sent_idx) > 1 else sent_idx[0]
             hdr_col = np.ndarray((k,), dtype=_BE64, buffer=self._stage, offset=0, strides=(rec,))
             hdr_col[:] = (pi.astype(np.uint64) << np.uint64(self._shift)) | np.uint64(w.PAGE_CONT)
             pbytes = memoryview(self._stage)[: k * rec]
@@ -341,7 +416,7 @@ class StreamEncoder:
             else:
                 buffers.append(pbytes)
         self._last_block = block_idstr
-        return EncodedPages(buffers, k, nzero)
+        return EncodedPages(buffers, k, nzero), pi
 
     def _name_first(self, idstr: str, recs: memoryview, page: int, kind: int) -> list[memoryview]:
         """Split off the first record's header if it must name the block."""

@@ -34,6 +34,7 @@ __all__ = [
     "SectionStart",
     "StreamHeader",
     "VMDescription",
+    "VMStateSection",
 ]
 
 
@@ -190,6 +191,24 @@ class DeviceState:
 
 
 @dataclass(frozen=True, slots=True)
+class VMStateSection:
+    """The payload of a QEMU device section the decoder knows the layout of
+    (``timer``, ``globalstate``, ``slirp``: see ``transport._vmstate``).
+
+    ``data`` is the payload exactly as on the wire (fields and subsections,
+    without the section header and footer), so it can be carried on.
+    """
+
+    idstr: str
+    instance_id: int
+    version_id: int
+    data: bytes
+
+    def __repr__(self) -> str:
+        return f"VMStateSection({self.idstr!r} {self.instance_id} v{self.version_id}, {len(self.data)} bytes)"
+
+
+@dataclass(frozen=True, slots=True)
 class EndOfStream:
     """QEMU_VM_EOF: the end of the migration stream."""
 
@@ -217,6 +236,7 @@ Event = (
     | RamZeroPages
     | RamEOS
     | DeviceState
+    | VMStateSection
     | EndOfStream
     | VMDescription
 )

@@ -45,7 +45,8 @@ migration/ram.c (7.2 and master agree on everything used here):
   XBZRLE     0x040  rejected (we never negotiate xbzrle)
   HOOK       0x080  rejected (RDMA only)
   COMPRESS   0x100  rejected (removed in QEMU 9.1)
-  MULTIFD    0x200  rejected (multifd is not negotiated)
+  MULTIFD    0x200  rejected: QEMU >= 8.0's per-round multifd flush;
+                    we speak 7.2's multifd, which syncs at every EOS
   =========  =====  ===================================================
 
   ``ram_load_precopy`` subtracts each block's length from the MEM_SIZE total
@@ -56,7 +57,8 @@ migration/ram.c (7.2 and master agree on everything used here):
 * **Our device section** (FULL, idstr ``"migrator-vcpus"``, instance 0,
   version 1) is not a QEMU device: its payload is be32 length + that many
   opaque state bytes.  Stock QEMU fails on it ("Unknown savevm section or
-  instance"), which is why the ``x-ram-only`` capability leaves it out.
+  instance"), which is why ``x-ram-only`` leaves it out and ``x-qemu-devices``
+  sends QEMU's ``-M none`` sections instead (``transport._vmstate``).
 """
 
 from __future__ import annotations

@@ -370,6 +370,36 @@ class SocketChannel(Channel):
         self.bytes_received += len(data)
         return data
 
+    async def peek(self, nbytes: int) -> bytes:
+        """Wait for and return the first ``nbytes`` without consuming them
+        (QEMU >= 8.0 tells the main channel from multifd ones this way)."""
+        self._check_open()
+        with _translate(f"receive from {self.peer}"):
+            if self._rcvlowat:  # the mark would hold a short first message back
+                self._sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_RCVLOWAT, 1)
+            try:
+                while True:
+                    data = await self._sock.recv(nbytes, _stdsocket.MSG_PEEK)
+                    if len(data) >= nbytes or not data:
+                        return data
+                    await trio.sleep(0.001)  # fewer bytes queued than asked: look again shortly
+            finally:
+                if self._rcvlowat:
+                    with contextlib.suppress(OSError):
+                        self._sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_RCVLOWAT, self._rcvlowat)
+
+    def detach_blocking(self) -> _stdsocket.socket:
+        """Hand the connection over as a blocking stdlib socket (for a worker
+        thread); this channel is closed afterwards."""
+        self._check_open()
+        self._closed = True
+        sock = _stdsocket.socket(fileno=self._sock.detach())
+        sock.setblocking(True)
+        if self._rcvlowat:  # blocking reads of whole messages need no mark
+            with contextlib.suppress(OSError):
+                sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_RCVLOWAT, 1)
+        return sock
+
     async def send_eof(self) -> None:
         self._check_open()
         with _translate(f"shutdown to {self.peer}"):
@@ -495,8 +525,9 @@ class ChannelListener:
         self.uri = uri
         self._closed = False
 
-    async def accept(self) -> Channel:
-        """Wait for the one incoming stream, then stop listening.
+    async def accept(self, *, keep_listening: bool = False) -> Channel:
+        """Wait for the one incoming stream, then stop listening (unless
+        ``keep_listening``: multifd accepts its channels on the same socket).
 
         Raises:
             ChannelError: accepting (or opening the file) failed.
@@ -514,7 +545,8 @@ class ChannelListener:
         assert self._sock is not None
         with _translate(f"accept on {self.uri}"):
             conn, peer = await self._sock.accept()
-        await self.aclose()
+        if not keep_listening:
+            await self.aclose()
         _set_buffers(conn)
         if isinstance(addr, TcpAddress):
             conn.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
@@ -567,7 +599,7 @@ async def listen_channel(uri: str) -> ChannelListener:
                 sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEADDR, 1)
                 _set_buffers(sock)  # before listen: accepted sockets inherit, window scaling sees it
                 await sock.bind(sockaddr)
-                sock.listen(1)
+                sock.listen(16)
             except BaseException:
                 sock.close()
                 raise
@@ -582,7 +614,7 @@ async def listen_channel(uri: str) -> ChannelListener:
                     os.unlink(addr.path)  # QEMU unlinks a stale socket before bind
             _set_buffers(sock)
             await sock.bind(addr.path)
-            sock.listen(1)
+            sock.listen(16)
         except BaseException:
             sock.close()
             raise

@@ -159,9 +159,12 @@ async def vm_process(tmp_path, name: str, *args: str, memory: str = "64M", accel
             log.close()
 
 
-async def qemu_qmp(path, *commands: tuple[str, dict | None]) -> list:
+async def qemu_qmp(path, *commands: tuple[str, dict | None], timeout: float = 30.0) -> list:
     """Run QMP commands over a fresh qemu.qmp QMPClient connection (asyncio in a
-    worker thread, never inside trio); for stock QEMU and for our servers."""
+    worker thread, never inside trio); for stock QEMU and for our servers.
+    The worker thread cannot be cancelled from trio, so the exchange has its
+    own ``timeout`` (a QEMU whose main loop is stuck, e.g. in an incoming
+    migration, never answers)."""
     import asyncio
 
     async def scenario() -> list:
@@ -174,7 +177,7 @@ async def qemu_qmp(path, *commands: tuple[str, dict | None]) -> list:
         finally:
             await client.disconnect()
 
-    return await trio.to_thread.run_sync(asyncio.run, scenario())
+    return await trio.to_thread.run_sync(asyncio.run, asyncio.wait_for(scenario(), timeout))
 
 
 async def pmem(vm: VMProcess, tmp_path, size: int, name: str) -> bytes:

@@ -16,8 +16,9 @@ Facts these tests pin down (QEMU 7.2.22, Debian 12):
 * Our ``migrator-vcpus`` section makes QEMU fail ("Unknown savevm section or
   instance 'migrator-vcpus' 0"): hence the ``x-ram-only`` capability.
 * QEMU's own stream starts a PART section with ``PAGE|CONTINUE`` when the
-  block did not change, and its device sections (``timer`` first for
-  ``-M none``) follow the RAM END section.
+  block did not change, and its device sections (``timer``, ``slirp`` with a
+  ``-netdev user``, ``globalstate`` for ``-M none``) follow the RAM END
+  section; the description JSON follows EOF.
 * QEMU 7.2 has no ``file:`` migration URI (added in 8.2): streams go through
   ``exec:cat``.
 
@@ -36,16 +37,19 @@ import pytest
 import trio
 
 from .harness import qemu_qmp as qmp
+from transport._vmstate import decode_globalstate
 from transport import (
+    ConnectionClosed,
     EndOfStream,
     RamEOS,
     RamPages,
     RamZeroPages,
-    RemoteProtocolError,
     SectionEnd,
     SectionFooter,
     StreamDecoder,
     StreamEncoder,
+    VMDescription,
+    VMStateSection,
     listen_channel,
     open_channel,
 )
@@ -216,20 +220,24 @@ async def test_decode_a_stream_qemu_produced(tmp_path):
         mem = np.zeros((NPAGES, PS), dtype=np.uint8)
         seen: list = []
         async with chan:
-            with pytest.raises(RemoteProtocolError, match="unknown savevm section") as exc:
-                while not isinstance(ev := await chan.next_event(dec), EndOfStream):
-                    if isinstance(ev, RamPages):
-                        mem[(ev.offsets // PS).astype(np.intp)] = ev.data
-                    elif isinstance(ev, RamZeroPages):
-                        mem[(ev.offsets // PS).astype(np.intp)] = 0
-                    else:
-                        seen.append(ev)
-    # Everything up to QEMU's device sections (which we cannot parse) is RAM,
-    # and the RAM section had ended cleanly before them.
+            while not isinstance(ev := await chan.next_event(dec), ConnectionClosed):
+                if isinstance(ev, RamPages):
+                    mem[(ev.offsets // PS).astype(np.intp)] = ev.data
+                elif isinstance(ev, RamZeroPages):
+                    mem[(ev.offsets // PS).astype(np.intp)] = 0
+                else:
+                    seen.append(ev)
+    # The RAM section ends cleanly, then -M none's device sections (timer,
+    # globalstate: -nodefaults, so no slirp), EOF and the description, which
+    # the decoder checked against those sections.
     end = next(i for i, ev in enumerate(seen) if isinstance(ev, SectionEnd))
-    assert seen[end + 1 :] == [RamEOS(), SectionFooter(seen[end].section_id)]
+    assert seen[end + 1 : end + 3] == [RamEOS(), SectionFooter(seen[end].section_id)]
+    devices = [ev for ev in seen if isinstance(ev, VMStateSection)]
+    assert [(d.idstr, d.version_id) for d in devices] == [("timer", 2), ("globalstate", 1)]
+    assert decode_globalstate(devices[1].data) == "running"
+    assert isinstance(seen[-2], EndOfStream) and isinstance(seen[-1], VMDescription)
+    assert [d["name"] for d in dec.vmdesc["devices"]] == ["timer", "globalstate"]
     assert info["ram"]["normal"] > 0 and info["ram"]["duplicate"] > 0
     qemu_mem = np.fromfile(dump, np.uint8).reshape(NPAGES, PS)
     np.testing.assert_equal(mem, qemu_mem)
     np.testing.assert_equal(qemu_mem.reshape(-1)[0x100000 : 0x100000 + blob.size], blob)
-    assert exc.value.offset > 0

@@ -7,6 +7,7 @@ checked against the spec rather than only against each other.
 
 from __future__ import annotations
 
+import json
 import struct
 
 import numpy as np
@@ -193,14 +194,54 @@ def test_trailing_bytes_after_eof_are_untouched():
     assert info.value.offset == len(data)
 
 
+def _vmdesc(devices, *, page_size=PS, machine="pc") -> bytes:
+    top = {"configuration": {"vmsd_name": "configuration", "version": 1,
+                             "fields": [{"name": "len", "type": "uint32", "size": 4},
+                                        {"name": "name", "type": "buffer", "size": len(machine)}]},
+           "page_size": page_size, "devices": devices}
+    raw = json.dumps(top).encode()
+    return b"\x06" + struct.pack(">I", len(raw)) + raw
+
+
+_VCPUS_DESC = {"name": "migrator-vcpus", "instance_id": 0, "vmsd_name": "migrator-vcpus", "version": 1,
+               "fields": [{"name": "length", "type": "uint32", "size": 4},
+                          {"name": "state", "type": "buffer", "size": 3}]}
+
+
 def test_vmdescription_after_eof():
     data, _ = _valid_stream()
-    vmdesc = b'{"page_size": 4096}'
-    events = decode_all(data + b"\x06" + struct.pack(">I", len(vmdesc)) + vmdesc)
-    assert events[-2:] == [VMDescription(vmdesc), ConnectionClosed()]
+    vmdesc = _vmdesc([_VCPUS_DESC])
+    events = decode_all(data + vmdesc)
+    assert events[-2:] == [VMDescription(vmdesc[5:]), ConnectionClosed()]
     with pytest.raises(RemoteProtocolError, match="data after the end") as info:
-        decode_all(data + b"\x06" + struct.pack(">I", 0) + b"\x06")
+        decode_all(data + vmdesc + b"\x06")
+    assert info.value.offset == len(data) + len(vmdesc)
+
+
+@pytest.mark.parametrize(
+    ("devices", "kw", "match"),
+    [
+        ([], {}, r"lists 0 devices \[\], the stream has 1 device sections \['migrator-vcpus'\]"),
+        ([{**_VCPUS_DESC, "name": "timer"}], {}, "names 'timer' 0, the stream's section is 'migrator-vcpus' 0"),
+        ([{**_VCPUS_DESC, "version": 2}], {}, "version 2, section has 1"),
+        ([{**_VCPUS_DESC, "fields": _VCPUS_DESC["fields"][:1]}], {}, "describes 4 bytes, the section holds 7"),
+        ([_VCPUS_DESC], {"page_size": 8192}, "page_size 8192, stream uses 4096"),
+        ([_VCPUS_DESC], {"machine": "none"}, "configuration is 8 bytes, the stream's is 6"),
+    ],
+    ids=["no-devices", "wrong-name", "wrong-version", "wrong-size", "page-size", "configuration"],
+)
+def test_vmdescription_must_match_the_stream(devices, kw, match):
+    """The description is checked against the sections the stream carried."""
+    data, _ = _valid_stream()
+    with pytest.raises(RemoteProtocolError, match=match) as info:
+        decode_all(data + _vmdesc(devices, **kw))
     assert info.value.offset == len(data) + 5
+
+
+def test_vmdescription_not_json():
+    data, _ = _valid_stream()
+    with pytest.raises(RemoteProtocolError, match="not valid JSON"):
+        decode_all(data + b"\x06" + struct.pack(">I", 1) + b"{")
 
 
 def test_receive_into_decoder_buffer():

@@ -296,12 +296,12 @@ async def test_set_then_query_capabilities(h):
 
 
 async def test_enabling_an_unsupported_capability_changes_nothing(h):
-    with pytest.raises(QMPError, match="^Capability 'multifd' is not supported by this migrator$"):
+    with pytest.raises(QMPError, match="^Capability 'postcopy-ram' is not supported by this migrator$"):
         await h.qmp(
             "migrate-set-capabilities",
             capabilities=[
                 {"capability": "events", "state": True},
-                {"capability": "multifd", "state": True},
+                {"capability": "postcopy-ram", "state": True},
             ],
         )
     assert not any(caps_dict(await h.qmp("query-migrate-capabilities")).values())
