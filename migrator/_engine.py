@@ -470,7 +470,7 @@ class OutgoingMigration:
             st = self.vm.vcpus.statistics()
         except Exception:  # noqa: BLE001 - statistics are best effort
             return []
-        per = st.get("vcpus") if isinstance(st, dict) else None
+        per = st if isinstance(st, list) else st.get("vcpus") if isinstance(st, dict) else None
         if isinstance(per, list) and per:
             values = [v.get("pages-written", v.get("pages_written")) if isinstance(v, dict) else None
                       for v in per]

@@ -450,7 +450,9 @@ class VM:
     async def qmp_x_query_accel_stats(self) -> dict:
         controller = self.vcpus.statistics()
         stats = {"kvm": self.machine.kvm.statistics(), "listener": self.kvm_listener_stats()}
-        if isinstance(controller.get("vcpus"), list):
+        if isinstance(controller, list):  # sim: one object per vCPU process
+            stats["vcpus"] = controller
+        elif isinstance(controller.get("vcpus"), list):
             # one object per vCPU under "vcpus", the controller's totals beside it
             stats["vcpus"] = controller.pop("vcpus")
             stats["vcpu-controller"] = controller

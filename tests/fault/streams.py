@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 import json
 
 import numpy as np
@@ -87,6 +89,8 @@ def build_stream(device: bytes | None, *, memory: int = MEMORY, seed: int = 1) -
         out += enc.section_footer(2)
     regions["eof"] = len(out)
     out += enc.eof()
+    regions["vmdesc"] = len(out)
+    out += enc.vmdescription()  # as every stream we write: QEMU's description after EOF
     regions["end"] = len(out)
     return bytes(out), regions
 
@@ -124,3 +128,13 @@ class FakeChannel:
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
+
+
+@asynccontextmanager
+async def vcpus_running(vm: VM):
+    """``vm`` with its vCPU processes started (stopped, as at boot), for tests
+    that drive the engine directly instead of ``VM.run``; stopped on exit."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(vm.vcpus.run)
+        yield vm
+        nursery.cancel_scope.cancel()

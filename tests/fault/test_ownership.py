@@ -9,6 +9,8 @@ the exact state each side ends in.
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 import pytest
 import trio
 import trio.testing
@@ -17,10 +19,11 @@ from memory import GLOBAL_DIRTY_MIGRATION
 from memory.kvm.linux_kvm import KVM_MEM_LOG_DIRTY_PAGES
 from migrator._engine import IncomingMigration, OutgoingMigration
 from migrator._status import MigrationStatus as S
-from transport import (MIG_CMD_X_GO, MIG_CMD_X_NOGO, NEED_DATA, EndOfStream, Message, MessageDecoder,
-                       StreamDecoder, encode_go, encode_loaded, encode_nogo, encode_shut)
+from transport import (MIG_CMD_X_GO, MIG_CMD_X_NOGO, NEED_DATA, Message, MessageDecoder,
+                       StreamDecoder, VMDescription, encode_go, encode_loaded, encode_nogo, encode_shut)
 
-from .streams import FakeChannel, build_stream, destination_vm, device_payload, sim_state, source_vm
+from .streams import (FakeChannel, build_stream, destination_vm, device_payload, sim_state, source_vm,
+                      vcpus_running)
 
 SMALL = 64 << 10  # 16 pages: small enough to feed byte by byte
 
@@ -33,30 +36,31 @@ def _incoming(vm):
 
 
 async def test_destination_does_nothing_before_the_last_byte_of_eof():
-    """Deterministic, not a race: after every byte up to EOF-1 the destination
-    has not completed, loaded, acknowledged or resumed anything."""
-    vm = destination_vm(memory=SMALL)
-    inc = _incoming(vm)
-    stream, regions = build_stream(device_payload(sim_state("idle", memory=SMALL)), memory=SMALL)
-    chan = FakeChannel(close=False)
-    loaded = []
-    real_load = vm.vcpus.load_state
-    vm.vcpus.load_state = lambda data: (loaded.append(1), real_load(data))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(inc.process, chan)
-        cuts = list(range(0, regions["device"], 997)) + list(range(regions["device"], len(stream)))
-        fed = 0
-        for cut in cuts[1:]:
-            chan.feed(stream[fed:cut])
-            fed = cut
-            await trio.testing.wait_all_tasks_blocked()
-            assert vm.state.status is S.ACTIVE, fed
-            assert not loaded and not chan.sent and not vm.vcpus.running, fed
-            assert vm.runstate == "inmigrate"
-        assert fed == len(stream) - 1 == regions["eof"]
-        chan.feed(stream[fed:])
-    assert vm.state.status is S.COMPLETED and loaded and vm.vcpus.running
-    assert chan.sent == [encode_shut(0)]
+    """Deterministic, not a race: after every byte up to the stream's last one
+    (EOF, then the VM description QEMU reads after it) the destination has not
+    completed, loaded, acknowledged or resumed anything."""
+    async with vcpus_running(destination_vm(memory=SMALL)) as vm:
+        inc = _incoming(vm)
+        stream, regions = build_stream(device_payload(sim_state("idle", memory=SMALL)), memory=SMALL)
+        chan = FakeChannel(close=False)
+        loaded = []
+        real_load = vm.vcpus.load_state
+        vm.vcpus.load_state = lambda data: (loaded.append(1), real_load(data))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(inc.process, chan)
+            cuts = list(range(0, regions["device"], 997)) + list(range(regions["device"], len(stream)))
+            fed = 0
+            for cut in cuts[1:]:
+                chan.feed(stream[fed:cut])
+                fed = cut
+                await trio.testing.wait_all_tasks_blocked()
+                assert vm.state.status is S.ACTIVE, fed
+                assert not loaded and not chan.sent and not vm.vcpus.running, fed
+                assert vm.runstate == "inmigrate"
+            assert fed == len(stream) - 1 and regions["eof"] < fed  # EOF and all but the last byte after it
+            chan.feed(stream[fed:])
+        assert vm.state.status is S.COMPLETED and loaded and vm.vcpus.running
+        assert chan.sent == [encode_shut(0)]
 
 
 def _stream(handover_memory=SMALL, running=True):
@@ -65,77 +69,77 @@ def _stream(handover_memory=SMALL, running=True):
 
 
 async def test_destination_with_handover_runs_only_on_go():
-    vm = destination_vm(memory=SMALL, handover=True)
-    inc = _incoming(vm)
-    stream, regions = _stream()
-    chan = FakeChannel(stream, close=False)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(inc.process, chan)
-        await trio.testing.wait_all_tasks_blocked()
-        assert chan.sent == [encode_loaded(len(stream))]
-        assert vm.state.status is S.ACTIVE and not vm.vcpus.running and inc.handover == "waiting-for-go"
-        assert (await vm.qmp_query_migrate())["x-handover"] == "waiting-for-go"
-        await vm.qmp_cont()  # the operator cannot start it while it waits
-        assert not vm.vcpus.running
-        chan.feed(encode_go(len(stream))[:5])
-        await trio.testing.wait_all_tasks_blocked()
-        assert not vm.vcpus.running  # half a GO is no GO
-        chan.feed(encode_go(len(stream))[5:])
-    assert vm.state.status is S.COMPLETED and vm.vcpus.running and inc.handover == "go"
-    assert chan.sent == [encode_loaded(len(stream)), encode_shut(0)]
+    async with vcpus_running(destination_vm(memory=SMALL, handover=True)) as vm:
+        inc = _incoming(vm)
+        stream, regions = _stream()
+        chan = FakeChannel(stream, close=False)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(inc.process, chan)
+            await trio.testing.wait_all_tasks_blocked()
+            assert chan.sent == [encode_loaded(len(stream))]
+            assert vm.state.status is S.ACTIVE and not vm.vcpus.running and inc.handover == "waiting-for-go"
+            assert (await vm.qmp_query_migrate())["x-handover"] == "waiting-for-go"
+            await vm.qmp_cont()  # the operator cannot start it while it waits
+            assert not vm.vcpus.running
+            chan.feed(encode_go(len(stream))[:5])
+            await trio.testing.wait_all_tasks_blocked()
+            assert not vm.vcpus.running  # half a GO is no GO
+            chan.feed(encode_go(len(stream))[5:])
+        assert vm.state.status is S.COMPLETED and vm.vcpus.running and inc.handover == "go"
+        assert chan.sent == [encode_loaded(len(stream)), encode_shut(0)]
 
 
 @pytest.mark.parametrize("ending", ["closed", "timeout", "wrong-count", "garbage"])
 async def test_destination_without_go_stays_paused_until_the_operator_decides(ending):
-    vm = destination_vm(memory=SMALL, handover=True)
-    vm.options.parameters = vm.params.apply(x_return_path_timeout=100)
-    inc = _incoming(vm)
-    stream, _ = _stream()
-    chan = FakeChannel(stream, close=False)
-    if ending == "closed":
-        chan.close()
-    elif ending == "wrong-count":
-        chan.feed(encode_go(len(stream) - 1))
-    elif ending == "garbage":
-        chan.feed(b"\x00\x01\x00\x04\x00\x00\x00\x00")  # a SHUT: not a message a destination accepts
-    with trio.fail_after(10):
-        await inc.process(chan)
-    assert not vm.vcpus.running and vm.runstate == "paused"
-    assert vm.state.status is S.FAILED and inc.undecided and inc.handover == "no-go-ahead"
-    info = await vm.qmp_query_migrate()
-    assert "'cont' here starts it" in info["error-desc"], info
-    assert chan.sent == [encode_loaded(len(stream))]
-    await vm.qmp_cont()  # the operator decided: the state is complete and valid
-    assert vm.vcpus.running
+    async with vcpus_running(destination_vm(memory=SMALL, handover=True)) as vm:
+        vm.options.parameters = vm.params.apply(x_return_path_timeout=100)
+        inc = _incoming(vm)
+        stream, _ = _stream()
+        chan = FakeChannel(stream, close=False)
+        if ending == "closed":
+            chan.close()
+        elif ending == "wrong-count":
+            chan.feed(encode_go(len(stream) - 1))
+        elif ending == "garbage":
+            chan.feed(b"\x00\x01\x00\x04\x00\x00\x00\x00")  # a SHUT: not a message a destination accepts
+        with trio.fail_after(10):
+            await inc.process(chan)
+        assert not vm.vcpus.running and vm.runstate == "paused"
+        assert vm.state.status is S.FAILED and inc.undecided and inc.handover == "no-go-ahead"
+        info = await vm.qmp_query_migrate()
+        assert "'cont' here starts it" in info["error-desc"], info
+        assert chan.sent == [encode_loaded(len(stream))]
+        await vm.qmp_cont()  # the operator decided: the state is complete and valid
+        assert vm.vcpus.running
 
 
 async def test_destination_told_nogo_never_runs():
-    vm = destination_vm(memory=SMALL, handover=True)
-    inc = _incoming(vm)
-    stream, _ = _stream()
-    chan = FakeChannel(stream + encode_nogo(), close=False)
-    await inc.process(chan)
-    assert vm.state.status is S.FAILED and inc.handover == "nogo" and not inc.undecided
-    await vm.qmp_cont()
-    assert not vm.vcpus.running and vm.runstate == "inmigrate"
+    async with vcpus_running(destination_vm(memory=SMALL, handover=True)) as vm:
+        inc = _incoming(vm)
+        stream, _ = _stream()
+        chan = FakeChannel(stream + encode_nogo(), close=False)
+        await inc.process(chan)
+        assert vm.state.status is S.FAILED and inc.handover == "nogo" and not inc.undecided
+        await vm.qmp_cont()
+        assert not vm.vcpus.running and vm.runstate == "inmigrate"
 
 
 async def test_destination_skips_a_vm_description_before_go():
     """QEMU appends a VMDESCRIPTION after EOF; the hand-over reader skips it."""
-    vm = destination_vm(memory=SMALL, handover=True)
-    stream, _ = _stream()
-    vmdesc = b"\x06" + (7).to_bytes(4, "big") + b'{"a":1}'
-    chan = FakeChannel(stream + vmdesc + encode_go(len(stream)), close=False)
-    await _incoming(vm).process(chan)
-    assert vm.state.status is S.COMPLETED and vm.vcpus.running
+    async with vcpus_running(destination_vm(memory=SMALL, handover=True)) as vm:
+        stream, _ = _stream()
+        vmdesc = b"\x06" + (7).to_bytes(4, "big") + b'{"a":1}'
+        chan = FakeChannel(stream + vmdesc + encode_go(len(stream)), close=False)
+        await _incoming(vm).process(chan)
+        assert vm.state.status is S.COMPLETED and vm.vcpus.running
 
 
 async def test_paused_source_arrives_paused_after_go():
-    vm = destination_vm(memory=SMALL, handover=True)
-    stream, _ = _stream(running=False)
-    chan = FakeChannel(stream + encode_go(len(stream)), close=False)
-    await _incoming(vm).process(chan)
-    assert vm.state.status is S.COMPLETED and not vm.vcpus.running and vm.runstate == "paused"
+    async with vcpus_running(destination_vm(memory=SMALL, handover=True)) as vm:
+        stream, _ = _stream(running=False)
+        chan = FakeChannel(stream + encode_go(len(stream)), close=False)
+        await _incoming(vm).process(chan)
+        assert vm.state.status is S.COMPLETED and not vm.vcpus.running and vm.runstate == "paused"
 
 
 # -- source -----------------------------------------------------------------------
@@ -156,7 +160,7 @@ async def _peer(listener, script: str, seen: dict) -> None:
                 total += len(data)
                 dec.receive_data(data)
                 continue
-            if isinstance(ev, EndOfStream):
+            if isinstance(ev, VMDescription):  # after EOF, as in every stream we write
                 break
         n = dec.stream_offset
         seen["stream_bytes"] = n
@@ -195,6 +199,7 @@ def _dirty_logging_off(vm) -> bool:
     return not vm.ms.global_dirty_tracking & GLOBAL_DIRTY_MIGRATION and not flags & KVM_MEM_LOG_DIRTY_PAGES
 
 
+@asynccontextmanager
 async def _migrate(tmp_path, script: str, *, handover: bool, prepare=None):
     vm = source_vm(handover=handover)
     vm.options.parameters = vm.params.apply(x_return_path_timeout=300, max_bandwidth=1 << 34)
@@ -215,10 +220,12 @@ async def _migrate(tmp_path, script: str, *, handover: bool, prepare=None):
             prepare(vm, mig)
         with trio.fail_after(30):
             await mig.run()
+        assert _dirty_logging_off(vm), script
+        assert vm.vcpus.throttle_pct == 0
+        # the checks run while the vCPU processes still run (cancelling
+        # their supervisor stops them)
+        yield vm, mig, seen
         nursery.cancel_scope.cancel()
-    assert _dirty_logging_off(vm), script
-    assert vm.vcpus.throttle_pct == 0
-    return vm, mig, seen
 
 
 # (script, handover) -> (status, source runs afterwards, what the peer was told)
@@ -243,21 +250,21 @@ SOURCE_CASES = {
 @pytest.mark.parametrize(("script", "handover"), sorted(SOURCE_CASES))
 async def test_source_outcome(tmp_path, script, handover):
     status, runs, word = SOURCE_CASES[script, handover]
-    vm, mig, seen = await _migrate(tmp_path, script, handover=handover)
-    assert vm.state.status.value == status, (mig.counters.error_desc, seen)
-    assert vm.vcpus.running is runs
-    assert vm.runstate == ("running" if runs else "postmigrate")
-    if status == "failed" and not runs:
-        assert "the destination may be running" in mig.counters.error_desc
-        assert "'cont' exactly one side" in mig.counters.error_desc
-    if word == "go":
-        assert seen["word"] == "go" and seen["word_value"] == seen["stream_bytes"]
-        note = "destination confirmed" if script == "loaded" else "go-ahead not confirmed"
-        assert (await vm.qmp_query_migrate())["x-handover"] == note
-    elif word == "nogo":
-        assert seen["word"] == "nogo"
-    elif word == "nothing":
-        assert seen.get("word") is None
+    async with _migrate(tmp_path, script, handover=handover) as (vm, mig, seen):
+        assert vm.state.status.value == status, (mig.counters.error_desc, seen)
+        assert vm.vcpus.running is runs
+        assert vm.runstate == ("running" if runs else "postmigrate")
+        if status == "failed" and not runs:
+            assert "the destination may be running" in mig.counters.error_desc
+            assert "'cont' exactly one side" in mig.counters.error_desc
+        if word == "go":
+            assert seen["word"] == "go" and seen["word_value"] == seen["stream_bytes"]
+            note = "destination confirmed" if script == "loaded" else "go-ahead not confirmed"
+            assert (await vm.qmp_query_migrate())["x-handover"] == note
+        elif word == "nogo":
+            assert seen["word"] == "nogo"
+        elif word == "nothing":
+            assert seen.get("word") is None
 
 
 async def test_failure_after_the_vcpus_stopped_resumes_the_source(tmp_path):
@@ -266,10 +273,10 @@ async def test_failure_after_the_vcpus_stopped_resumes_the_source(tmp_path):
             raise RuntimeError("vCPU state unreadable")
         vm.vcpus.save_state = broken
 
-    vm, mig, seen = await _migrate(tmp_path, "shut0", handover=False, prepare=prepare)
-    assert vm.state.status is S.FAILED and "vCPU state unreadable" in mig.counters.error_desc
-    assert mig._stopped_vm and vm.vcpus.running and vm.runstate == "running"
-    assert "stream_bytes" not in seen  # the destination never saw EOF
+    async with _migrate(tmp_path, "shut0", handover=False, prepare=prepare) as (vm, mig, seen):
+        assert vm.state.status is S.FAILED and "vCPU state unreadable" in mig.counters.error_desc
+        assert mig._stopped_vm and vm.vcpus.running and vm.runstate == "running"
+        assert "stream_bytes" not in seen  # the destination never saw EOF
 
 
 @pytest.mark.parametrize("handover", [False, True])
@@ -283,9 +290,9 @@ async def test_cancel_in_the_device_stage_resumes_the_source(tmp_path, handover)
                 mig.cancel()
         vm.state.on_change = on_change
 
-    vm, mig, seen = await _migrate(tmp_path, "shut0", handover=handover, prepare=prepare)
-    assert vm.state.status is S.CANCELLED and vm.vcpus.running and vm.runstate == "running"
-    assert "stream_bytes" not in seen
+    async with _migrate(tmp_path, "shut0", handover=handover, prepare=prepare) as (vm, mig, seen):
+        assert vm.state.status is S.CANCELLED and vm.vcpus.running and vm.runstate == "running"
+        assert "stream_bytes" not in seen
 
 
 @pytest.mark.parametrize("handover", [False, True])
@@ -301,13 +308,13 @@ async def test_cancel_after_eof(tmp_path, handover):
             await real()
         mig._handover = cancel_then_wait
 
-    vm, mig, seen = await _migrate(tmp_path, "loaded-silent" if handover else "silent",
-                                   handover=handover, prepare=prepare)
-    if handover:
-        assert vm.state.status is S.CANCELLED and vm.vcpus.running and seen["word"] == "nogo"
-    else:
-        assert vm.state.status is S.FAILED and not vm.vcpus.running and vm.runstate == "postmigrate"
-        assert "the destination may be running" in mig.counters.error_desc
+    async with _migrate(tmp_path, "loaded-silent" if handover else "silent",
+                        handover=handover, prepare=prepare) as (vm, mig, seen):
+        if handover:
+            assert vm.state.status is S.CANCELLED and vm.vcpus.running and seen["word"] == "nogo"
+        else:
+            assert vm.state.status is S.FAILED and not vm.vcpus.running and vm.runstate == "postmigrate"
+            assert "the destination may be running" in mig.counters.error_desc
 
 
 async def test_cancel_after_commit_changes_nothing(tmp_path):
@@ -319,8 +326,8 @@ async def test_cancel_after_commit_changes_nothing(tmp_path):
             mig.cancel()  # after GO: a no-op
         mig._handover = handover
 
-    vm, mig, seen = await _migrate(tmp_path, "loaded", handover=True, prepare=prepare)
-    assert vm.state.status is S.COMPLETED and not vm.vcpus.running and seen["word"] == "go"
+    async with _migrate(tmp_path, "loaded", handover=True, prepare=prepare) as (vm, mig, seen):
+        assert vm.state.status is S.COMPLETED and not vm.vcpus.running and seen["word"] == "go"
 
 
 # -- argument validation ------------------------------------------------------------
