@@ -935,10 +935,10 @@ class IncomingMigration:
         self.undecided = False
         self._stream_bytes = 0
         self._trailing = b""
+        self._mfd: _multifd.MultifdReceiver | None = None
 
     def _stamp(self, name: str) -> None:
         setattr(self.timeline, name, time.time() * 1000)
-        self._mfd: _multifd.MultifdReceiver | None = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         vm = self.vm
