@@ -32,7 +32,7 @@ import trio
 
 from memory.kvm.sim.workloads import check_guests_ram
 from tests.integration.harness import TrioQMP, free_port, pmem, vm_process
-from transport import (NEED_DATA, DeviceState, EndOfStream, RamPages, SectionEnd, SectionFull,
+from transport import (NEED_DATA, DeviceState, EndOfStream, RamPages, SectionEnd, SectionFull, VMDescription,
                        SectionStart, StreamDecoder)
 
 #: regions of the forward direction (source -> destination) and where they start
@@ -101,8 +101,12 @@ class _Tap:
             elif isinstance(ev, DeviceState):
                 pass
             elif isinstance(ev, EndOfStream):
+                # "after-eof" is the first byte after the whole stream: EOF and
+                # the VM description QEMU reads after it (where GO follows)
                 r["eof"] = start
                 r["after-eof"] = start + 1
+            elif isinstance(ev, VMDescription):
+                r["after-eof"] = self.dec.stream_offset
                 self.done = True
                 return -1
 
