@@ -59,7 +59,7 @@ KVM_REGS_FIELDS = frozenset(f[0] for f in K.kvm_regs._fields_)
 MAX_MP_STATE = 10
 KVM_PROGRAMS = (None, "ab", "selftest")
 
-#: extra fields of each simulated workload's state (memory/workloads.py)
+#: extra fields of each simulated workload's state (memory/kvm/sim/workloads.py)
 _WORKLOAD_FIELDS = {
     "idle": frozenset(),
     "fill": frozenset(),
@@ -153,7 +153,7 @@ def _keys(obj, required: frozenset[str] | set[str], what: str, fail) -> dict:
     return obj
 
 
-# -- the simulated vCPU (memory/kvm/sim_vcpu.py) --------------------------------
+# -- the simulated vCPU (memory/kvm/sim/sim_vcpu.py) --------------------------------
 def _check_sim(blob: bytes, fail, *, npages: int, nvcpus: int) -> None:
     """:meth:`memory.kvm.sim.SimVCPUs.save_state`: ``kind``, ``smp``, ``rate``
     and one workload state per vCPU, each over its own page range
@@ -213,7 +213,7 @@ def _check_pcg64(rng, fail) -> None:
     _int(rng["uinteger"], 0, U32, "rng uinteger", fail)
 
 
-# -- the real KVM vCPUs (memory/kvm/vcpu.py) --------------------------------------
+# -- the real KVM vCPUs (memory/kvm/real/vcpu.py) --------------------------------------
 def _check_kvm(blob: bytes, fail, *, nvcpus: int) -> None:
     if len(blob) < 12:
         raise fail(f"kvm vCPU state truncated ({len(blob)} bytes)")
