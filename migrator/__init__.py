@@ -1,29 +1,32 @@
-"""The pre-copy migration engine, QMP server, history and reports.
+"""migrator: a pure-Python, QEMU-side live-migration engine.
 
-Public API (implementation lives in ``_private`` modules):
+Subpackages, each depending only on the ones listed before it:
 
-* the engine: :class:`VM` (one source or destination process),
-  :class:`OutgoingMigration`, :class:`IncomingMigration`, :class:`Machine`,
-  :func:`parse_accel`, :func:`parse_size`;
-* QEMU's state machine: :class:`MigrationStatus`, :class:`MigrationState`;
-* QMP: :class:`QMPServer`, :class:`CommandTable`, :func:`command`,
-  :class:`MigrationOptions`, :class:`MigrationParameters`,
-  :class:`MigrationCapabilities`;
-* history and reports: :class:`MigrationHistory`, :class:`IterationRecord`,
-  :class:`DowntimeBreakdown`, :func:`write_report`;
-* errors: see :mod:`migrator.errors`.
+* :mod:`migrator.errors`: the exception hierarchy every layer shares;
+* :mod:`migrator.engine`: the pre-copy engine (:class:`OutgoingMigration`,
+  :class:`IncomingMigration`), RAM state, QEMU's state machine
+  (:class:`MigrationStatus`, :class:`MigrationState`), the history records,
+  :class:`Machine` and :func:`parse_accel`, :func:`parse_size`;
+* :mod:`migrator.qmp`: the QMP connection and server, the command table,
+  :class:`MigrationOptions`/:class:`MigrationParameters`/
+  :class:`MigrationCapabilities`, and :class:`VM` (one VM process);
+* :mod:`migrator.reports`: reports, plots and the seed's comparison, over
+  recorded histories and public statistics;
+* :mod:`migrator.cli`: the command line and the demo driver.
+
+This module re-exports the public names.
 """
 
-from ._commands import CommandTable, command
-from ._engine import IncomingMigration, OutgoingMigration
-from ._history import DowntimeBreakdown, IterationRecord, MigrationHistory
-from ._machine import AccelConfig, Machine, parse_accel, parse_size
-from ._params import MigrationCapabilities, MigrationOptions, MigrationParameters
-from ._report import ReportPaths, RunSummary, write_report
-from ._server import QMPServer
-from ._status import MigrationState, MigrationStatus
-from ._vm import VM
+from .engine import (
+    AccelConfig, DowntimeBreakdown, IncomingMigration, IterationRecord, Machine, MigrationHistory,
+    MigrationState, MigrationStatus, OutgoingMigration, parse_accel, parse_size,
+)
 from .errors import LocalProtocolError, MigrationError, MigratorError, QMPError, StateError
+from .qmp import (
+    VM, CommandTable, MigrationCapabilities, MigrationOptions, MigrationParameters, QMPServer,
+    command,
+)
+from .reports import ReportPaths, RunSummary, write_report
 
 __all__ = [
     "AccelConfig", "CommandTable", "DowntimeBreakdown", "IncomingMigration", "IterationRecord",

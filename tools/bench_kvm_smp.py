@@ -32,7 +32,7 @@ import trio
 
 from memory.kvm import kvm_usable
 from memory.kvm.real.vcpu import RealMachine
-from migrator._machine import parse_size, parse_smp
+from migrator.engine._machine import parse_size, parse_smp
 
 SYNC_INTERVAL_S = 0.010
 

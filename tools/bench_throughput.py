@@ -30,7 +30,7 @@ Three measurements:
    total time.
 3. **Dirty-sync cost** for 1, 16 and 256 GiB simulated guests (bitmaps of
    32 KiB to 8 MiB), in-process: the memory system + SimKVM + KVM listener of
-   ``migrator._machine.Machine`` per mode (legacy GET, write-protect-all,
+   ``migrator.engine._machine.Machine`` per mode (legacy GET, write-protect-all,
    manual protect), a fixed fraction of the pages dirtied through the
    simulated vCPU fault path, then timed: ``memory_global_dirty_log_sync``
    (GET for every slot; in write-protect-all mode plus the one
@@ -102,7 +102,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # -- helpers -------------------------------------------------------------------
 def parse_size(text: str) -> int:
-    from migrator._machine import parse_size as ps
+    from migrator.engine._machine import parse_size as ps
 
     return ps(text)
 
@@ -625,8 +625,8 @@ def bench_sync_one(size: int, mode: str, fraction: float, rounds: int) -> dict:
     import gc
 
     from memory import GLOBAL_DIRTY_MIGRATION
-    from migrator._machine import AccelConfig, Machine
-    from migrator._ram import RAMSaveState
+    from migrator.engine._machine import AccelConfig, Machine
+    from migrator.engine._ram import RAMSaveState
 
     m = Machine(memory_bytes=size, accel=AccelConfig(kind="sim", **SYNC_MODES[mode]), workload="idle")
     ms, kvm, lst = m.ms, m.kvm, m.kvm_listener

@@ -47,9 +47,9 @@ UNLIMITED = 1 << 40  # bytes/s: the sender never waits for the rate limiter
 async def measure(memory: int, smp: int, fault_cost: str, bandwidth: int, seconds: float, tmp: Path,
                   workload: str = "ab") -> dict:
     from memory.kvm.sim.sim_vcpu import parse_fault_cost
-    from migrator._machine import AccelConfig
-    from migrator._status import MigrationStatus as S
-    from migrator._vm import VM
+    from migrator.engine._machine import AccelConfig
+    from migrator.engine._status import MigrationStatus as S
+    from migrator.qmp._vm import VM
 
     cost = parse_fault_cost(fault_cost)
     src = VM(memory_bytes=memory, accel=AccelConfig(kind="sim", smp=smp, fault_cost=cost), workload=workload,
@@ -97,9 +97,9 @@ async def converge(memory: int, smp: int, fault_cost: str, timeout: float, tmp: 
     """A greedy ab guest migrated at QEMU's default parameters with
     auto-converge: does it complete, and when?"""
     from memory.kvm.sim.sim_vcpu import parse_fault_cost
-    from migrator._machine import AccelConfig
-    from migrator._status import MigrationStatus as S
-    from migrator._vm import VM
+    from migrator.engine._machine import AccelConfig
+    from migrator.engine._status import MigrationStatus as S
+    from migrator.qmp._vm import VM
 
     cost = parse_fault_cost(fault_cost)
     src = VM(memory_bytes=memory, accel=AccelConfig(kind="sim", smp=smp, fault_cost=cost), workload="ab",
@@ -174,7 +174,7 @@ def bench_atomics(n: int = 200_000) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from migrator._machine import parse_size
+    from migrator.engine._machine import parse_size
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--memory", default="512M")

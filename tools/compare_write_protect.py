@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Case 2 of the 2017 "KVM: MMU: fast write protect" series on the simulated KVM.
 
-A thin wrapper around ``migrator compare`` (see migrator/_compare.py): four
+A thin wrapper around ``migrator compare`` (see migrator/reports/_compare.py): four
 migrations, {fresh, pre-written guest} x {write-protect-all off, on}, under
 a greedy ``stream`` writer; prints the table with the seed's figures beside
 ours and, with ``--out DIR``, writes the convergence report (report.md,
@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from migrator._cli import main  # noqa: E402  (the `migrator` command line)
+from migrator.cli._cli import main  # noqa: E402  (the `migrator` command line)
 
 if __name__ == "__main__":
     sys.exit(main(["compare", *sys.argv[1:]]))

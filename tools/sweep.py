@@ -49,7 +49,7 @@ MODES = {
 
 
 def parse_size(text: str) -> int:
-    from migrator._machine import parse_size as ps
+    from migrator.engine._machine import parse_size as ps
 
     return ps(text)
 
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"# [{i}/{len(grid)}] {row['label']}: {row['status']}, downtime {_f(row.get('downtime_ms'), '.1f')} "
               f"ms (predicted {_f(row.get('predicted_downtime_ms'), '.1f')})", file=sys.stderr, flush=True)
-    from migrator._history import MigrationHistory
-    from migrator._report import write_report
+    from migrator.engine._history import MigrationHistory
+    from migrator.reports._report import write_report
 
     histories = []
     for r in rows:

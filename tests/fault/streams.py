@@ -18,10 +18,10 @@ import json
 import numpy as np
 import trio
 
-from migrator._engine import (DEVICE_SECTION, DEVICE_SECTION_VERSION, MACHINE_NAME, RAM_SECTION,
+from migrator.engine._engine import (DEVICE_SECTION, DEVICE_SECTION_VERSION, MACHINE_NAME, RAM_SECTION,
                               RAM_SECTION_VERSION, pack_device_state)
-from migrator._machine import parse_accel
-from migrator._vm import VM
+from migrator.engine._machine import parse_accel
+from migrator.qmp._vm import VM
 from transport import StreamEncoder
 
 MEMORY = 2 << 20  # ab needs more than 1 MiB

@@ -17,8 +17,8 @@ import trio.testing
 
 from memory import GLOBAL_DIRTY_MIGRATION
 from memory.kvm.linux_kvm import KVM_MEM_LOG_DIRTY_PAGES
-from migrator._engine import IncomingMigration, OutgoingMigration
-from migrator._status import MigrationStatus as S
+from migrator.engine._engine import IncomingMigration, OutgoingMigration
+from migrator.engine._status import MigrationStatus as S
 from transport import (MIG_CMD_X_GO, MIG_CMD_X_NOGO, NEED_DATA, Message, MessageDecoder,
                        StreamDecoder, VMDescription, encode_go, encode_loaded, encode_nogo, encode_shut)
 
@@ -366,7 +366,7 @@ async def test_migrate_incoming_rejects_unknown_protocols():
     ("unix:/" + "x" * 120, "too long"),
 ])
 def test_cli_rejects_bad_qmp_addresses(qmp, why, capsys):
-    from migrator._cli import main
+    from migrator.cli._cli import main
 
     with pytest.raises(SystemExit) as info:
         main(["run", "--accel", "sim", "--memory", "16M", "--qmp", qmp])

@@ -15,8 +15,8 @@ import json
 import numpy as np
 import pytest
 
-from migrator._cli import main
-from migrator._compare import (GUESTS, CompareConfig, RunResult, aggregate, check_o1_dirty_log,
+from migrator.cli._cli import main
+from migrator.reports._compare import (GUESTS, CompareConfig, RunResult, aggregate, check_o1_dirty_log,
                                run_case)
 
 QUICK = CompareConfig(memory_bytes=16 << 20, max_bandwidth=32 << 20, downtime_limit=500, timeout_s=20)

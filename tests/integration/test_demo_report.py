@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from migrator._history import MigrationHistory
+from migrator.engine._history import MigrationHistory
 from tests.unit.test_report_exact import recorded_problems
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -21,9 +21,9 @@ import trio
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from migrator._commands import CommandTable, command
-from migrator._params import MigrationOptions
-from migrator._server import QMPServer
+from migrator.qmp._commands import CommandTable, command
+from migrator.qmp._params import MigrationOptions
+from migrator.qmp._server import QMPServer
 from migrator.errors import QMPError
 
 pytestmark = pytest.mark.trio_timeout(60)

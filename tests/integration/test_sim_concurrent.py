@@ -27,7 +27,7 @@ import trio
 from memory import DIRTY_MEMORY_MIGRATION, DIRTY_MEMORY_VGA, GLOBAL_DIRTY_MIGRATION, TARGET_PAGE_SIZE
 from memory.kvm._listener import RegionSyncRule
 from memory.kvm.sim.workloads import HotsetWorkload, RandomWorkload
-from migrator._machine import AccelConfig, Machine
+from migrator.engine._machine import AccelConfig, Machine
 
 P = TARGET_PAGE_SIZE
 CHUNK = 64

@@ -222,7 +222,7 @@ async def test_state_load_checks_the_vcpu_count_before_touching_a_vcpu(require_k
 
 
 def test_machine_refuses_more_vcpus_than_the_guest_layout_has():
-    from migrator._machine import AccelConfig, Machine
+    from migrator.engine._machine import AccelConfig, Machine
 
     with pytest.raises(ValueError, match=f"at most {LAYOUT['VCPU_MAX']} vCPUs"):
         Machine(memory_bytes=8 << 20, accel=AccelConfig(kind="kvm"), workload="ab", smp=LAYOUT["VCPU_MAX"] + 1)

@@ -25,7 +25,7 @@ sync + send (and a final refresh) make both copies equal guest memory.
 The NAIVE per-region rule (fetch WITHOUT_WRITE_PROTECT, nothing re-protects)
 is run too and must be caught: see the deterministic tests at the bottom.
 
-At the end, the engine's own consumer (``migrator._ram.RAMSaveState``) is
+At the end, the engine's own consumer (``migrator.engine._ram.RAMSaveState``) is
 driven the same way, with guest writes from two vCPUs, display syncs and
 slot moves in between, and must lose nothing in any mode; its broken
 variant (chunk clears issued after the pages were read) must lose pages.
@@ -565,7 +565,7 @@ def test_slot_moves_and_holes_keep_bits(mode, harvest):
 
 
 # ---------------------------------------------------------------------------
-# The real consumer: migrator._ram.RAMSaveState driven like the engine does
+# The real consumer: migrator.engine._ram.RAMSaveState driven like the engine does
 # ---------------------------------------------------------------------------
 
 
@@ -591,7 +591,7 @@ def run_real_consumer(mode: str, seed: int, *, late_clears: bool = False, steps:
     """Migrate a World's RAM with RAMSaveState (bitmap_sync, next_batch, last
     stage) while the guest writes, displays refresh and the topology changes;
     return the blocks whose destination copy differs from guest memory."""
-    from migrator._ram import RAMSaveState
+    from migrator.engine._ram import RAMSaveState
 
     rng = np.random.default_rng(seed)
     w = World(mode)
@@ -646,7 +646,7 @@ def run_real_consumer(mode: str, seed: int, *, late_clears: bool = False, steps:
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_real_consumer_never_loses_a_write(mode):
-    """migrator._ram's ordering (sync with re-protection, xchg, chunk clear
+    """migrator.engine._ram's ordering (sync with re-protection, xchg, chunk clear
     before the chunk's first page is handed out, no clears in the last stage)
     against every re-protection mode, through slot moves and display syncs."""
     runs = {seed: run_real_consumer(mode, seed) for seed in range(24)}

@@ -1,6 +1,6 @@
 """The demo's progress bar (rich), shown for migrations longer than a second."""
 
-from migrator._demo import _Progress, _summary
+from migrator.cli._demo import _Progress, _summary
 
 
 def test_progress_bar_renders_after_a_second(capsys):

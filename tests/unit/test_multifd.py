@@ -10,8 +10,8 @@ import pytest
 import trio
 
 from memory import RAMBlock
-from migrator import _multifd as m
-from migrator._ram import RAMLoadState, RAMSaveState
+from migrator.engine import _multifd as m
+from migrator.engine._ram import RAMLoadState, RAMSaveState
 from transport import RemoteProtocolError
 from transport import _multifd as mf
 

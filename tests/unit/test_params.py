@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from migrator._commands import CommandTable
-from migrator._params import (
+from migrator.qmp._commands import CommandTable
+from migrator.qmp._params import (
     MIGRATION_CAPABILITIES,
     RUNNING_STATES,
     MigrationCapabilities,
@@ -17,7 +17,7 @@ from migrator._params import (
     MigrationParameters,
     is_migration_running,
 )
-from migrator._qmp import ErrorReply, Request, Return
+from migrator.qmp._protocol import ErrorReply, Request, Return
 from migrator.errors import QMPError
 
 # QEMU's defaults, as query-migrate-parameters shows them on a fresh QEMU 10.2

@@ -21,8 +21,8 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from migrator._commands import SIZE, UINT8, UINT64, CommandTable, Enum, command
-from migrator._qmp import (
+from migrator.qmp._commands import SIZE, UINT8, UINT64, CommandTable, Enum, command
+from migrator.qmp._protocol import (
     CLOSED,
     NEED_DATA,
     NO_ID,

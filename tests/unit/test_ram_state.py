@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from memory import RAMBlock
-from migrator._ram import RAMLoadState
+from migrator.engine._ram import RAMLoadState
 from migrator.errors import MigrationError
 
 
@@ -50,8 +50,8 @@ def test_fresh_shortcut_is_wrong_for_used_ram():
 
 def _sending_machine(mode: dict):
     from memory import GLOBAL_DIRTY_MIGRATION
-    from migrator._machine import AccelConfig, Machine
-    from migrator._ram import RAMSaveState
+    from migrator.engine._machine import AccelConfig, Machine
+    from migrator.engine._ram import RAMSaveState
 
     m = Machine(memory_bytes=4 << 20, accel=AccelConfig(kind="sim", **mode), workload="idle")
     m.kvm.vcpu_write(np.arange(m.memory_bytes // 4096, dtype=np.int64))  # a booted guest

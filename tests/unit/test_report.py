@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from migrator._history import MigrationHistory
-from migrator._plots import PLOTS
-from migrator._report import (
+from migrator.engine._history import MigrationHistory
+from migrator.reports._plots import PLOTS
+from migrator.reports._report import (
     ReportInputError,
     history_from_document,
     load_history,
@@ -445,7 +445,7 @@ def test_importing_the_report_does_not_import_matplotlib():
     import subprocess
     import sys
 
-    code = ("import sys, migrator._report, migrator._plots; "
+    code = ("import sys, migrator.reports._report, migrator.reports._plots; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

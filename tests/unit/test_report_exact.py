@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from migrator._history import MigrationHistory
-from migrator._plots import PlotRun, figure, thresholds_bytes
-from migrator._report import load_history, summarize, write_report
+from migrator.engine._history import MigrationHistory
+from migrator.reports._plots import PlotRun, figure, thresholds_bytes
+from migrator.reports._report import load_history, summarize, write_report
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 TWO_VCPUS = FIXTURES / "history_two_vcpus.json"

@@ -1,11 +1,11 @@
-"""``--smp``: parsed in migrator/_machine.py, QEMU's spelling, clear errors."""
+"""``--smp``: parsed in migrator/engine/_machine.py, QEMU's spelling, clear errors."""
 
 from __future__ import annotations
 
 import pytest
 
-from migrator._cli import build_parser
-from migrator._machine import SMP_MAX, parse_smp
+from migrator.cli._cli import build_parser
+from migrator.engine._machine import SMP_MAX, parse_smp
 
 
 @pytest.mark.parametrize("text,n", [("1", 1), ("2", 2), ("cpus=4", 4), (" 3 ", 3), (str(SMP_MAX), SMP_MAX)])
@@ -29,7 +29,7 @@ def test_cli_default_and_error(capsys):
 
 
 def test_machine_takes_one_vcpu_count():
-    from migrator._machine import AccelConfig, Machine
+    from migrator.engine._machine import AccelConfig, Machine
 
     with pytest.raises(ValueError, match="disagree"):
         Machine(memory_bytes=4 << 20, accel=AccelConfig(kind="sim", smp=3), smp=2)

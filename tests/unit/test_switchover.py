@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import trio
 
-from migrator._history import MigrationHistory
-from migrator._machine import AccelConfig
-from migrator._status import MigrationStatus as S
-from migrator._vm import VM
+from migrator.engine._history import MigrationHistory
+from migrator.engine._machine import AccelConfig
+from migrator.engine._status import MigrationStatus as S
+from migrator.qmp._vm import VM
 from tests.unit.test_report_exact import recorded_problems
 
 
@@ -70,8 +70,8 @@ async def test_avail_switchover_bandwidth_sets_the_threshold(tmp_path):
 
 def _decider(*, predictive: bool, threshold: int, limit: int = 300, throughputs=(), avail: int = 0):
     """An OutgoingMigration holding only what the switchover test reads."""
-    from migrator._engine import MigrationCounters, OutgoingMigration
-    from migrator._params import MigrationParameters
+    from migrator.engine._engine import MigrationCounters, OutgoingMigration
+    from migrator.qmp._params import MigrationParameters
 
     params = MigrationParameters().apply(downtime_limit=limit, x_predictive_switchover=predictive,
                                          avail_switchover_bandwidth=avail)
@@ -158,7 +158,7 @@ async def test_expected_downtime_starts_at_the_limit(tmp_path):
 def test_vcpu_write_rates_from_any_controller(before, after, want):
     """Per-vCPU rates from whatever the vCPU controller reports; a controller
     that does not count gives none (and never breaks the sync)."""
-    from migrator._engine import OutgoingMigration
+    from migrator.engine._engine import OutgoingMigration
 
     answers = iter([before, after])
     vcpus = type("VCPUs", (), {"statistics": lambda self: next(answers)})()

@@ -39,7 +39,7 @@ def _qmp_address(text: str):
 
 
 def _size(text: str) -> int:
-    from ._machine import parse_size
+    from ..engine._machine import parse_size
 
     try:
         return parse_size(text)
@@ -48,7 +48,7 @@ def _size(text: str) -> int:
 
 
 def _accel(text: str):
-    from ._machine import parse_accel
+    from ..engine._machine import parse_accel
 
     try:
         return parse_accel(text)
@@ -57,7 +57,7 @@ def _accel(text: str):
 
 
 def _smp(text: str) -> int:
-    from ._machine import parse_smp
+    from ..engine._machine import parse_smp
 
     try:
         return parse_smp(text)
@@ -115,11 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "report":
-        from ._report import report_main
+        from ..reports._report import report_main
 
         return report_main(argv[1:])
     if argv and argv[0] == "compare":
-        from ._compare import compare_main
+        from ..reports._compare import compare_main
 
         try:
             return compare_main(argv[1:])
@@ -144,9 +144,9 @@ def _run(args, parser) -> int:
 
     from transport import parse_uri
 
-    from ._machine import parse_accel
-    from ._vm import VM
-    from .errors import MigratorError
+    from ..engine._machine import parse_accel
+    from ..qmp._vm import VM
+    from ..errors import MigratorError
 
     accel = args.accel if not isinstance(args.accel, str) else parse_accel(args.accel)
     accel.smp = args.smp

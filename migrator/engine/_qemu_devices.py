@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from transport import VMStateSection
 from transport._vmstate import decode_globalstate, decode_timer, encode_globalstate, encode_timer
 
-from .errors import MigrationError
+from ..errors import MigrationError
 
 __all__ = ["QemuDeviceState"]
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from ._history import MigrationHistory
+    from ..engine._history import MigrationHistory
 
 MIB = 1 << 20
 

@@ -15,13 +15,13 @@ import trio
 
 from memory import GLOBAL_DIRTY_DIRTY_RATE, TARGET_PAGE_SIZE
 
-from ._engine import IncomingMigration, OutgoingMigration
-from ._history import MigrationHistory
-from ._machine import AccelConfig, Machine
+from ..engine._engine import IncomingMigration, OutgoingMigration
+from ..engine._history import MigrationHistory
+from ..engine._machine import AccelConfig, Machine
 from ._params import MigrationOptions
-from ._status import DESTINATION_TRANSITIONS, SOURCE_TRANSITIONS, MigrationState
-from ._status import MigrationStatus as S
-from .errors import MigratorError, QMPError
+from ..engine._status import DESTINATION_TRANSITIONS, SOURCE_TRANSITIONS, MigrationState
+from ..engine._status import MigrationStatus as S
+from ..errors import MigratorError, QMPError
 
 
 def _generic(desc: str) -> QMPError:
@@ -439,7 +439,7 @@ class VM:
         mig = self.last_outgoing
         if mig is None and self.incoming is not None:
             # a destination: no iterations, its own timeline (the driver merges
-            # it into the source's history, see migrator._demo)
+            # it into the source's history, see migrator.cli._demo)
             return MigrationHistory(label=self.label, status=self.state.status.value,
                                     setup=self.describe_setup(),
                                     destination=self.incoming.timeline).to_json()

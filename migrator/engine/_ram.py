@@ -262,7 +262,7 @@ class RAMLoadState:
         self.normal_pages += int(idx.size)
 
     def mem_size(self, blocks: tuple) -> None:
-        from .errors import MigrationError
+        from ..errors import MigrationError
 
         for idstr, length in blocks:
             mine = self.blocks.get(idstr)
@@ -274,7 +274,7 @@ class RAMLoadState:
         self.seen_mem_size = True
 
     def _block(self, idstr: str):
-        from .errors import MigrationError
+        from ..errors import MigrationError
 
         block = self.blocks.get(idstr)
         if block is None or not self.seen_mem_size:
@@ -285,7 +285,7 @@ class RAMLoadState:
         block = self._block(idstr)
         idx = (offsets >> TARGET_PAGE_BITS).astype(np.intp)
         if idx.size and int(idx.max()) >= block.npages:  # the decoder checked; belt and braces
-            from .errors import MigrationError
+            from ..errors import MigrationError
             raise MigrationError(f"page offset beyond block {idstr!r}")
         block.pages[idx] = data
         self.written[idstr][idx] = True
@@ -295,7 +295,7 @@ class RAMLoadState:
         block = self._block(idstr)
         idx = (offsets >> TARGET_PAGE_BITS).astype(np.intp)
         if idx.size and int(idx.max()) >= block.npages:
-            from .errors import MigrationError
+            from ..errors import MigrationError
             raise MigrationError(f"page offset beyond block {idstr!r}")
         self.zero_pages += int(idx.size)
         if self.fresh:

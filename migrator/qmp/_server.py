@@ -1,4 +1,4 @@
-"""The QMP server: a thin trio adapter around :class:`~migrator._qmp.QMPConnection`.
+"""The QMP server: a thin trio adapter around :class:`~migrator.qmp._protocol.QMPConnection`.
 
 Per client, one task reads requests and runs them one at a time, in order
 (QEMU without OOB does the same); clients do not wait for each other.
@@ -38,7 +38,7 @@ from typing import Any, NoReturn
 import trio
 
 from ._commands import CommandTable, command
-from ._qmp import (
+from ._protocol import (
     CLOSED,
     DEFAULT_VERSION,
     MAX_MESSAGE_BYTES,
@@ -52,7 +52,7 @@ from ._qmp import (
     VersionInfo,
     encode,
 )
-from .errors import ErrorClass, LocalProtocolError
+from ..errors import ErrorClass, LocalProtocolError
 
 __all__ = ["QMPServer", "QMPServerStatistics"]
 

@@ -60,7 +60,7 @@ import trio
 
 from memory import TARGET_PAGE_SIZE
 
-from ._history import MigrationHistory
+from ..engine._history import MigrationHistory
 
 #: The seed's figures (performance data, case 2): (before = ordinary
 #: dirty log, after = write-protect-all).
@@ -270,8 +270,8 @@ async def _destination(cfg: CompareConfig, tmp: Path, name: str):
     sock = tmp / f"{name}.mig"
     uri = f"unix:{sock}"
     if cfg.destination == "inprocess":
-        from ._machine import AccelConfig
-        from ._vm import VM
+        from ..engine._machine import AccelConfig
+        from ..qmp._vm import VM
 
         dst = VM(memory_bytes=cfg.memory_bytes, accel=AccelConfig(kind="sim", smp=cfg.smp), incoming=uri,
                  start_paused=True, label=f"{name}-destination")
@@ -340,9 +340,9 @@ async def run_case(cfg: CompareConfig, guest: str, wp_all: bool, tmp: Path, *,
     """
     from memory.kvm.sim.workloads import StreamWorkload
 
-    from ._machine import AccelConfig
-    from ._status import MigrationStatus as S
-    from ._vm import VM
+    from ..engine._machine import AccelConfig
+    from ..engine._status import MigrationStatus as S
+    from ..qmp._vm import VM
 
     if guest not in GUESTS:
         raise ValueError(f"guest must be one of {GUESTS}, not {guest!r}")
@@ -754,7 +754,7 @@ def _run_json(r: RunResult) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ._cli import _size
+    from ..cli._cli import _size
 
     p = argparse.ArgumentParser(
         prog="migrator compare",
@@ -785,7 +785,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> CompareConfig:
-    from ._machine import parse_size
+    from ..engine._machine import parse_size
 
     cfg = CompareConfig()
     if args.quick:
@@ -818,7 +818,7 @@ def config_from_args(args) -> CompareConfig:
     if args.timeout is not None:
         cfg.timeout_s = args.timeout
     if getattr(args, "smp", None) is not None:
-        from ._machine import parse_smp
+        from ..engine._machine import parse_smp
 
         cfg.smp = parse_smp(str(args.smp))
     if getattr(args, "fault_cost", None) is not None:

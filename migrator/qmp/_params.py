@@ -47,8 +47,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Final
 
 from ._commands import BOOL, SIZE, STR_OR_NULL, UINT8, UINT32, UINT64, Enum, command
-from ._status import RUNNING_STATES as _STATUS_RUNNING_STATES
-from .errors import QMPError
+from ..engine._status import RUNNING_STATES as _STATUS_RUNNING_STATES
+from ..errors import QMPError
 
 __all__ = [
     "MIGRATION_ACTIVE_DESC",

@@ -62,7 +62,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .errors import ErrorClass, LocalProtocolError
+from ..errors import ErrorClass, LocalProtocolError
 
 __all__ = [
     "CLOSED",

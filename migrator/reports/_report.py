@@ -1,6 +1,6 @@
 """``migrator report``: a convergence report from recorded migration histories.
 
-Input is one or more :class:`~migrator._history.MigrationHistory` JSON
+Input is one or more :class:`~migrator.engine._history.MigrationHistory` JSON
 documents (``x-query-migration-history``, or the object ``migrator demo
 --json`` prints, whose ``"history"`` key holds one).  Output, in one
 directory:
@@ -11,7 +11,7 @@ directory:
   ``data:image/png;base64`` URIs, no external resource);
 - ``report.json``: one row per iteration per run (the history's own fields
   plus ``"run"``), and per-run setup and summary;
-- the PNG plots of :data:`migrator._plots.PLOTS`.
+- the PNG plots of :data:`migrator.reports._plots.PLOTS`.
 
 Several histories overlay in one report (auto-converge on vs off,
 write-protect-all on vs off...): one colour and one summary column per run.
@@ -36,9 +36,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from ._history import (BOOL_FIELDS, LIST_FIELDS, DowntimeBreakdown, IterationRecord,
+from ..engine._history import (BOOL_FIELDS, LIST_FIELDS, DowntimeBreakdown, IterationRecord,
                        MigrationHistory)
-from .errors import MigratorError
+from ..errors import MigratorError
 from ._plots import DOWNTIME_PARTS, MIB, PLOTS, PlotRun, dirty_rates_pages_per_s, exact_recorded, \
     page_size_bytes, parameter, render_plots, thresholds_bytes
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 
-from .errors import StateError
+from ..errors import StateError
 
 
 class MigrationStatus(enum.Enum):

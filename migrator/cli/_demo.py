@@ -298,8 +298,8 @@ def demo_main(args) -> int:
     if res.get("timed-out"):
         print(f"migrator demo: migration did not finish in {args.timeout:g} s; cancelled", file=sys.stderr)
     if args.report:
-        from ._history import MigrationHistory
-        from ._report import write_report
+        from ..engine._history import MigrationHistory
+        from ..reports._report import write_report
 
         hist = MigrationHistory.from_json(res["history"])
         try:

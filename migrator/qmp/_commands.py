@@ -54,8 +54,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-from ._qmp import ErrorReply, Request, Return
-from .errors import ErrorClass, QMPError
+from ._protocol import ErrorReply, Request, Return
+from ..errors import ErrorClass, QMPError
 
 __all__ = [
     "ANY",

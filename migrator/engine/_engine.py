@@ -27,7 +27,7 @@ Source (:class:`OutgoingMigration`) follows migration/migration.c:
 Destination (:class:`IncomingMigration`): SETUP when listening, ACTIVE on
 the first byte; nothing is loaded into a vCPU, acknowledged or resumed
 before the whole stream through EOF was received and every section
-validated (:func:`migrator._devstate.validate_device_state`); on any error
+validated (:func:`migrator.engine._devstate.validate_device_state`); on any error
 the destination is FAILED, acknowledges SHUT(1) and its vCPUs never run.
 
 Who owns the guest
@@ -115,7 +115,7 @@ from ._history import (DestinationTimeline, DowntimeBreakdown, DowntimePredictio
 from ._qemu_devices import QemuDeviceState
 from ._ram import RAMLoadState, RAMSaveState
 from ._status import MigrationStatus as S
-from .errors import MigrationError
+from ..errors import MigrationError
 
 #: QEMU's MAX_WAIT: one ram_save_iterate sends for at most 50 ms.
 MAX_WAIT_S = 0.050

@@ -66,7 +66,7 @@ from transport import _multifd as mf
 from transport.channel import _advance  # the shared partial-iovec helper
 from transport.errors import ChannelError
 
-from .errors import MigrationError
+from ..errors import MigrationError
 
 __all__ = ["MultifdReceiver", "MultifdSender", "accept_channels", "connect_channels"]
 
