@@ -80,10 +80,14 @@ from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
+from qemu.qmp import ConnectError
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from migrator.engine import parse_size  # noqa: E402  (after the path fix-up)
 
 GB = 1e9
 PS = 4096
@@ -101,12 +105,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- helpers -------------------------------------------------------------------
-def parse_size(text: str) -> int:
-    from migrator.engine._machine import parse_size as ps
-
-    return ps(text)
-
-
 def proc_cpu_s(pid: int) -> float:
     """utime + stime of a process, seconds."""
     with open(f"/proc/{pid}/stat") as f:
@@ -144,65 +142,38 @@ def median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-class QMP:
-    """A small blocking QMP client (the driver only waits; it never competes for CPU)."""
+def qmp_connect(path: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> QEMUMonitorProtocol:
+    """qemu.qmp's synchronous client, once the process has created its QMP socket.
 
-    def __init__(self, path: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"migrator exited with {proc.returncode} before {path} appeared")
-            if os.path.exists(path):
-                try:
-                    self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    self.sock.settimeout(timeout)  # the source fills its RAM before greeting
-                    self.sock.connect(path)
-                    break
-                except OSError:
-                    self.sock.close()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"timed out waiting for {path}")
-            time.sleep(0.02)
-        self.f = self.sock.makefile("rb")
-        self.events: list[dict] = []
-        self._id = 0
-        self._read()  # greeting
-        self.execute("qmp_capabilities")
+    The driver only waits (it never competes for CPU): commands and events
+    go through ``QEMUMonitorProtocol``; only the wait for the socket to
+    appear is ours (the source fills its RAM before it listens).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {path} appeared")
+        if os.path.exists(path):
+            qmp = QEMUMonitorProtocol(path, nickname=os.path.basename(path))
+            try:
+                qmp.connect()
+            except (ConnectError, OSError):
+                qmp.close()
+            else:
+                qmp.settimeout(timeout)
+                return qmp
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {path}")
+        time.sleep(0.02)
 
-    def _read(self) -> dict:
-        line = self.f.readline()
-        if not line:
-            raise EOFError("QMP connection closed")
-        return json.loads(line)
 
-    def execute(self, cmd: str, args: dict | None = None):
-        self._id += 1
-        msg = {"execute": cmd, "id": self._id}
-        if args is not None:
-            msg["arguments"] = args
-        self.sock.sendall(json.dumps(msg).encode() + b"\r\n")
-        while True:
-            reply = self._read()
-            if "event" in reply:
-                self.events.append(reply)
-            elif reply.get("id") == self._id:
-                if "error" in reply:
-                    raise RuntimeError(f"{cmd}: {reply['error']}")
-                return reply["return"]
-
-    def wait_migration_event(self, statuses=("completed", "failed", "cancelled")) -> tuple[str, float]:
-        """Block until a MIGRATION event with one of ``statuses``; (status, perf_counter at arrival)."""
-        while True:
-            for ev in self.events:
-                if ev["event"] == "MIGRATION" and ev["data"]["status"] in statuses:
-                    self.events.remove(ev)
-                    return ev["data"]["status"], time.perf_counter()
-            self.events.append(self._read())
-
-    def close(self) -> None:
-        with suppress(OSError):
-            self.f.close()
-            self.sock.close()
+def wait_migration_event(qmp: QEMUMonitorProtocol,
+                         statuses: tuple[str, ...] = ("completed", "failed", "cancelled")) -> tuple[str, float]:
+    """Block until a MIGRATION event with one of ``statuses``; (status, perf_counter at arrival)."""
+    while True:
+        ev = qmp.pull_event(wait=True)
+        if ev is not None and ev["event"] == "MIGRATION" and ev["data"]["status"] in statuses:
+            return ev["data"]["status"], time.perf_counter()
 
 
 # -- raw socket transfer ---------------------------------------------------------
@@ -278,8 +249,9 @@ def quit_all(qmps: dict, procs: dict) -> None:
     """``quit`` every VM (ours or QEMU), then wait for (or kill) its process."""
     for q in qmps.values():
         with suppress(Exception):
-            q.execute("quit")
-        q.close()
+            q.cmd("quit")
+        with suppress(Exception):  # the peer closed first: qemu.qmp re-raises its EOFError here
+            q.close()
     for p in procs.values():
         try:
             p.wait(timeout=30)
@@ -296,7 +268,7 @@ def run_migration(kind: str, tmp: str, memory: int, workload: str, *, profile_di
     base = [sys.executable, "-m", "migrator", "run", "--accel", "sim", "--memory", f"{memory}B"]
     procs: dict[str, subprocess.Popen] = {}
     logs = {}
-    qmps: dict[str, QMP] = {}
+    qmps: dict[str, QEMUMonitorProtocol] = {}
 
     def spawn(name: str, extra: list[str]) -> None:
         cmd = base + extra
@@ -317,25 +289,25 @@ def run_migration(kind: str, tmp: str, memory: int, workload: str, *, profile_di
         spawn("dst", ["--qmp", f"unix:{dst_qmp}", "--incoming", "defer" if multifd else uri, "-S",
                       "--label", "dst"])
         spawn("src", ["--workload", workload, "--qmp", f"unix:{src_qmp}", "--label", "src"])
-        qmps["dst"] = QMP(dst_qmp, procs["dst"])
-        qmps["src"] = QMP(src_qmp, procs["src"])
+        qmps["dst"] = qmp_connect(dst_qmp, procs["dst"])
+        qmps["src"] = qmp_connect(src_qmp, procs["src"])
         src, dst = qmps["src"], qmps["dst"]
         if multifd:
             set_multifd([src, dst], *multifd)
-            dst.execute("migrate-incoming", {"uri": uri})
-        src.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
-        src.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH, "downtime-limit": downtime_limit,
+            dst.cmd("migrate-incoming", **{"uri": uri})
+        src.cmd("migrate-set-capabilities", **{"capabilities": [{"capability": "events", "state": True}]})
+        src.cmd("migrate-set-parameters", **{"max-bandwidth": MAX_BANDWIDTH, "downtime-limit": downtime_limit,
                                                "x-predictive-switchover": switchover == "predictive"})
         time.sleep(0.2)  # let both settle (the destination has pre-faulted by now: it answered QMP)
         cpu0 = {n: proc_cpu_s(pid(n)) for n in procs}
         t0 = time.perf_counter()
-        src.execute("migrate", {"uri": uri})
-        status, t1 = src.wait_migration_event()
+        src.cmd("migrate", **{"uri": uri})
+        status, t1 = wait_migration_event(src)
         wall = t1 - t0
         cpu = {n: proc_cpu_s(pid(n)) - cpu0[n] for n in procs}
-        info = src.execute("query-migrate")
-        dinfo = dst.execute("query-migrate")
-        hist = src.execute("x-query-migration-history")
+        info = src.cmd("query-migrate")
+        dinfo = dst.cmd("query-migrate")
+        hist = src.cmd("x-query-migration-history")
         ram = info.get("ram", {})
         out = {
             "status": status,
@@ -358,8 +330,8 @@ def run_migration(kind: str, tmp: str, memory: int, workload: str, *, profile_di
         }
         if verify and status == "completed":
             a, b = os.path.join(tmp, "src.ram"), os.path.join(tmp, "dst.ram")
-            src.execute("pmemsave", {"val": 0, "size": memory, "filename": a})
-            dst.execute("pmemsave", {"val": 0, "size": memory, "filename": b})
+            src.cmd("pmemsave", **{"val": 0, "size": memory, "filename": a})
+            dst.cmd("pmemsave", **{"val": 0, "size": memory, "filename": b})
             ma, mb = np.memmap(a, np.uint8, mode="r"), np.memmap(b, np.uint8, mode="r")
             step = 64 << 20
             out["ram_match"] = all(np.array_equal(ma[o:o + step], mb[o:o + step]) for o in range(0, memory, step))
@@ -473,8 +445,8 @@ def bench_bulk(args, tmp: str) -> list[dict]:
 # -- multifd rows and a stock QEMU row (issue 12) -----------------------------------
 def set_multifd(qmps, channels: int, compression: str) -> None:
     for q in qmps:
-        q.execute("migrate-set-capabilities", {"capabilities": [{"capability": "multifd", "state": True}]})
-        q.execute("migrate-set-parameters", {"multifd-channels": channels, "multifd-compression": compression})
+        q.cmd("migrate-set-capabilities", **{"capabilities": [{"capability": "multifd", "state": True}]})
+        q.cmd("migrate-set-parameters", **{"multifd-channels": channels, "multifd-compression": compression})
 
 
 def run_qemu_migration(kind: str, tmp: str, memory: int, multifd: tuple[int, str] | None = None) -> dict:
@@ -497,20 +469,20 @@ def run_qemu_migration(kind: str, tmp: str, memory: int, multifd: tuple[int, str
             path = os.path.join(tmp, f"q{name}.qmp")
             procs[name] = subprocess.Popen(base + extra + ["-qmp", f"unix:{path},server=on,wait=off"],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            qmps[name] = QMP(path, procs[name])
+            qmps[name] = qmp_connect(path, procs[name])
         src, dst = qmps["src"], qmps["dst"]
         if multifd:
             set_multifd([src, dst], *multifd)
-            dst.execute("migrate-incoming", {"uri": uri})
-        src.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
-        src.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+            dst.cmd("migrate-incoming", **{"uri": uri})
+        src.cmd("migrate-set-capabilities", **{"capabilities": [{"capability": "events", "state": True}]})
+        src.cmd("migrate-set-parameters", **{"max-bandwidth": MAX_BANDWIDTH})
         time.sleep(0.3)
         cpu0 = {n: proc_cpu_s(p.pid) for n, p in procs.items()}
         t0 = time.perf_counter()
-        src.execute("migrate", {"uri": uri})
-        status, t1 = src.wait_migration_event()
+        src.cmd("migrate", **{"uri": uri})
+        status, t1 = wait_migration_event(src)
         cpu = {n: proc_cpu_s(p.pid) - cpu0[n] for n, p in procs.items()}
-        info = src.execute("query-migrate")
+        info = src.cmd("query-migrate")
         ram = info.get("ram", {})
         return {"status": status, "wall_s": t1 - t0, "transferred": ram.get("transferred"),
                 "normal_pages": ram.get("normal"), "total_time_ms": info.get("total-time"),
@@ -841,12 +813,12 @@ def main() -> None:
         size, mode, frac, rounds = args._sync
         print(json.dumps(bench_sync_one(int(size), mode, float(frac), int(rounds))))
         return
-    args.memory = parse_size(args.memory)
+    args.memory = parse_size(args.memory, default_suffix="M")  # -m: a bare number is MiB
     args.transports = [t for t in args.transports.split(",") if t]
     args.switchover = [m for m in args.switchover.split(",") if m]
     if not args.switchover or set(args.switchover) - {"qemu", "predictive"}:
         sys.exit("--switchover takes a comma list of qemu, predictive")
-    args.sync_sizes = [parse_size(s) for s in args.sync_sizes.split(",") if s]
+    args.sync_sizes = [parse_size(s, default_suffix="M") for s in args.sync_sizes.split(",") if s]
     args.sync_modes = [m for m in args.sync_modes.split(",") if m]
     skip = set(args.skip.split(","))
     if args.profile:

@@ -43,6 +43,7 @@ import numpy as np
 from memory import RAMBlock
 from memory.kvm import SimKVM, UserMemoryRegion
 from memory.kvm import linux_kvm as K
+from migrator.engine import parse_size
 
 #: seed case 1 (3 GiB, 12 vCPUs): PATCH 0/7 "Performance Data"
 SEED = {
@@ -54,16 +55,6 @@ SEED = {
     "seed_write_all_after_fast_ns": 291_150_923,
     "seed_write_after_change_pct": round((291_150_923 / 281_735_017 - 1) * 100, 1),
 }
-_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    if text and text[-1] in _UNITS:
-        return int(float(text[:-1]) * _UNITS[text[-1]])
-    return int(text)
-
-
 def steady_malloc() -> bool:
     """Keep freed memory in the heap (glibc mallopt), for both variants.
 
@@ -246,7 +237,8 @@ def print_table(results: list[dict[str, object]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="one JSON object per line per size")
-    ap.add_argument("--sizes", default="1G,3G", help="comma-separated slot sizes (default 1G,3G)")
+    ap.add_argument("--sizes", default="1G,3G",
+                    help="comma-separated slot sizes, QEMU -m syntax (a bare number is MiB; default 1G,3G)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--batch-pages", type=int, default=65536, help="pages per vcpu_write batch")
     ap.add_argument("--default-malloc", action="store_true", help="keep glibc's trimming (noisier)")
@@ -254,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     tuned = False if args.default_malloc else steady_malloc()
     results = []
     for text in args.sizes.split(","):
-        res = bench_size(parse_size(text), args.repeats, args.batch_pages)
+        res = bench_size(parse_size(text, default_suffix="M"), args.repeats, args.batch_pages)
         res["steady_malloc"] = tuned
         results.append(res)
         if args.json:

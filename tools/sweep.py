@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from migrator.engine import parse_size  # noqa: E402  (after the path fix-up)
+
 MIB = 1 << 20
 #: dirty-tracking modes of the simulated KVM, as --accel strings
 MODES = {
@@ -46,12 +48,6 @@ MODES = {
     "wp-all": "sim,write-protect-all=on",
     "manual": "sim,manual-protect=on",
 }
-
-
-def parse_size(text: str) -> int:
-    from migrator.engine._machine import parse_size as ps
-
-    return ps(text)
 
 
 def run_cell(cell: dict, args) -> dict:
@@ -149,11 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--downtime-limits", default="100,300", help="downtime-limit values, ms")
     ap.add_argument("--modes", default="legacy,wp-all", help=f"dirty-tracking modes: {', '.join(MODES)}")
     ap.add_argument("--switchover", default="qemu", help="switchover rules: qemu, predictive")
-    ap.add_argument("--memory", default="64M")
+    ap.add_argument("--memory", default="64M", help="guest RAM, QEMU -m syntax (default 64M)")
     ap.add_argument("--timeout", type=float, default=4.0, help="cancel a cell after this many seconds")
     ap.add_argument("--transport", default="tcp", choices=("tcp", "unix"))
     args = ap.parse_args(argv)
-    args.memory = parse_size(args.memory)
+    args.memory = parse_size(args.memory, default_suffix="M")  # -m: a bare number is MiB
     modes = [m for m in args.modes.split(",") if m]
     rules = [m for m in args.switchover.split(",") if m]
     if set(modes) - set(MODES) or set(rules) - {"qemu", "predictive"}:

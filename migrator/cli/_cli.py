@@ -39,10 +39,11 @@ def _qmp_address(text: str):
 
 
 def _size(text: str) -> int:
+    """``--memory``/``-m``: QEMU's ``-m`` rules, so a bare number is MiB."""
     from ..engine._machine import parse_size
 
     try:
-        return parse_size(text)
+        return parse_size(text, default_suffix="M")
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

@@ -18,20 +18,57 @@ from dataclasses import dataclass
 
 from memory import RAMBlock
 
-SIZE_RE = re.compile(r"^(\d+)([KMGT]?)(i?B?)?$", re.IGNORECASE)
+#: multipliers of qemu_strtosz's one-letter suffixes (binary: K is 1024)
+_SIZE_SUFFIX = {"B": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
+_SIZE_RE = re.compile(r"\s*(\d+)(?:\.(\d+))?([A-Za-z]?)")
+#: qemu_strtosz refuses values >= this (they overflow uint64_t through a double)
+SIZE_LIMIT = 0xFFFFFFFFFFFFFC00
 
 
-def parse_size(text: str) -> int:
-    """``512M``, ``1G``, ``4096`` (bytes) -> bytes, as QEMU's ``-m``-ish sizes."""
-    m = SIZE_RE.match(text.strip())
-    if not m:
-        raise ValueError(f"invalid size {text!r} (use e.g. 256M, 1G)")
-    value = int(m.group(1))
-    unit = m.group(2).upper()
-    if unit == "" and not m.group(3):
-        # QEMU's -m without a suffix means MiB
-        unit = "M"
-    return value << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[unit]
+def parse_size(text: str, *, default_suffix: str = "B") -> int:
+    """A size in QEMU's syntax (``qemu_strtosz``, util/cutils.c) -> bytes.
+
+    Rules, as QEMU's:
+
+    * a decimal number, optionally with a decimal fraction (``1.5G``), then
+      at most one suffix letter, case-insensitive: ``B`` (bytes), ``K``,
+      ``M``, ``G``, ``T``, ``P``, ``E``, binary multiples (``1K`` = 1024);
+      nothing may follow the suffix (``256MiB`` and ``1 G`` are errors), only
+      leading whitespace is skipped;
+    * a bare number takes ``default_suffix``, which depends on the caller:
+      ``B`` for byte sizes (``qemu_strtosz``: QMP sizes, block sizes),
+      ``M`` for guest RAM (``qemu_strtosz_MiB``: ``-m 4096`` is 4 GiB);
+    * a fraction needs a multiplier above bytes (``1.5`` with default ``B``
+      and ``0.5B`` are errors); the result is truncated to whole bytes;
+    * negative numbers, hexadecimal, exponents, and values of 2**64 - 1024
+      and beyond are errors.
+
+    Raises:
+        ValueError: ``text`` is not a size by these rules (the message says why).
+    """
+    unit = _SIZE_SUFFIX.get(default_suffix.upper())
+    if unit is None:
+        raise ValueError(f"default_suffix must be one of {''.join(_SIZE_SUFFIX)}, not {default_suffix!r}")
+    m = _SIZE_RE.fullmatch(text)
+    if m is None and text.lstrip().startswith("-"):
+        raise ValueError(f"invalid size {text!r}: negative")
+    if m is None:
+        raise ValueError(f"invalid size {text!r}: a number with an optional suffix B, K, M, G, T, P or E "
+                         f"(e.g. 256M, 1.5G)")
+    integral, fraction, suffix = m.group(1), m.group(2) or "", m.group(3).upper()
+    if suffix:
+        shift = _SIZE_SUFFIX.get(suffix)
+        if shift is None:
+            raise ValueError(f"invalid size {text!r}: unknown suffix {m.group(3)!r} (B, K, M, G, T, P or E)")
+    else:
+        shift = unit
+    if fraction.strip("0") and shift == 0:
+        raise ValueError(f"invalid size {text!r}: a fraction of a byte")
+    # exact arithmetic: integral << shift plus the fraction's share, truncated
+    value = (int(integral) << shift) + ((int(fraction or "0") << shift) // 10 ** len(fraction))
+    if value >= SIZE_LIMIT:
+        raise ValueError(f"invalid size {text!r}: too large (at most {SIZE_LIMIT - 1} bytes)")
+    return value
 
 
 #: upper bound of ``--smp`` (QEMU's own limit depends on the machine type)
