@@ -187,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                                                        "defaults + auto-converge, report the time")
     p.add_argument("--timeout", type=float, default=120.0, help="--converge: give up after this many s")
     args = p.parse_args(argv)
-    memory = parse_size(args.memory)
+    memory = parse_size(args.memory, default_suffix="M")
     if args.converge:
         with tempfile.TemporaryDirectory(prefix="bench-vcpu-") as tmp:
-            outs = [trio.run(converge, parse_size(args.converge), args.smp, c, args.timeout, Path(tmp))
+            outs = [trio.run(converge, parse_size(args.converge, default_suffix="M"), args.smp, c, args.timeout, Path(tmp))
                     for c in args.fault_costs.split(",")]
         for o in outs:
             print(json.dumps(o) if args.json else

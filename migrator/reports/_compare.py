@@ -804,7 +804,7 @@ def config_from_args(args) -> CompareConfig:
             if not 0 < cfg.working_set_fraction <= 1:
                 raise ValueError(f"--working-set {text}: a percentage in (0, 100]")
         else:
-            cfg.working_set_pages = parse_size(text) // TARGET_PAGE_SIZE
+            cfg.working_set_pages = parse_size(text, default_suffix="M") // TARGET_PAGE_SIZE
             if not 1 <= cfg.working_set_pages <= cfg.npages:
                 raise ValueError(f"--working-set {text}: must fit in RAM")
     for name in ("max_bandwidth", "downtime_limit", "cpu_throttle_initial", "cpu_throttle_increment"):
