@@ -481,15 +481,15 @@ class Mmu:
 
     def upper_flags(self, gfns: NDArray[np.int64]) -> list[NDArray[np.uint8]]:
         """Flags of the level 4, 3 and 2 entries on the paths of ``gfns`` (0: missing)."""
-        out = []
-        for level in (4, 3, 2):
-            lev = self.levels[level]
-            e = gfns >> lev.shift
-            rows = lev.lookup(e >> SPTE_ENT_SHIFT)
-            idx = rows * SPTE_ENT_NR + (e & (SPTE_ENT_NR - 1))
-            fl = np.where(rows >= 0, lev.flat[np.maximum(idx, 0)], _ZERO).astype(np.uint8)
-            out.append(fl)
-        return out
+        return [self._entry_flags(level, gfns >> self.levels[level].shift).astype(np.uint8)
+                for level in (4, 3, 2)]
+
+    def _entry_flags(self, level: int, e: NDArray[np.int64]) -> NDArray[np.uint8]:
+        """Flags of the level-``level`` entries with ids ``e`` (0: table missing)."""
+        lev = self.levels[level]
+        rows = lev.lookup(e >> SPTE_ENT_SHIFT)
+        idx = rows * SPTE_ENT_NR + (e & (SPTE_ENT_NR - 1))
+        return np.where(rows >= 0, lev.flat[np.maximum(idx, 0)], _ZERO)
 
     def path_writable(self, gfns: NDArray[np.int64]) -> NDArray[np.bool_]:
         """Every upper entry on the path is present and writable.
@@ -507,13 +507,9 @@ class Mmu:
         ok = np.ones(e.shape, dtype=np.bool_)
         # level 2 on the distinct level-2 entries, then 3 and 4 on theirs
         for level in (2, 3, 4):
-            lev = self.levels[level]
             if level > 2:
                 e = e >> SPTE_ENT_SHIFT
-            rows = lev.lookup(e >> SPTE_ENT_SHIFT)
-            idx = rows * SPTE_ENT_NR + (e & (SPTE_ENT_NR - 1))
-            fl = np.where(rows >= 0, lev.flat[np.maximum(idx, 0)], _ZERO)
-            ok &= (fl & UPPER_LINK) == UPPER_LINK
+            ok &= (self._entry_flags(level, e) & UPPER_LINK) == UPPER_LINK
         return np.repeat(ok, run_lengths(s, n))
 
     # ------------------------------------------------------------------
