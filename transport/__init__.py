@@ -16,6 +16,7 @@ from ._decoder import ConnectionClosed, StreamDecoder
 from ._encoder import EncodedPages, StreamEncoder
 from ._events import (
     NEED_DATA,
+    Sentinel,
     Configuration,
     DeviceState,
     EndOfStream,
@@ -79,6 +80,7 @@ from .errors import (
 )
 
 __all__ = [
+    "Sentinel",
     "MIG_CMD_X_GO",
     "MIG_CMD_X_NOGO",
     "MIG_RP_MSG_SHUT",

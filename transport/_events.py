@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NEED_DATA",
+    "Sentinel",
     "Configuration",
     "DeviceState",
     "EndOfStream",
@@ -39,6 +40,9 @@ __all__ = [
 
 
 class _Sentinel:
+    """A named singleton returned instead of an event (h11's NEED_DATA style);
+    also used by :mod:`migrator.qmp`'s sans-IO connection."""
+
     __slots__ = ("_name",)
 
     def __init__(self, name: str) -> None:
@@ -240,3 +244,7 @@ Event = (
     | EndOfStream
     | VMDescription
 )
+
+
+#: the public name of the sentinel type
+Sentinel = _Sentinel

@@ -62,6 +62,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from transport import Sentinel as _Sentinel
+
 from ..errors import ErrorClass, LocalProtocolError
 
 __all__ = [
@@ -80,19 +82,6 @@ __all__ = [
     "VersionInfo",
     "encode",
 ]
-
-
-class _Sentinel:
-    __slots__ = ("_name",)
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def __repr__(self) -> str:
-        return self._name
-
-    def __reduce__(self) -> str:
-        return self._name
 
 
 #: Returned by :meth:`QMPConnection.next_event` when more bytes are needed.
