@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import Any
 
 
 #: sun_path of struct sockaddr_un holds 108 bytes including the NUL
@@ -38,41 +40,49 @@ def _qmp_address(text: str):
     raise argparse.ArgumentTypeError(f"invalid QMP address {text!r} (unix:PATH or tcp:HOST:PORT)")
 
 
-def _size(text: str) -> int:
+def _argtype(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    """An argparse ``type=`` from one of the product's parsers: its ValueError
+    becomes argparse's usage error with the parser's own message."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+def _parse_memory(text: str) -> int:
     """``--memory``/``-m``: QEMU's ``-m`` rules, so a bare number is MiB."""
     from ..engine._machine import parse_size
 
-    try:
-        return parse_size(text, default_suffix="M")
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse_size(text, default_suffix="M")
 
 
-def _accel(text: str):
+def _parse_accel(text: str):
     from ..engine._machine import parse_accel
 
-    try:
-        return parse_accel(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse_accel(text)
 
 
-def _smp(text: str) -> int:
+def _parse_smp(text: str) -> int:
     from ..engine._machine import parse_smp
 
-    try:
-        return parse_smp(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse_smp(text)
 
 
-def _workload(text: str):
+def _parse_workload(text: str):
     from memory.kvm.sim.workloads import parse_workload
 
-    try:
-        return parse_workload(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse_workload(text)
+
+
+_size = _argtype(_parse_memory, "size")
+_accel = _argtype(_parse_accel, "accel")
+_smp = _argtype(_parse_smp, "smp")
+_workload = _argtype(_parse_workload, "workload")
 
 
 def _serial(text: str) -> str:

@@ -753,9 +753,18 @@ def _run_json(r: RunResult) -> dict:
 # CLI
 
 
-def _parser() -> argparse.ArgumentParser:
-    from ..cli._cli import _size
+def _size(text: str) -> int:
+    """``--memory``: QEMU's ``-m`` rules (a bare number is MiB). Reports never
+    import the CLI, so the argparse wrapper is this one function."""
+    from ..engine._machine import parse_size
 
+    try:
+        return parse_size(text, default_suffix="M")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="migrator compare",
         description="Case 2 of the 2017 fast-write-protect series on the simulated KVM: "
