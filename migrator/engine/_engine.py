@@ -114,6 +114,7 @@ from ._history import (DestinationTimeline, DowntimeBreakdown, DowntimePredictio
                        MigrationHistory)
 from ._qemu_devices import QemuDeviceState
 from ._ram import RAMLoadState, RAMSaveState
+from ._seams import DestinationVM, MigrationParametersView, SourceVM
 from ._status import MigrationStatus as S
 from ..errors import MigrationError
 
@@ -229,13 +230,10 @@ class MigrationCounters:
 class OutgoingMigration:
     """One outgoing migration; ``await run()`` inside the VM's nursery.
 
-    ``vm`` provides: ``ms`` (MemorySystem), ``ram_blocks()`` -> [(RAMBlock,
-    MemoryRegion)], ``vcpus`` (controller), ``vm_stop(reason)`` /
-    ``vm_start()`` (which emit STOP/RESUME), ``kvm_listener`` (statistics),
-    ``params``, ``caps``, ``emit_event``, ``state`` (MigrationState).
+    ``vm``: see :class:`~migrator.engine._seams.SourceVM`.
     """
 
-    def __init__(self, vm, uri: str) -> None:
+    def __init__(self, vm: SourceVM, uri: str) -> None:
         self.vm = vm
         self.uri = uri
         self.caps = vm.caps  # capabilities cannot change while migrating
@@ -277,7 +275,7 @@ class OutgoingMigration:
         self._stack: contextlib.AsyncExitStack | None = None
 
     @property
-    def params(self):
+    def params(self) -> MigrationParametersView:
         """Current parameters: QEMU lets migrate-set-parameters act mid-migration."""
         return self.vm.params
 
@@ -442,7 +440,7 @@ class OutgoingMigration:
             dirty_rate_pages_per_s=float(c.dirty_pages_rate),
             expected_downtime_ms=(ram.pending_bytes / expected_bw_ms) if expected_bw_ms else 0.0,
             sync_time_ms=result.sync_ns / 1e6,
-            throttle_pct=vm.vcpus.throttle_pct if hasattr(vm.vcpus, "throttle_pct") else c.cpu_throttle_percentage,
+            throttle_pct=vm.vcpus.throttle_pct,
             final=last_stage,
             interval_ms=interval_ms,
             found_dirty_pages=result.found_dirty_pages,
@@ -918,7 +916,7 @@ class OutgoingMigration:
 class IncomingMigration:
     """One incoming migration: receive, validate, load; resume only at the end."""
 
-    def __init__(self, vm, uri: str) -> None:
+    def __init__(self, vm: DestinationVM, uri: str) -> None:
         self.vm = vm
         self.uri = uri
         # An incoming VM never ran and loaded no image: its RAM is fresh zeros.

@@ -1,0 +1,247 @@
+"""The seams the engine crosses, as :class:`typing.Protocol`\\ s.
+
+The engine (:class:`~migrator.engine.OutgoingMigration`,
+:class:`~migrator.engine.IncomingMigration`) never imports the objects it
+drives: the VM process lives in :mod:`migrator.qmp` (which the engine must
+not import), the vCPU controllers in :mod:`memory.kvm.sim` and
+:mod:`memory.kvm.real`.  What it needs from them is written down here, once,
+so that mypy checks both sides: the engine uses no member that is not listed,
+and every implementation provides every member (the typing-only assignments
+at the end of ``migrator.qmp._vm`` and of this package's tests prove it).
+
+* :class:`VCPUController`: the vCPUs of one VM (``SimVCPUs``, ``RealVCPUs``):
+  run, stop/resume, throttle, state save/load, statistics.
+* :class:`MigrationParametersView`, :class:`MigrationCapabilitiesView`: the
+  migration parameters and capabilities the engine reads (QEMU's names in
+  snake_case; :class:`migrator.qmp.MigrationParameters` and the VM's
+  capability view implement them).
+* :class:`DirtyLogListener`: the KVM memory listener, for its mode and
+  statistics.
+* :class:`MigrationVM`: what both directions need from a VM;
+  :class:`SourceVM` and :class:`DestinationVM` add what each direction needs.
+
+Members the engine only reads are read-only properties here, so a frozen
+dataclass field or a plain attribute satisfies them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+
+if TYPE_CHECKING:
+    import trio
+
+    from memory import MemoryRegion, MemorySystem, RAMBlock
+    from memory.kvm import DirtyLogMode, KVMListenerStatistics
+
+    from ._machine import Machine
+    from ._qemu_devices import QemuDeviceState
+    from ._status import MigrationState
+
+__all__ = [
+    "DestinationVM", "DirtyLogListener", "MigrationCapabilitiesView", "MigrationParametersView",
+    "MigrationVM", "RAMBlocks", "SourceVM", "VCPUController", "VCPUStatistics",
+]
+
+#: A controller's statistics: one JSON-able object per vCPU (the simulator),
+#: or the controller's totals with the per-vCPU objects under ``"vcpus"``
+#: (real KVM).  Per-vCPU objects may carry ``pages-written`` (an int, or None
+#: when the guest program does not count).
+VCPUStatistics: TypeAlias = "list[dict[str, Any]] | dict[str, Any]"
+
+#: The VM's RAM blocks with the memory region each one backs.
+RAMBlocks: TypeAlias = "Sequence[tuple[RAMBlock, MemoryRegion]]"
+
+
+class VCPUController(Protocol):
+    """The vCPUs of one VM, as the VM process and the engine drive them.
+
+    State rules: the vCPUs start stopped; ``save_state``/``load_state`` only
+    while stopped (they raise ``RuntimeError`` otherwise); ``vm_stop``
+    returns once no guest instruction runs any more.
+    """
+
+    @property
+    def running(self) -> bool:
+        """Whether the vCPUs run the guest (between vm_start and vm_stop)."""
+        ...
+
+    @property
+    def throttle_pct(self) -> int:
+        """The cpu-throttle percentage in force (0: not throttled)."""
+        ...
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None:
+        """Own the vCPUs (processes or threads) until cancelled; started stopped."""
+        ...
+
+    async def vm_start(self) -> None:
+        """Resume every vCPU."""
+        ...
+
+    async def vm_stop(self) -> None:
+        """Stop every vCPU; on return no guest store or fault is in flight."""
+        ...
+
+    def set_throttle(self, pct: int) -> None:
+        """cpu-throttle: ``pct`` percent of each time slice asleep (ValueError if out of range)."""
+        ...
+
+    def save_state(self) -> bytes:
+        """Every vCPU's state, as one blob (stopped only)."""
+        ...
+
+    def load_state(self, data: bytes) -> None:
+        """Load a blob of :meth:`save_state` (stopped only); ValueError if it does not fit."""
+        ...
+
+    def statistics(self) -> VCPUStatistics:
+        """Counters, see :data:`VCPUStatistics`."""
+        ...
+
+
+class MigrationParametersView(Protocol):
+    """The migration parameters the engine reads (QEMU's, plus our ``x-`` ones).
+
+    Read again at every use: ``migrate-set-parameters`` acts mid-migration.
+    """
+
+    @property
+    def downtime_limit(self) -> int: ...  # ms
+    @property
+    def max_bandwidth(self) -> int: ...  # bytes/s
+    @property
+    def avail_switchover_bandwidth(self) -> int: ...  # bytes/s, 0: use the estimate
+    @property
+    def throttle_trigger_threshold(self) -> int: ...  # percent
+    @property
+    def cpu_throttle_initial(self) -> int: ...
+    @property
+    def cpu_throttle_increment(self) -> int: ...
+    @property
+    def cpu_throttle_tailslow(self) -> bool: ...
+    @property
+    def max_cpu_throttle(self) -> int: ...
+    @property
+    def multifd_channels(self) -> int: ...
+    @property
+    def multifd_compression(self) -> str: ...
+    @property
+    def multifd_zstd_level(self) -> int: ...
+    @property
+    def zero_page_detection(self) -> str: ...
+    @property
+    def x_clear_bitmap_shift(self) -> int: ...
+    @property
+    def x_return_path_timeout(self) -> int: ...  # ms
+    @property
+    def x_predictive_switchover(self) -> bool: ...
+
+
+class MigrationCapabilitiesView(Protocol):
+    """The enabled capabilities the engine reads, one bool each."""
+
+    @property
+    def events(self) -> bool: ...
+    @property
+    def auto_converge(self) -> bool: ...
+    @property
+    def multifd(self) -> bool: ...
+    @property
+    def x_ram_only(self) -> bool: ...
+    @property
+    def x_handover(self) -> bool: ...
+    @property
+    def x_qemu_devices(self) -> bool: ...
+
+
+class DirtyLogListener(Protocol):
+    """The KVM memory listener: how fetched pages are re-protected, and its counters."""
+
+    @property
+    def mode(self) -> DirtyLogMode: ...
+
+    def statistics(self) -> KVMListenerStatistics: ...
+
+
+class MigrationVM(Protocol):
+    """What both directions of a migration need from the VM process."""
+
+    @property
+    def state(self) -> MigrationState:
+        """The migration state machine of this VM (its status and transitions)."""
+        ...
+
+    @property
+    def params(self) -> MigrationParametersView: ...
+
+    @property
+    def caps(self) -> MigrationCapabilitiesView: ...
+
+    @property
+    def vcpus(self) -> VCPUController: ...
+
+    def ram_blocks(self) -> RAMBlocks: ...
+
+    def log(self, msg: str) -> None:
+        """One line for the operator (stderr)."""
+        ...
+
+    def set_runstate(self, state: str) -> None:
+        """QEMU's run state (``paused``, ``postmigrate``...) without touching the vCPUs."""
+        ...
+
+    async def vm_start(self) -> None:
+        """Resume the guest (``cont``): the vCPUs run, RESUME is emitted."""
+        ...
+
+
+class SourceVM(MigrationVM, Protocol):
+    """The source VM of an :class:`~migrator.engine.OutgoingMigration`."""
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def runstate(self) -> str: ...
+
+    @property
+    def ms(self) -> MemorySystem: ...
+
+    @property
+    def kvm_listener(self) -> DirtyLogListener: ...
+
+    @property
+    def qemu_devices(self) -> QemuDeviceState | None:
+        """QEMU's device state if this VM was loaded from a stock QEMU stream."""
+        ...
+
+    def describe_setup(self) -> dict[str, Any]: ...
+
+    def emit_event(self, name: str, data: dict[str, Any] | None = None) -> None: ...
+
+    def kvm_listener_stats(self) -> dict[str, Any]: ...
+
+    def ran_ns(self) -> int:
+        """How long the vCPUs ran in this process (the virtual clock)."""
+        ...
+
+    async def vm_stop(self, runstate: str = ...) -> None:
+        """Stop the guest, enter ``runstate``; STOP is emitted if it ran."""
+        ...
+
+
+class DestinationVM(MigrationVM, Protocol):
+    """The destination VM of an :class:`~migrator.engine.IncomingMigration`."""
+
+    #: set by the engine when the stream carries a stock QEMU's device sections
+    qemu_devices: QemuDeviceState | None
+
+    @property
+    def machine(self) -> Machine: ...
+
+    @property
+    def autostart(self) -> bool:
+        """Resume once loaded (false with ``-S`` or after ``stop``)."""
+        ...
