@@ -16,7 +16,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from memory import RAMBlock
+from typing import TYPE_CHECKING
+
+from memory import MemoryRegion, RAMBlock
+
+if TYPE_CHECKING:
+    from memory.kvm import RealVCPUs, SimVCPUs
+
+    from ._seams import VCPUController
+
+    # every vCPU controller is one (mypy checks these; nothing runs them)
+    def _sim_is_a_controller(v: SimVCPUs) -> VCPUController:
+        return v
+
+    def _real_is_a_controller(v: RealVCPUs) -> VCPUController:
+        return v
 
 #: multipliers of qemu_strtosz's one-letter suffixes (binary: K is 1024)
 _SIZE_SUFFIX = {"B": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
@@ -176,6 +190,8 @@ class Machine:
     """RAM ("ram" at guest-physical 0, as ``-M none -m SIZE``), the memory API and KVM."""
 
     RAM_IDSTR = "ram"
+    #: the vCPU controller (SimVCPUs or RealVCPUs, by accelerator)
+    vcpus: VCPUController
 
     def __init__(self, *, memory_bytes: int, accel: AccelConfig, workload: str = "idle",
                  workload_opts: dict | None = None, prefault: bool = False,
@@ -206,7 +222,7 @@ class Machine:
             self.ms, self.kvm, write_protect_all=self._wp_all, manual_protect=self._manual,
             **self._listener_extra)
         if self._listener_extra.get("dirty_ring") and accel.kind == "sim":
-            self.vcpus.on_ring_full = self.kvm_listener._dirty_ring_reap
+            self._sim_vcpus.on_ring_full = self.kvm_listener._dirty_ring_reap
         self.ms.memory_listener_register(self.kvm_listener, self.ms.address_space_memory)
         self.ms.memory_region_transaction_begin()
         self.ms.system_memory.add_subregion(0, self.ram_mr)
@@ -233,7 +249,7 @@ class Machine:
             self.kvm.enable_dirty_ring(a.dirty_ring_size)
             self._listener_extra = {"dirty_ring": True}
         cost = a.fault_cost if a.fault_cost is not None else FAULT_COSTS[DEFAULT_FAULT_COST]
-        self.vcpus = SimVCPUs(self.kvm, self.ram_block, self.workload_name, smp=self.smp,
+        self.vcpus = self._sim_vcpus = SimVCPUs(self.kvm, self.ram_block, self.workload_name, smp=self.smp,
                               seed=self.workload_opts.get("seed", 0), rate=self.workload_opts.get("rate"),
                               fault_cost=cost)
 
@@ -268,7 +284,7 @@ class Machine:
             raise
         self.vcpus = RealVCPUs(vcpus, program=program, ram=self.ram_block, serial_path=serial_path)
 
-    def ram_blocks(self):
+    def ram_blocks(self) -> list[tuple[RAMBlock, MemoryRegion]]:
         return [(self.ram_block, self.ram_mr)]
 
     def boot(self) -> None:

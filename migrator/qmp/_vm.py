@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import trio
@@ -18,10 +19,16 @@ from memory import GLOBAL_DIRTY_DIRTY_RATE, TARGET_PAGE_SIZE
 from ..engine._engine import IncomingMigration, OutgoingMigration
 from ..engine._history import MigrationHistory
 from ..engine._machine import AccelConfig, Machine
-from ._params import MigrationOptions
+from ..engine._qemu_devices import QemuDeviceState
+from ..engine._seams import RAMBlocks, VCPUController
+from ._commands import CommandTable
+from ._params import MigrationCapabilities, MigrationOptions, MigrationParameters
 from ..engine._status import DESTINATION_TRANSITIONS, SOURCE_TRANSITIONS, MigrationState
 from ..engine._status import MigrationStatus as S
 from ..errors import MigratorError, QMPError
+
+if TYPE_CHECKING:
+    from ._server import QMPServer
 
 
 def _generic(desc: str) -> QMPError:
@@ -67,7 +74,7 @@ class VM:
     """A source or destination VM process."""
 
     def __init__(self, *, memory_bytes: int, accel: AccelConfig, workload: str = "idle",
-                 workload_opts: dict | None = None, incoming: str | None = None,
+                 workload_opts: dict[str, Any] | None = None, incoming: str | None = None,
                  start_paused: bool = False, serial_path: str | None = None,
                  label: str = "", smp: int = 1) -> None:
         self.incoming_uri = incoming
@@ -76,7 +83,7 @@ class VM:
                                workload_opts=workload_opts, prefault=self.is_destination,
                                serial_path=serial_path, destination=self.is_destination, smp=smp)
         self.ms = self.machine.ms
-        self.vcpus = self.machine.vcpus
+        self.vcpus: VCPUController = self.machine.vcpus
         self.kvm_listener = self.machine.kvm_listener
         # Like QEMU, only the *outgoing* migration's state restricts option
         # changes; the incoming side (MigrationIncomingState) does not.
@@ -89,18 +96,18 @@ class VM:
         self.outgoing: OutgoingMigration | None = None
         self.incoming: IncomingMigration | None = None
         self.last_outgoing: OutgoingMigration | None = None
-        self.server = None  # QMPServer, set by run()
+        self.server: QMPServer | None = None  # set by run()
         self._nursery: trio.Nursery | None = None
-        self.dirty_rate: dict = {"status": "unstarted"}
+        self.dirty_rate: dict[str, Any] = {"status": "unstarted"}
         #: QEMU device state (timer, slirp, run state) when this VM was loaded
         #: from a QEMU stream; None for a VM of ours (see _qemu_devices).
-        self.qemu_devices = None
+        self.qemu_devices: QemuDeviceState | None = None
         self._ran_ns = 0  # time the vCPUs ran (the timer section's clock)
         self._running_since: int | None = None
 
     # -- plumbing -------------------------------------------------------------
     @property
-    def params(self):
+    def params(self) -> MigrationParameters:
         """Current MigrationParameters (replaced, never mutated, on set)."""
         return self.options.parameters
 
@@ -111,7 +118,7 @@ class VM:
     def log(self, msg: str) -> None:
         print(f"migrator[{self.label}]: {msg}", file=sys.stderr, flush=True)
 
-    def emit_event(self, name: str, data: dict | None = None) -> None:
+    def emit_event(self, name: str, data: dict[str, Any] | None = None) -> None:
         if self.server is not None:
             self.server.emit_event(name, data)
 
@@ -122,7 +129,7 @@ class VM:
     def set_runstate(self, state: str) -> None:
         self.runstate = state
 
-    def describe_setup(self) -> dict:
+    def describe_setup(self) -> dict[str, Any]:
         return {
             "memory-bytes": self.machine.memory_bytes,
             "page-size": TARGET_PAGE_SIZE,
@@ -138,10 +145,10 @@ class VM:
         now = time.monotonic_ns()
         return self._ran_ns + (now - self._running_since if self._running_since is not None else 0)
 
-    def ram_blocks(self):
+    def ram_blocks(self) -> RAMBlocks:
         return self.machine.ram_blocks()
 
-    def kvm_listener_stats(self) -> dict:
+    def kvm_listener_stats(self) -> dict[str, Any]:
         return dataclasses.asdict(self.kvm_listener.statistics())
 
     async def vm_stop(self, runstate: str = "paused") -> None:
@@ -163,49 +170,54 @@ class VM:
 
     # -- lifetime -------------------------------------------------------------
     async def run(self, *, qmp_path: str | None = None, qmp_tcp: tuple[str, int] | None = None,
-                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from ._server import QMPServer
 
-        self.server = QMPServer(self.commands(), name=self.label)
+        self.server = server = QMPServer(self.commands(), name=self.label)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.vcpus.run)
+            where = ""
             try:
                 if qmp_path is not None:
-                    await nursery.start(self.server.serve_unix, qmp_path)
+                    where = f"unix:{qmp_path}"
+                    await nursery.start(server.serve_unix, qmp_path)
                 if qmp_tcp is not None:
-                    await nursery.start(self.server.serve_tcp, *qmp_tcp)
+                    where = f"tcp:{qmp_tcp[0]}:{qmp_tcp[1]}"
+                    await nursery.start(server.serve_tcp, *qmp_tcp)
             except OSError as exc:
-                where = f"unix:{qmp_path}" if qmp_path is not None else "tcp:%s:%d" % qmp_tcp
                 raise MigratorError(f"--qmp {where}: {exc.strerror or exc}") from exc
             if self.is_destination:
-                if self.incoming_uri != "defer":
+                if self.incoming_uri is not None and self.incoming_uri != "defer":
                     await self._start_incoming(self.incoming_uri)
             else:
                 self.machine.boot()
                 if self.autostart:
                     await self.vm_start()
             task_status.started()
-            await self.server.quit_requested.wait()
+            await server.quit_requested.wait()
             nursery.cancel_scope.cancel()
 
-    async def _start_incoming(self, uri: str) -> None:
-        self.incoming = IncomingMigration(self, uri)
+    def _require_nursery(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise RuntimeError("the VM is not running (VM.run() owns its tasks)")
+        return self._nursery
 
-        async def runner(task_status=trio.TASK_STATUS_IGNORED):
+    async def _start_incoming(self, uri: str) -> None:
+        self.incoming = incoming = IncomingMigration(self, uri)
+
+        async def runner(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             try:
-                await self.incoming.run(task_status=task_status)
+                await incoming.run(task_status=task_status)
             except MigratorError:
                 pass  # listening failed: FAILED, and reported by the caller below
 
-        await self._nursery.start(runner)
-        if self.incoming.error_desc and self.state.status is S.FAILED:
-            raise _generic(f"incoming {uri}: {self.incoming.error_desc}")
+        await self._require_nursery().start(runner)
+        if incoming.error_desc and self.state.status is S.FAILED:
+            raise _generic(f"incoming {uri}: {incoming.error_desc}")
 
     # -- QMP commands ---------------------------------------------------------
-    def commands(self):
-        from ._commands import CommandTable
-
+    def commands(self) -> CommandTable:
         table = CommandTable.from_objects(self.options)
         add = table.add
         add("query-status", self.qmp_query_status)
@@ -224,10 +236,10 @@ class VM:
         add("x-query-accel-stats", self.qmp_x_query_accel_stats)
         return table
 
-    async def qmp_query_status(self) -> dict:
+    async def qmp_query_status(self) -> dict[str, Any]:
         return {"running": self.vcpus.running, "singlestep": False, "status": self.runstate}
 
-    async def qmp_stop(self) -> dict:
+    async def qmp_stop(self) -> dict[str, Any]:
         if self.runstate == "inmigrate":
             # QEMU: stop during incoming migration just drops autostart
             self.autostart = False
@@ -236,7 +248,7 @@ class VM:
             await self.vm_stop("paused")
         return {}
 
-    async def qmp_cont(self) -> dict:
+    async def qmp_cont(self) -> dict[str, Any]:
         if self.runstate == "inmigrate":
             if self.state.status is S.COMPLETED:
                 pass
@@ -264,7 +276,7 @@ class VM:
         return self.state.running
 
     async def qmp_migrate(self, uri: str, detach: bool = True, resume: bool = False,
-                          blk: bool = False, inc: bool = False) -> dict:
+                          blk: bool = False, inc: bool = False) -> dict[str, Any]:
         if resume:
             raise _generic("Cannot resume if there is no paused migration")
         if blk or inc:
@@ -283,10 +295,10 @@ class VM:
         mig = OutgoingMigration(self, uri)
         self.outgoing = mig
         self.last_outgoing = mig
-        self._nursery.start_soon(mig.run)
+        self._require_nursery().start_soon(mig.run)
         return {}
 
-    async def qmp_migrate_incoming(self, uri: str, exit_on_error: bool = True) -> dict:
+    async def qmp_migrate_incoming(self, uri: str, exit_on_error: bool = True) -> dict[str, Any]:
         if not self.is_destination:
             raise _generic("'-incoming' was not specified on the command line")
         # QEMU (qmp_migrate_incoming) only latches "started" once listening
@@ -298,17 +310,17 @@ class VM:
         await self._start_incoming(uri)
         return {}
 
-    async def qmp_migrate_cancel(self) -> dict:
+    async def qmp_migrate_cancel(self) -> dict[str, Any]:
         if self.outgoing is not None:
             self.outgoing.cancel()
         return {}
 
-    async def qmp_query_migrate(self) -> dict:
+    async def qmp_query_migrate(self) -> dict[str, Any]:
         status = self.state.status
         if status is S.NONE:
             return {}
         if self.is_destination or (self.outgoing is None and self.incoming is not None):
-            info: dict = {"status": status.value}
+            info: dict[str, Any] = {"status": status.value}
             inc = self.incoming
             if status is S.COMPLETED and inc is not None and inc.counters.total_time_ms is not None:
                 info["total-time"] = inc.counters.total_time_ms
@@ -318,6 +330,8 @@ class VM:
                 info["x-handover"] = inc.handover
             return info
         mig = self.outgoing
+        if mig is None:  # not reached: a source's status leaves NONE only by migrate
+            return {"status": status.value}
         c = mig.counters
         info = {"status": status.value}
         now = time.perf_counter_ns()
@@ -362,7 +376,7 @@ class VM:
             info["x-handover"] = mig._handover_note
         return info
 
-    async def qmp_pmemsave(self, val: int, size: int, filename: str, cpu_index: int | None = None) -> dict:
+    async def qmp_pmemsave(self, val: int, size: int, filename: str, cpu_index: int | None = None) -> dict[str, Any]:
         if val < 0 or size < 0:
             raise _generic("Parameter 'val' and 'size' must be non-negative")
         ram = self.machine.ram_block.host
@@ -372,7 +386,7 @@ class VM:
         def write() -> None:
             with open(filename, "wb") as f:
                 if val < in_ram_end:
-                    f.write(memoryview(ram[val:in_ram_end]))
+                    f.write(ram[val:in_ram_end].data)
                 tail = end - max(val, in_ram_end)
                 while tail > 0:  # beyond RAM: unassigned memory reads as zero here
                     n = min(tail, 1 << 20)
@@ -386,7 +400,7 @@ class VM:
         return {}
 
     async def qmp_calc_dirty_rate(self, calc_time: int, calc_time_unit: str = "second",
-                                  sample_pages: int = 512, mode: str = "page-sampling") -> dict:
+                                  sample_pages: int = 512, mode: str = "page-sampling") -> dict[str, Any]:
         if self.dirty_rate.get("status") == "measuring":
             raise _generic("the dirty rate is already being measured.")
         if calc_time_unit not in ("second", "millisecond"):
@@ -403,7 +417,7 @@ class VM:
         self.dirty_rate = {"status": "measuring", "start-time": int(time.time()),
                            "calc-time": calc_time, "calc-time-unit": calc_time_unit,
                            "sample-pages": sample_pages, "mode": mode}
-        self._nursery.start_soon(self._measure_dirty_rate, seconds)
+        self._require_nursery().start_soon(self._measure_dirty_rate, seconds)
         return {}
 
     async def _measure_dirty_rate(self, seconds: float) -> None:
@@ -430,12 +444,12 @@ class VM:
         self.dirty_rate.update(status="measured", **{"dirty-rate": int(round(mib_per_s)),
                                                      "x-dirty-pages": int(pages)})
 
-    async def qmp_query_dirty_rate(self, calc_time_unit: str | None = None) -> dict:
+    async def qmp_query_dirty_rate(self, calc_time_unit: str | None = None) -> dict[str, Any]:
         out = dict(self.dirty_rate)
         out.setdefault("status", "unstarted")
         return out
 
-    async def qmp_x_query_migration_history(self) -> dict:
+    async def qmp_x_query_migration_history(self) -> dict[str, Any]:
         mig = self.last_outgoing
         if mig is None and self.incoming is not None:
             # a destination: no iterations, its own timeline (the driver merges
@@ -447,9 +461,9 @@ class VM:
             raise _generic("No outgoing migration has run in this VM")
         return mig.counters.history.to_json()
 
-    async def qmp_x_query_accel_stats(self) -> dict:
+    async def qmp_x_query_accel_stats(self) -> dict[str, Any]:
         controller = self.vcpus.statistics()
-        stats = {"kvm": self.machine.kvm.statistics(), "listener": self.kvm_listener_stats()}
+        stats: dict[str, Any] = {"kvm": self.machine.kvm.statistics(), "listener": self.kvm_listener_stats()}
         if isinstance(controller, list):  # sim: one object per vCPU process
             stats["vcpus"] = controller
         elif isinstance(controller.get("vcpus"), list):
@@ -458,10 +472,12 @@ class VM:
             stats["vcpu-controller"] = controller
         else:
             stats["vcpus"] = controller
-        return _jsonable(stats)
+        out: dict[str, Any] = _jsonable(stats)
+        return out
 
 
-def _jsonable(obj):
+def _jsonable(obj: Any) -> Any:
+    """numpy scalars -> Python numbers, keys -> str, tuples -> lists (json.dumps-able)."""
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -476,10 +492,18 @@ def _jsonable(obj):
 class _Caps:
     """Attribute view of the enabled capabilities for the engine."""
 
-    def __init__(self, caps) -> None:
+    def __init__(self, caps: MigrationCapabilities) -> None:
         self.events = caps["events"]
         self.auto_converge = caps["auto-converge"]
         self.x_ram_only = caps["x-ram-only"]
         self.x_handover = caps["x-handover"]
         self.x_qemu_devices = caps["x-qemu-devices"]
         self.multifd = caps["multifd"]
+
+
+if TYPE_CHECKING:
+    from ..engine._seams import DestinationVM, SourceVM
+
+    # VM is both ends of a migration (mypy checks this; nothing runs it)
+    def _vm_is_both_ends(vm: VM) -> tuple[SourceVM, DestinationVM]:
+        return vm, vm
