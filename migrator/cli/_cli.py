@@ -12,14 +12,17 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..engine._machine import AccelConfig
 
 
 #: sun_path of struct sockaddr_un holds 108 bytes including the NUL
 UNIX_PATH_MAX = 107
 
 
-def _qmp_address(text: str):
+def _qmp_address(text: str) -> tuple[str, str] | tuple[str, tuple[str, int]]:
     if text.startswith("unix:"):
         path = text[5:]
         if not path:
@@ -61,7 +64,7 @@ def _parse_memory(text: str) -> int:
     return parse_size(text, default_suffix="M")
 
 
-def _parse_accel(text: str):
+def _parse_accel(text: str) -> AccelConfig:
     from ..engine._machine import parse_accel
 
     return parse_accel(text)
@@ -73,7 +76,7 @@ def _parse_smp(text: str) -> int:
     return parse_smp(text)
 
 
-def _parse_workload(text: str):
+def _parse_workload(text: str) -> tuple[str, dict[str, Any]]:
     from memory.kvm.sim.workloads import parse_workload
 
     return parse_workload(text)
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _run(args, parser) -> int:
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import trio
 
     from transport import parse_uri
@@ -183,7 +186,7 @@ def _run(args, parser) -> int:
         return 1
     kind, addr = args.qmp
 
-    async def main_async():
+    async def main_async() -> None:
         if kind == "unix":
             await vm.run(qmp_path=addr)
         else:
