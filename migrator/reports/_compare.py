@@ -347,13 +347,16 @@ async def run_case(cfg: CompareConfig, guest: str, wp_all: bool, tmp: Path, *,
     if guest not in GUESTS:
         raise ValueError(f"guest must be one of {GUESTS}, not {guest!r}")
     label = run_label(guest, wp_all)
-    from memory.kvm.sim.sim_vcpu import parse_fault_cost
+    from memory.kvm.sim.sim_vcpu import SimVCPUs, parse_fault_cost
 
     accel = AccelConfig(kind="sim", write_protect_all=wp_all, manual_protect=False, smp=cfg.smp,
                         fault_cost=parse_fault_cost(cfg.fault_cost))
     vm = VM(memory_bytes=cfg.memory_bytes, accel=accel, workload="stream", start_paused=True, label=label)
+    vcpus = vm.vcpus
+    if not isinstance(vcpus, SimVCPUs):  # pragma: no cover - accel sim above
+        raise CompareError(f"{label}: the comparison drives simulated vCPUs, not {type(vcpus).__name__}")
     ws = max(1, cfg.working_set // cfg.smp)  # each vCPU writes its share of the working set
-    vm.vcpus.set_workloads(lambda pages, base: StreamWorkload(pages, gfn_base=base,
+    vcpus.set_workloads(lambda pages, base: StreamWorkload(pages, gfn_base=base,
                                                               working_set=min(ws, pages.shape[0])))
     vm.machine.workload_name = f"stream,working-set={cfg.working_set * TARGET_PAGE_SIZE >> 20}M"
     mode = vm.kvm_listener.statistics().mode
@@ -364,7 +367,7 @@ async def run_case(cfg: CompareConfig, guest: str, wp_all: bool, tmp: Path, *,
                                       cpu_throttle_initial=cfg.cpu_throttle_initial,
                                       cpu_throttle_increment=cfg.cpu_throttle_increment)
     vm.options.migrate_set_capabilities([{"capability": "auto-converge", "state": cfg.auto_converge}])
-    kvm, vcpus = vm.machine.kvm, vm.vcpus
+    kvm = vm.machine.kvm
     if kvm_hook is not None:
         kvm_hook(kvm)
     acct = _KvmAccounting(kvm, vm.ms)
