@@ -21,16 +21,7 @@ from typing import TYPE_CHECKING
 from memory import MemoryRegion, RAMBlock
 
 if TYPE_CHECKING:
-    from memory.kvm import RealVCPUs, SimVCPUs
-
     from ._seams import VCPUController
-
-    # every vCPU controller is one (mypy checks these; nothing runs them)
-    def _sim_is_a_controller(v: SimVCPUs) -> VCPUController:
-        return v
-
-    def _real_is_a_controller(v: RealVCPUs) -> VCPUController:
-        return v
 
 #: multipliers of qemu_strtosz's one-letter suffixes (binary: K is 1024)
 _SIZE_SUFFIX = {"B": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}

@@ -6,8 +6,9 @@ drives: the VM process lives in :mod:`migrator.qmp` (which the engine must
 not import), the vCPU controllers in :mod:`memory.kvm.sim` and
 :mod:`memory.kvm.real`.  What it needs from them is written down here, once,
 so that mypy checks both sides: the engine uses no member that is not listed,
-and every implementation provides every member (the typing-only assignments
-at the end of ``migrator.qmp._vm`` and of this package's tests prove it).
+and every implementation provides every member (the typing-only functions at
+the end of this module and of ``migrator.qmp._vm`` prove it; mypy checks
+them, nothing runs them; ``tests/unit/test_seams.py`` runs that check).
 
 * :class:`VCPUController`: the vCPUs of one VM (``SimVCPUs``, ``RealVCPUs``):
   run, stop/resume, throttle, state save/load, statistics.
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     import trio
 
     from memory import MemoryRegion, MemorySystem, RAMBlock
-    from memory.kvm import DirtyLogMode, KVMListenerStatistics
+    from memory.kvm import DirtyLogMode, KVMListenerStatistics, KVMMemoryListener, RealVCPUs, SimVCPUs
 
     from ._machine import Machine
     from ._qemu_devices import QemuDeviceState
@@ -245,3 +246,16 @@ class DestinationVM(MigrationVM, Protocol):
     def autostart(self) -> bool:
         """Resume once loaded (false with ``-S`` or after ``stop``)."""
         ...
+
+
+if TYPE_CHECKING:
+    # The implementations satisfy the seams (the VM's proof is in migrator.qmp._vm,
+    # which this package may not import).
+    def _sim_vcpus_are_a_controller(v: SimVCPUs) -> VCPUController:
+        return v
+
+    def _real_vcpus_are_a_controller(v: RealVCPUs) -> VCPUController:
+        return v
+
+    def _kvm_listener_is_a_dirty_log_listener(listener: KVMMemoryListener) -> DirtyLogListener:
+        return listener
