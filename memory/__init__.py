@@ -16,6 +16,7 @@ from ._dirty import (
     DirtyBitmapSnapshot,
     DirtyMemory,
 )
+from ._cost import NO_METER, Cause, CostMeter, NullMeter
 from ._errors import KVMListenerError, MemoryAPIError, MemoryRegionError
 from ._listener import MemoryListener
 from ._region import AddressSpace, FlatRange, FlatView, MemoryRegion, MemoryRegionSection
@@ -48,6 +49,11 @@ __all__ = [
     "MemoryRegionSection",
     "MemorySystem",
     "WriteProtectAllFn",
+    # cost accounting hooks
+    "Cause",
+    "CostMeter",
+    "NO_METER",
+    "NullMeter",
     # errors
     "KVMListenerError",
     "MemoryAPIError",
