@@ -30,7 +30,8 @@ cause                  begin -> end
 ``FINAL_SYNC``         the same with ``last_stage=True`` (switchover, vCPUs
                        stopped).
 ``REGION_SYNC``        the KVM listener's ``log_sync`` of one section outside
-                       a global sync (a display's per-region sync): entry ->
+                       a global sync (a display's per-region sync), or its
+                       ``log_sync_global`` (dirty ring) outside one: entry ->
                        return, including its write-protect-all if the
                        region-sync rule issues one.
 ``GET_DIRTY_LOG``      the KVM listener around one ``KvmVM.get_dirty_log``

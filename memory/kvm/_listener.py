@@ -561,12 +561,18 @@ class KVMMemoryListener(MemoryListener):
 
     def _log_sync_global_ring(self, last_stage: bool) -> None:
         """``kvm_log_sync_global``: reap, then publish and zero each logged slot."""
-        self._sync_stats_begin()
+        is_global = self._sync_stats_begin()
+        meter = self.ms.cost_meter
+        token = 0 if is_global else meter.begin(Cause.REGION_SYNC)
         t0 = time.perf_counter_ns()
-        self._dirty_ring_reap()
-        for mem in list(self._slots.values()):
-            if mem.flags & KVM_MEM_LOG_DIRTY_PAGES and mem.dirty_bmap is not None:
-                self._slot_sync_dirty_pages(mem)
-                mem.dirty_bmap[:] = 0
-        if self.ms.global_sync_in_progress:
+        try:
+            self._dirty_ring_reap()
+            for mem in list(self._slots.values()):
+                if mem.flags & KVM_MEM_LOG_DIRTY_PAGES and mem.dirty_bmap is not None:
+                    self._slot_sync_dirty_pages(mem)
+                    mem.dirty_bmap[:] = 0
+        finally:
+            if not is_global:
+                meter.end(Cause.REGION_SYNC, token)
+        if is_global:
             self._n["last_sync_time_ns"] += time.perf_counter_ns() - t0

@@ -35,6 +35,8 @@ from memory._cost import DIRTY_LOG_CAUSES, SYNC_CAUSES
 __all__ = ["AccountingSnapshot", "CauseAccounting", "CauseCost", "SyncCost"]
 
 _EMPTY: Mapping[str, int] = MappingProxyType({})
+#: the causes whose ``pages`` are pages returned (a sync's ``pages``)
+_FETCH_CAUSES = frozenset({Cause.GET_DIRTY_LOG, Cause.RING_HARVEST, Cause.RING_REAP})
 
 
 def _frozen(d: Mapping[str, int]) -> Mapping[str, int]:
@@ -93,8 +95,9 @@ class SyncCost:
 
     ``index``: 1-based among the syncs since the last reset; ``last_stage``:
     it was the ``FINAL_SYNC``; ``time_ns``: the whole sync; ``dirty_log_ns``,
-    ``pages``, ``stats``: over the dirty-log events (``DIRTY_LOG_CAUSES``)
-    inside it; ``events``: their count.
+    ``stats``: over the dirty-log events (``DIRTY_LOG_CAUSES``) inside it;
+    ``events``: their count; ``pages``: the pages they returned (GET bits,
+    ring entries harvested).
     """
 
     index: int
@@ -245,7 +248,8 @@ class CauseAccounting:
             sync = self._open_syncs[-1]
             sync.events += 1
             sync.dirty_log_ns += dt
-            sync.pages += pages
+            if cause in _FETCH_CAUSES:
+                sync.pages += pages
             for k, v in delta.items():
                 sync.stats[k] = sync.stats.get(k, 0) + v
 
