@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from numpy.typing import NDArray
 
 from .._cost import NO_METER, Cause
 from .._dirty import popcount, range_mask
