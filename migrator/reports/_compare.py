@@ -132,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args) -> CompareConfig:
+def config_from_args(args: argparse.Namespace) -> CompareConfig:
     from ..engine._machine import parse_size
 
     cfg = CompareConfig()

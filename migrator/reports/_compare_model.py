@@ -54,7 +54,7 @@ class CompareConfig:
         ws = self.working_set_pages or int(self.npages * self.working_set_fraction)
         return max(1, min(ws, self.npages))
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {
             "memory-bytes": self.memory_bytes,
             "working-set-pages": self.working_set,
@@ -83,8 +83,8 @@ class RunResult:
     guest: str
     wp_all: bool
     history: MigrationHistory
-    metrics: dict = field(default_factory=dict)
-    repeats: list = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    repeats: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -93,7 +93,6 @@ class RunResult:
 
 def run_label(guest: str, wp_all: bool) -> str:
     return f"{guest}, wp-all {'on' if wp_all else 'off'}"
-
 
 
 class CompareError(RuntimeError):
@@ -110,9 +109,9 @@ def aggregate(runs: list[RunResult]) -> RunResult:
     metrics = dict(rep.metrics)
     for key, value in rep.metrics.items():
         values = [r.metrics.get(key) for r in runs]
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and \
-                all(isinstance(v, (int, float)) for v in values):
-            med = statistics.median(values)
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and len(numbers) == len(values):
+            med = statistics.median(numbers)
             metrics[key] = int(round(med)) if all(isinstance(v, int) for v in values) else med
     metrics["status"] = ("completed" if all(r.metrics["status"] == "completed" for r in runs)
                          else ",".join(r.metrics["status"] for r in runs))

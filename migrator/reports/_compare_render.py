@@ -40,25 +40,25 @@ _ROWS = (
 )
 
 
-def _fmt(value, fmt: str) -> str:
+def _fmt(value: Any, fmt: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return fmt.format(value)
 
 
-def _cell(r: RunResult, title: str, key, fmt) -> str:
+def _cell(r: RunResult, title: str, key: str | None, fmt: str | None) -> str:
     m = r.metrics
-    if key is not None and key.startswith("range:"):
-        values = [x.get(key[6:]) for x in r.repeats if x.get(key[6:]) is not None]
+    if key is not None and fmt is not None and key.startswith("range:"):
+        values = [v for x in r.repeats if (v := x.get(key[6:])) is not None]
         return f"{_fmt(min(values), fmt)}..{_fmt(max(values), fmt)}" if values else "-"
-    if key is not None:
+    if key is not None and fmt is not None:
         return _fmt(m.get(key), fmt)
     if title.startswith("  ... its sync"):
         return f"{_fmt(m.get('first-dirty-log-sync'), '{}')} / {_fmt(m.get('first-dirty-log-pages'), '{:,}')}"
     return f"{_fmt(m.get('dirty-log-mmu-lock-hold-ms'), '{:,.1f}')} / {_fmt(m.get('guest-mmu-lock-hold-ms'), '{:,.1f}')}"
 
 
-def _ratio(a, b) -> str:
+def _ratio(a: float | None, b: float | None) -> str:
     if a is None or b is None or not b:
         return "-"
     r = a / b
@@ -136,16 +136,17 @@ How to read this against the seed (what transfers, what does not):
 """
 
 
-def _md_table(headers, rows) -> str:
+def _md_table(headers: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(out)
 
 
-def _text_table(headers, rows) -> str:
+def _text_table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(headers), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
 
@@ -175,7 +176,7 @@ def render(cfg: CompareConfig, results: list[RunResult], problems: list[str], *,
     return "\n".join(parts)
 
 
-def to_json(cfg: CompareConfig, results: list[RunResult], problems: list[str]) -> dict:
+def to_json(cfg: CompareConfig, results: list[RunResult], problems: list[str]) -> dict[str, Any]:
     return {
         "schema": 1,
         "setup": cfg.describe(),
@@ -185,7 +186,7 @@ def to_json(cfg: CompareConfig, results: list[RunResult], problems: list[str]) -
     }
 
 
-def _run_json(r: RunResult) -> dict:
+def _run_json(r: RunResult) -> dict[str, Any]:
     m = r.metrics
     first_ms = m.get("first-dirty-log-ms")
     return {

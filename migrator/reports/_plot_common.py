@@ -94,12 +94,24 @@ def thresholds_bytes(history: MigrationHistory) -> list[float | None]:
     return out
 
 
-def legend(ax: Axes, **kwargs) -> None:
+def legend(ax: Axes, **kwargs: Any) -> None:
     # Only when something is labelled: an empty legend() warns, and the
     # test suite turns warnings into errors.
     handles, labels = ax.get_legend_handles_labels()
     if handles:
         ax.legend(handles, labels, fontsize="small", **kwargs)
+
+
+def palette(name: str) -> list[Any]:
+    """The colours of matplotlib's listed colormap ``name`` (tab10, Set2...)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+
+    cmap = colormaps[name]
+    if not isinstance(cmap, ListedColormap):
+        raise ValueError(f"colormap {name!r} is not a listed colormap")
+    colors: list[Any] = list(cmap.colors)  # type: ignore[arg-type]  # matplotlib types .colors as ArrayLike; a ListedColormap holds a list
+    return colors
 
 
 def no_data(ax: Axes, text: str) -> None:

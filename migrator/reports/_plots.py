@@ -44,6 +44,7 @@ from ._plot_common import (
     legend,
     no_data,
     page_size_bytes,
+    palette,
     parameter,
     plain_log_ticks,
     pos_or_nan,
@@ -109,11 +110,10 @@ def render_plots(runs: list[PlotRun]) -> dict[str, bytes]:
 
 def figure(name: str, runs: list[PlotRun]) -> Figure:
     """The matplotlib Figure of plot ``name`` (a key of :data:`PLOTS`), not rendered."""
-    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    palette = colormaps["tab10" if len(runs) <= 10 else "tab20"].colors
-    colors = [palette[i % len(palette)] for i in range(len(runs))]
+    listed = palette("tab10" if len(runs) <= 10 else "tab20")
+    colors = [listed[i % len(listed)] for i in range(len(runs))]
     drawers = {
         "remaining.png": _plot_remaining,
         "dirty-rate-vs-bandwidth.png": _plot_rates,
@@ -133,7 +133,7 @@ def figure(name: str, runs: list[PlotRun]) -> Figure:
     return fig
 
 
-def _plot_remaining(fig: Figure, runs: list[PlotRun], colors: list) -> None:
+def _plot_remaining(fig: Figure, runs: list[PlotRun], colors: list[Any]) -> None:
     from matplotlib.lines import Line2D
 
     ax = fig.add_subplot()
@@ -164,7 +164,7 @@ def _plot_remaining(fig: Figure, runs: list[PlotRun], colors: list) -> None:
         # Each sync's threshold over the interval that led to it (what the
         # test at that sync compared remaining with), ending in a tick.
         thr = thresholds_bytes(run.history)
-        spans = [(t_s[i - 1] if i else 0.0, t_s[i], thr[i] / MIB) for i in live if thr[i] is not None]
+        spans = [(t_s[i - 1] if i else 0.0, t_s[i], t / MIB) for i in live if (t := thr[i]) is not None]
         if spans:
             ax.plot(*_segments(spans), color=color, linestyle=":", linewidth=1.4)
             ax.plot([sp[1] for sp in spans], [sp[2] for sp in spans], "_", color=color, markersize=12)
@@ -176,8 +176,8 @@ def _plot_remaining(fig: Figure, runs: list[PlotRun], colors: list) -> None:
                 note = f"decided: remaining {recs[i].remaining_bytes / MIB:,.1f} MiB"
                 if run.history.setup.get("parameters", {}).get("x-predictive-switchover") is True:
                     note += f"\npredicted {recs[i].predicted_downtime_ms:,.0f} ms fits"
-                elif thr[i] is not None:
-                    note += f"\n< threshold {thr[i] / MIB:,.1f} MiB"
+                elif (t := thr[i]) is not None:
+                    note += f"\n< threshold {t / MIB:,.1f} MiB"
                 if not many:
                     ax.annotate(note, (t_s[i], rem[i]), textcoords="offset points", xytext=(-8, -4),
                                 ha="right", va="top", fontsize=7, color=color)
@@ -233,7 +233,7 @@ def _segments(spans: list[tuple[float, float, float]]) -> tuple[list[float], lis
     return xs, ys
 
 
-def _plot_rates(fig: Figure, runs: list[PlotRun], colors: list) -> None:
+def _plot_rates(fig: Figure, runs: list[PlotRun], colors: list[Any]) -> None:
     from matplotlib.lines import Line2D
 
     ax = fig.add_subplot()
@@ -313,7 +313,7 @@ def _plot_rates(fig: Figure, runs: list[PlotRun], colors: list) -> None:
 _VCPU_STYLES = (":", (0, (5, 1, 1, 1)), (0, (1, 2)), (0, (3, 1, 1, 1, 1, 1)))
 
 
-def _plot_pages(fig: Figure, runs: list[PlotRun], colors: list) -> None:
+def _plot_pages(fig: Figure, runs: list[PlotRun], colors: list[Any]) -> None:
     from matplotlib.patches import Patch
     from matplotlib.ticker import FuncFormatter
 

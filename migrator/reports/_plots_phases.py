@@ -14,6 +14,7 @@ from ._plot_common import (
     integer_xticks,
     legend,
     no_data,
+    palette,
     parameter,
     plain_log_ticks,
 )
@@ -26,13 +27,11 @@ if TYPE_CHECKING:
 __all__ = ["plot_downtime", "plot_throttle", "plot_timeline"]
 
 
-def plot_downtime(fig: Figure, runs: list[PlotRun], colors: list) -> None:
-    from matplotlib import colormaps
-
+def plot_downtime(fig: Figure, runs: list[PlotRun], colors: list[Any]) -> None:
     ax = fig.add_subplot()
     ax.set_title("Downtime breakdown (VM stopped until it runs on the destination)")
     ax.set_ylabel("downtime (ms)")
-    part_colors = colormaps["Set2"].colors
+    part_colors = palette("Set2")
     xs = list(range(len(runs)))
     many = len(runs) > MANY_RUNS
     labelled: set[str] = set()
@@ -96,7 +95,7 @@ def plot_downtime(fig: Figure, runs: list[PlotRun], colors: list) -> None:
     for x, run, limit in zip(xs, runs, limits):
         if run.history.downtime is not None and limit is not None and limit <= 1.5 * top:
             ax.hlines(limit, x - 0.36, x + 0.36, colors="crimson", linestyles="--",
-                      label=None if drew_limit else "downtime-limit")
+                      label="_nolegend_" if drew_limit else "downtime-limit")
             drew_limit = True
             top = max(top, limit)
     if many:
@@ -115,7 +114,7 @@ def plot_downtime(fig: Figure, runs: list[PlotRun], colors: list) -> None:
     legend(ax, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def plot_throttle(fig: Figure, runs: list[PlotRun], colors: list) -> None:
+def plot_throttle(fig: Figure, runs: list[PlotRun], colors: list[Any]) -> None:
     ax_t, ax_d = fig.subplots(2, 1, sharex=True)
     fig.suptitle("Auto-converge throttle; QEMU's expected and the engine's predicted downtime per sync")
     ax_t.set_ylabel("cpu-throttle (%)")
@@ -159,7 +158,8 @@ def plot_throttle(fig: Figure, runs: list[PlotRun], colors: list) -> None:
     legend(ax_d, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def _timeline_spans(history: MigrationHistory) -> tuple[list, list, float | None]:
+def _timeline_spans(history: MigrationHistory) -> tuple[list[tuple[float, float, str, str]], list[tuple[float, str]],
+                                                        float | None]:
     """Source bars [(start_ms, length_ms, label, kind)], destination events
     [(ms, label)] relative to the source's start, and the downtime start."""
     recs = history.iterations
@@ -191,12 +191,10 @@ def _timeline_spans(history: MigrationHistory) -> tuple[list, list, float | None
     return src, dst, dt_start
 
 
-def plot_timeline(fig: Figure, runs: list[PlotRun], colors: list) -> None:
-    from matplotlib import colormaps
-
+def plot_timeline(fig: Figure, runs: list[PlotRun], colors: list[Any]) -> None:
     ax_all, ax_zoom = fig.subplots(2, 1)
     fig.suptitle("Timeline: source iterations and downtime phases; what the destination saw")
-    part_colors = dict(zip((n for n, _ in DOWNTIME_PARTS), colormaps["Set2"].colors))
+    part_colors = dict(zip((n for n, _ in DOWNTIME_PARTS), palette("Set2")))
     markers = {"connection accepted": "|", "first byte": "|", "stream received (EOF)": "s",
                "device state loaded": "D", "acknowledged": "v"}
     lanes: list[str] = []

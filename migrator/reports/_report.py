@@ -402,7 +402,8 @@ div.scroll { overflow-x: auto; }
 """
 
 
-def _html_table(headers: list[str], rows: list[list[str]], *, row_class=None) -> str:
+def _html_table(headers: list[str], rows: list[list[str]], *,
+                row_class: Callable[[int], str | None] | None = None) -> str:
     e = html.escape
     out = ["<div class=\"scroll\"><table>", "<tr>" + "".join(f"<th>{e(h)}</th>" for h in headers)
            + "</tr>"]

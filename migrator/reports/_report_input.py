@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..engine._history import (BOOL_FIELDS, LIST_FIELDS, DestinationTimeline, DowntimeBreakdown,
                                DowntimePrediction, IterationRecord, MigrationHistory)
@@ -118,7 +118,7 @@ def _check_record_types(rec: IterationRecord | DowntimeBreakdown | DowntimePredi
             raise ValueError(f"{where}.{key} must be a number, got {value!r}")
 
 
-def is_number(value: Any) -> bool:
+def is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
