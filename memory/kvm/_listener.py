@@ -67,6 +67,10 @@ from .linux_kvm import (
     KVM_MEM_LOG_DIRTY_PAGES,
 )
 
+#: hooks absent with / without the dirty ring (see ``absent_hooks``)
+_RING_ABSENT = frozenset({"log_sync", "log_clear"})
+_BITMAP_ABSENT = frozenset({"log_sync_global"})
+
 __all__ = [
     "DirtyLogMode",
     "KVMListenerStatistics",
@@ -177,10 +181,6 @@ class KVMMemoryListener(MemoryListener):
                 raise KVMListenerError("the dirty ring excludes write-protect-all and manual protect")
             self._ring = RingReaper(kvm)
             self.mode = DirtyLogMode.DIRTY_RING
-            # kvm_memory_listener_register: log_sync_global instead of log_sync/log_clear.
-            self.log_sync = None  # type: ignore[assignment]
-            self.log_clear = None  # type: ignore[assignment]
-            self.log_sync_global = self._log_sync_global_ring  # type: ignore[method-assign]
         else:
             self.mode = choose_mode(kvm, write_protect_all, manual_protect)
 
@@ -239,7 +239,12 @@ class KVMMemoryListener(MemoryListener):
             **self._n,
         )
 
-    # -- the write-protect-all hook's view (``_wp_all.WriteProtectAllClient``) ---------
+    def absent_hooks(self) -> frozenset[str]:
+        """``kvm_memory_listener_register``: with the dirty ring, ``log_sync_global``
+        instead of ``log_sync``/``log_clear``; without it, the reverse."""
+        return _RING_ABSENT if self.dirty_ring else _BITMAP_ABSENT
+
+        # -- the write-protect-all hook's view (``_wp_all.WriteProtectAllClient``) ---------
     def write_protect_pending(self) -> bool:
         return self._wp_pending
 
@@ -558,8 +563,11 @@ class KVMMemoryListener(MemoryListener):
         mark_ring_entries(self._slots.values(), slots, offsets, self.page_size)
         return len(offsets)
 
-    def _log_sync_global_ring(self, last_stage: bool) -> None:
-        """``kvm_log_sync_global``: reap, then publish and zero each logged slot."""
+    def log_sync_global(self, last_stage: bool) -> None:
+        """``kvm_log_sync_global`` (dirty ring only): reap, then publish and
+        zero each logged slot."""
+        if self._ring is None:
+            raise KVMListenerError("log_sync_global on a listener without a dirty ring")
         is_global = self._sync_stats_begin()
         meter = self.ms.cost_meter
         token = 0 if is_global else meter.begin(Cause.REGION_SYNC)
