@@ -63,6 +63,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from ._cost import NO_METER, Cause, CostMeter
 from ._dirty import (
     DIRTY_CLIENTS_ALL,
     DIRTY_CLIENTS_NOCODE,
@@ -71,8 +72,8 @@ from ._dirty import (
     GLOBAL_DIRTY_MASK,
     DirtyBitmapSnapshot,
     DirtyMemory,
+    Words,
 )
-from ._cost import NO_METER, Cause, CostMeter
 from ._errors import MemoryRegionError
 from ._listener import MemoryListener, listener_implements
 from ._ramblock import TARGET_PAGE_BITS, RAMList
@@ -407,7 +408,7 @@ class MemorySystem:
         return mr.get_dirty_log_mask()
 
     # -- dirty bits of a region ----------------------------------------------------------
-    def physical_memory_set_dirty_lebitmap(self, words, start_page: int, npages: int) -> int:  # type: ignore[no-untyped-def]
+    def physical_memory_set_dirty_lebitmap(self, words: Words, start_page: int, npages: int) -> int:
         """OR a fetched bitmap into every active client: VGA always (as QEMU),
         MIGRATION while global tracking is on (CODE only under TCG: never)."""
         clients = DIRTY_CLIENTS_NOCODE if self.global_dirty_tracking else (1 << DIRTY_MEMORY_VGA)
