@@ -23,7 +23,6 @@ that moved never has two slots covering the same guest pages.
 ``log_start``/``log_stop`` act only on the first client gained (``old == 0``) /
 last client lost (``new == 0``), re-issuing the memslot with new flags.
 
-
 The rest lives beside this module, one concept each: the dirty-log modes
 and their re-protection rules (``_modes.py``), the VM's write-protect-all
 hook (``_wp_all.py``), the dirty ring (``_dirty_ring.py``) and the slot
@@ -36,9 +35,10 @@ Every ioctl the listener issues is reported to ``MemorySystem.cost_meter``
 (``memory/_cost.py`` has the table): ``GET_DIRTY_LOG`` and
 ``CLEAR_DIRTY_LOG`` around each call (``pages``: the bits returned / to
 clear), ``SET_MEMORY_REGION`` around each memslot update, the ring causes
-around each reap, and ``REGION_SYNC`` around a ``log_sync`` that is not part
-of a global sync.  The meter is read at each call, so it can be set or
-replaced at any time.
+around each reap, and ``REGION_SYNC`` around a ``log_sync`` (or the ring's
+``log_sync_global``) that is not part of a global sync.  The meter is read
+at each call, so it can be set or replaced at any time; the only work done
+for it alone, the popcount of a fetched bitmap, is skipped for ``NO_METER``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 ``DirtyLogMode`` (one per listener, chosen from the VM's capabilities by
 :func:`choose_mode`) and ``RegionSyncRule`` (what a per-region sync does in
 write-protect-all mode).  The listener (``memory/kvm/_listener.py``) issues
-the ioctls; this module holds the rules and the choice.
+the ioctls; this module holds the rules and the choice.  The fourth mode,
+``DIRTY_RING``, is asked for explicitly and has its own module
+(``memory/kvm/_dirty_ring.py``).
 
 Three ways to re-protect what was fetched
 =========================================
