@@ -199,7 +199,7 @@ class CauseAccounting:
         stats = self._probe()
         if self._names is None:
             return dict(stats)
-        return {k: stats[k] for k in self._names}
+        return {k: int(stats.get(k, 0)) for k in self._names}
 
     # -- CostMeter -------------------------------------------------------------
     def begin(self, cause: Cause) -> int:

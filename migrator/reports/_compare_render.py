@@ -19,6 +19,7 @@ _ROWS = (
     ("iterations (dirty syncs)", "iterations", "{}"),
     ("downtime (ms)", "downtime-ms", "{:,.1f}"),
     ("max auto-converge throttle (%)", "max-throttle-pct", "{}"),
+    ("stopping the vCPUs at switchover (ms)", "vm-stop-ms", "{:.3f}"),
     ("first sync, at setup: fetch+protect (ms)", "first-sync-ms", "{:.3f}"),
     ("first dirty log: fetch+protect (ms)", "first-dirty-log-ms", "{:.3f}"),
     ("  ... its sync number / dirty pages", None, None),

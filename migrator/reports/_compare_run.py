@@ -245,6 +245,7 @@ def _metrics(hist: MigrationHistory, snap: AccountingSnapshot, d: dict[str, int]
     first_dirty = next((s for s in syncs if s.pages and not s.last_stage), None)
     dl = snap.group(DIRTY_LOG_GROUP)
     memslot = snap[Cause.SET_MEMORY_REGION]
+    stop = snap[Cause.VM_STOP]
     g_acq = guest["mmu_lock_acquisitions"]
     return {
         "status": hist.status,
@@ -257,6 +258,7 @@ def _metrics(hist: MigrationHistory, snap: AccountingSnapshot, d: dict[str, int]
         "iterations": len(hist.iterations),
         "downtime-ms": None if hist.downtime is None else hist.downtime.total_ms,
         "max-throttle-pct": throttle,
+        "vm-stop-ms": stop.time_ns / 1e6 if stop.calls else None,
         "first-sync-ms": first.dirty_log_ns / 1e6 if first else None,
         "first-dirty-log-ms": first_dirty.dirty_log_ns / 1e6 if first_dirty else None,
         "first-dirty-log-sync": first_dirty.index if first_dirty else None,
