@@ -139,10 +139,12 @@ class KVMMemoryListener(MemoryListener):
             is present and write-protect-all is not used; a failing enable then
             falls back to legacy, as QEMU does.
         region_sync_rule: per-region syncs in write-protect-all mode.
-        dirty_ring: the VM uses the dirty ring (excludes the other modes).
+        dirty_ring: the VM uses the dirty ring (excludes the other modes); ``kvm``
+            must be a ``DirtyRingReaper`` or a ``DirtyRingBackend``.
 
     Raises:
-        KVMListenerError: a mode was requested that the VM cannot provide.
+        KVMListenerError: a mode was requested that the VM cannot provide
+            (including a dirty ring on a VM with neither ring Protocol).
         OSError: an ioctl failed while enabling the cap or mapping slots.
     """
 
