@@ -16,7 +16,7 @@ from ._dirty import (
     DirtyBitmapSnapshot,
     DirtyMemory,
 )
-from ._cost import NO_METER, Cause, CostMeter, NullMeter
+from ._cost import DIRTY_LOG_CAUSES, NO_METER, SYNC_CAUSES, Cause, CostMeter, NullMeter
 from ._errors import KVMListenerError, MemoryAPIError, MemoryRegionError
 from ._listener import MemoryListener
 from ._region import AddressSpace, FlatRange, FlatView, MemoryRegion, MemoryRegionSection
@@ -52,6 +52,8 @@ __all__ = [
     # cost accounting hooks
     "Cause",
     "CostMeter",
+    "DIRTY_LOG_CAUSES",
+    "SYNC_CAUSES",
     "NO_METER",
     "NullMeter",
     # errors

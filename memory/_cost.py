@@ -69,7 +69,7 @@ from __future__ import annotations
 import enum
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Cause", "CostMeter", "NO_METER", "NullMeter"]
+__all__ = ["Cause", "CostMeter", "DIRTY_LOG_CAUSES", "NO_METER", "NullMeter", "SYNC_CAUSES"]
 
 
 class Cause(enum.Enum):

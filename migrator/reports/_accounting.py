@@ -29,8 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from memory import Cause
-from memory._cost import DIRTY_LOG_CAUSES, SYNC_CAUSES
+from memory import DIRTY_LOG_CAUSES, SYNC_CAUSES, Cause
 
 __all__ = ["AccountingSnapshot", "CauseAccounting", "CauseCost", "SyncCost"]
 

@@ -30,8 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from memory import NO_METER, TARGET_PAGE_SIZE, Cause
-from memory._cost import DIRTY_LOG_CAUSES
+from memory import DIRTY_LOG_CAUSES, NO_METER, TARGET_PAGE_SIZE, Cause
 
 from ..engine._history import MigrationHistory
 from ._accounting import AccountingSnapshot, CauseAccounting

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from memory import GLOBAL_DIRTY_MIGRATION, NO_METER, TARGET_PAGE_SIZE as P, Cause, MemorySystem
-from memory._errors import KVMListenerError
+from memory import KVMListenerError
 from memory.kvm import KVMMemoryListener, KvmStatistics, SimKVM, kvm_statistics_dict
 from memory.kvm._slot import KVMSlot
 from memory.kvm.sim._sim_shm import Params
