@@ -96,8 +96,8 @@ class WriteProtectAllHook:
             exc.add_note("KVM_WRITE_PROTECT_ALL_MEM(1)")
             raise
         finally:
+            dt = time.perf_counter_ns() - t0
             meter.end(Cause.WRITE_PROTECT_ALL, token)
-        dt = time.perf_counter_ns() - t0
         for kml in pending:
             kml.write_protect_done(dt)
 
