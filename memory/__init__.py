@@ -16,6 +16,7 @@ from ._dirty import (
     DirtyBitmapSnapshot,
     DirtyMemory,
 )
+from ._cost import DIRTY_LOG_CAUSES, NO_METER, SYNC_CAUSES, Cause, CostMeter, NullMeter
 from ._errors import KVMListenerError, MemoryAPIError, MemoryRegionError
 from ._listener import MemoryListener
 from ._region import AddressSpace, FlatRange, FlatView, MemoryRegion, MemoryRegionSection
@@ -48,6 +49,13 @@ __all__ = [
     "MemoryRegionSection",
     "MemorySystem",
     "WriteProtectAllFn",
+    # cost accounting hooks
+    "Cause",
+    "CostMeter",
+    "DIRTY_LOG_CAUSES",
+    "SYNC_CAUSES",
+    "NO_METER",
+    "NullMeter",
     # errors
     "KVMListenerError",
     "MemoryAPIError",

@@ -145,7 +145,7 @@ class DirtyMemory:
 
     @property
     def nwords(self) -> int:
-        return self._bitmaps.shape[1]
+        return int(self._bitmaps.shape[1])
 
     def grow(self, ram_addr_size_bytes: int) -> None:
         """Cover at least ``ram_addr_size_bytes`` of ram_addr space (never shrinks)."""
@@ -161,7 +161,8 @@ class DirtyMemory:
 
     def bitmap(self, client: int) -> Words:
         """The live words of ``client`` (a view, valid until the next ``grow``)."""
-        return self._bitmaps[client]
+        words: Words = self._bitmaps[client]
+        return words
 
     def _check(self, start_page: int, npages: int) -> None:
         if start_page < 0 or npages < 0 or start_page + npages > self._npages:

@@ -11,6 +11,10 @@ matters for three hooks:
 * ``log_clear``: ``memory_region_clear_dirty_bitmap`` only visits listeners
   that implement it.
 
+A listener that chooses at run time (the KVM listener: ``log_sync_global``
+with a dirty ring, ``log_sync``/``log_clear`` without) overrides all of them
+and names the ones it does not provide in :meth:`MemoryListener.absent_hooks`.
+
 Ordering (system/memory.c): listeners sit in one global list and one list per
 address space, sorted by ``priority`` (stable: equal priorities keep
 registration order).  ``begin``/``commit``/``region_add``/``log_start``/
@@ -40,6 +44,10 @@ class MemoryListener:
 
     def __init__(self) -> None:
         self.address_space: AddressSpace | None = None
+
+    def absent_hooks(self) -> frozenset[str]:
+        """Hooks this listener overrides but does not provide (NULL in QEMU)."""
+        return frozenset()
 
     # -- topology -------------------------------------------------------------
     def begin(self) -> None:
@@ -87,9 +95,12 @@ class MemoryListener:
 def listener_implements(listener: MemoryListener, hook: str) -> bool:
     """Whether ``listener`` overrides ``hook`` (QEMU: the pointer is non-NULL).
 
-    An instance attribute overrides the class: a callable enables the hook,
-    ``None`` disables it (a listener choosing ``log_sync_global`` at run time).
+    A hook named by ``listener.absent_hooks()`` is absent.  An instance
+    attribute overrides the class: a callable enables the hook, ``None``
+    disables it.
     """
+    if hook in listener.absent_hooks():
+        return False
     if hook in vars(listener):
         return vars(listener)[hook] is not None
     return getattr(type(listener), hook) is not getattr(MemoryListener, hook)

@@ -63,6 +63,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from ._cost import NO_METER, Cause, CostMeter
 from ._dirty import (
     DIRTY_CLIENTS_ALL,
     DIRTY_CLIENTS_NOCODE,
@@ -71,6 +72,7 @@ from ._dirty import (
     GLOBAL_DIRTY_MASK,
     DirtyBitmapSnapshot,
     DirtyMemory,
+    Words,
 )
 from ._errors import MemoryRegionError
 from ._listener import MemoryListener, listener_implements
@@ -110,6 +112,10 @@ class MemorySystem:
             global sync from a per-region one).
         global_sync_count: number of global syncs started.
         total_dirty_pages: pages fetched while ``GLOBAL_DIRTY_DIRTY_RATE`` is on.
+        cost_meter: the :class:`memory.CostMeter` told about every global sync
+            and, by the KVM listener, every dirty-log ioctl (see
+            ``memory/_cost.py`` for the hooks); :data:`memory.NO_METER` by
+            default.  Set it to measure; nothing is patched.
     """
 
     def __init__(self) -> None:
@@ -121,6 +127,7 @@ class MemorySystem:
         self.global_sync_in_progress = False
         self.global_sync_count = 0
         self.total_dirty_pages = 0
+        self.cost_meter: CostMeter = NO_METER
         self._transaction_depth = 0
         self._update_pending = False
         self._write_protect_all_fn: WriteProtectAllFn | None = None
@@ -342,17 +349,26 @@ class MemorySystem:
                 listener.log_sync_global(last_stage)
 
     def memory_global_dirty_log_sync(self, last_stage: bool = False) -> None:
-        """Fetch every listener's dirty bits, then write-protect-all(True)."""
+        """Fetch every listener's dirty bits, then write-protect-all(True).
+
+        Metered as ``Cause.GLOBAL_SYNC`` (``FINAL_SYNC`` with ``last_stage``),
+        from entry to return."""
+        meter = self.cost_meter
+        cause = Cause.FINAL_SYNC if last_stage else Cause.GLOBAL_SYNC
+        token = meter.begin(cause)
         self.global_sync_count += 1
         self.global_sync_in_progress = True
         try:
             self._sync_dirty_bitmap(None, last_stage)
         finally:
             self.global_sync_in_progress = False
-            # Every listener has fetched every slot: protect before any consumer
-            # reads the fetched pages (the draft's placement).
-            if self._write_protect_all_fn is not None:
-                self._write_protect_all_fn(True)
+            try:
+                # Every listener has fetched every slot: protect before any
+                # consumer reads the fetched pages (the draft's placement).
+                if self._write_protect_all_fn is not None:
+                    self._write_protect_all_fn(True)
+            finally:
+                meter.end(cause, token)
 
     def memory_global_after_dirty_log_sync(self) -> None:
         for listener in list(self.memory_listeners):
@@ -392,7 +408,7 @@ class MemorySystem:
         return mr.get_dirty_log_mask()
 
     # -- dirty bits of a region ----------------------------------------------------------
-    def physical_memory_set_dirty_lebitmap(self, words, start_page: int, npages: int) -> int:  # type: ignore[no-untyped-def]
+    def physical_memory_set_dirty_lebitmap(self, words: Words, start_page: int, npages: int) -> int:
         """OR a fetched bitmap into every active client: VGA always (as QEMU),
         MIGRATION while global tracking is on (CODE only under TCG: never)."""
         clients = DIRTY_CLIENTS_NOCODE if self.global_dirty_tracking else (1 << DIRTY_MEMORY_VGA)

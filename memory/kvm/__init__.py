@@ -1,10 +1,19 @@
 """KVM behind one small interface (:class:`KvmVM`), with two backends."""
 
-from ._backend import KvmVM, UserMemoryRegion
+from ._backend import DirtyRingBackend, DirtyRingReaper, KvmStatistics, KvmVM, UserMemoryRegion, kvm_statistics_dict
 from . import linux_kvm
 from .sim import SimKVM
 
-__all__ = ["KvmVM", "SimKVM", "UserMemoryRegion", "linux_kvm"]
+__all__ = [
+    "DirtyRingBackend",
+    "DirtyRingReaper",
+    "KvmStatistics",
+    "KvmVM",
+    "SimKVM",
+    "UserMemoryRegion",
+    "kvm_statistics_dict",
+    "linux_kvm",
+]
 
 # real KVM (/dev/kvm): VM, vCPUs, test machine
 from .real import RealKVM, kvm_usable  # noqa: E402

@@ -23,257 +23,66 @@ that moved never has two slots covering the same guest pages.
 ``log_start``/``log_stop`` act only on the first client gained (``old == 0``) /
 last client lost (``new == 0``), re-issuing the memslot with new flags.
 
-Three ways to re-protect what was fetched
-=========================================
+The rest lives beside this module, one concept each: the dirty-log modes
+and their re-protection rules (``_modes.py``), the VM's write-protect-all
+hook (``_wp_all.py``), the dirty ring (``_dirty_ring.py``) and the slot
+records (``_slot.py``).
 
-Some facts about KVM dirty logging (see /work/shared/reference/kvm.md): a
-page is logged when a write faults on a write-protected mapping; once the
-fault made the mapping writable, further writes are silent until something
-write-protects the page again.  Hence the one rule every mode obeys:
-
-    fetch -> re-protect -> only then may anyone read the fetched pages.
-
-* **legacy**: ``KVM_GET_DIRTY_LOG`` (flags 0) returns the bits, clears them and
-  write-protects those pages through the rmap, all in the one ioctl.  Its cost
-  grows with the number of dirty pages.
-* **manual protect** (``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` with
-  ``INITIALLY_SET``): GET only copies.  ``log_clear`` (from
-  ``memory_region_clear_dirty_bitmap``, which migration calls per chunk
-  *before* sending any page of it) issues ``KVM_CLEAR_DIRTY_LOG`` for **only
-  the bits already fetched into ``dirty_bmap``** inside the requested range
-  (start aligned down to 64 pages, the padding masked off), then drops them
-  from ``dirty_bmap``.  A bit set in the kernel after our GET was never in
-  ``dirty_bmap``, so it is never cleared unseen.
-* **write-protect-all** (the 2017 series: caps 145 and 146): a *global* sync
-  fetches every slot with ``KVM_DIRTY_LOG_WITHOUT_WRITE_PROTECT`` (bits copied
-  and cleared, pages left writable), and the memory core's write-protect-all
-  hook - called after every listener fetched every slot and before the sync
-  returns - issues one ``KVM_WRITE_PROTECT_ALL_MEM(1)``.  A write landing
-  between the fetch and the protection is not in the kernel bitmap, but the
-  page is in our snapshot and will be read only after the protection, so it
-  is not lost (Paolo's reading of the series).
-
-  ``KVM_WRITE_PROTECT_ALL_MEM(0)`` only clears the enable bit: tables the lazy
-  protection has not reached yet are then never protected, so their pages
-  stay writable and unlogged.  The draft issued it after every ``log_stop``;
-  a display switching VGA logging off mid-migration (or migration ending
-  while a display still logs) would lose writes.  Rule kept here: the
-  memory core's ``False`` request is deferred until every listener of the VM
-  has committed the topology update, and issued only if no slot of any of
-  them still logs dirty pages.
-
-  Both requests are per VM, not per listener (``WriteProtectAllHook``): the
-  ioctl protects every address space, so one call after the last fetch of
-  every listener covers them all, and it must be made if *any* of them
-  fetched without protection (x86 QEMU has two KVM listeners, as 0 and the
-  SMRAM address space as 1).
-
-Per-region syncs in write-protect-all mode (Paolo's open question)
-==================================================================
-
-"How would this work when kvm_physical_sync_dirty_bitmap is called from
-memory_region_sync_dirty_bitmap rather than memory_global_dirty_log_sync?"
-A display device syncs only its own region (``memory_region_sync_dirty_bitmap``
-in 2017, ``memory_region_snapshot_and_clear_dirty`` today), at its refresh
-rate, between migration's global syncs.  Nothing calls write-protect-all at
-the end of such a sync.  If it fetched with ``WITHOUT_WRITE_PROTECT`` (the
-draft's unconditional flag - ``RegionSyncRule.NAIVE``), a page P it fetched
-stays writable with its kernel bit cleared, until the next global sync's
-write-protect-all - which, outside a migration, never comes.  The display
-loses for sure: global sync + WP-all, guest writes P (logged), display sync
-(naive: P fetched, drawn, left writable), guest writes P again (silent), the
-next refresh does not redraw P.  Migration is saved only by the order of its
-consumer: P's bit also went into MIGRATION, and QEMU's consumer reads those
-bits only in ``migration_bitmap_sync``, right after a global sync whose
-write-protect-all re-protects P, so it reads P after the silent write.  A
-consumer that took MIGRATION bits without a global sync of its own (trusting
-the display's fetch) would read P, the guest would write it silently, and
-the destination would keep the old P.  Rather than depend on that, every
-fetch is made safe where it happens.
-
-The rule chosen (``RegionSyncRule.PROTECTING_FETCH``, the default): **a sync that
-is not the global sync uses the protecting fetch** - ``KVM_GET_DIRTY_LOG``
-with flags 0, so the kernel write-protects through the rmap exactly the pages
-it returns.  Every page fetched is protected by the same ioctl, before the
-caller can read it, and the cost grows only with that region's dirty pages
-(a framebuffer), never with guest size; the O(1) write-protect-all stays
-reserved for the global sync where the rmap walk was the expensive part.
-The listener tells the two apart by ``MemorySystem.global_sync_in_progress``.
-
-Alternative (``RegionSyncRule.WRITE_PROTECT_ALL``): fetch without protection
-and call ``KVM_WRITE_PROTECT_ALL_MEM(1)`` right after the region's slots were
-fetched.  Also correct, but every display refresh then write-protects the
-whole guest, and every page the guest writes afterwards takes a fault again:
-a 60 Hz display would multiply migration's fault rate.  ``NAIVE`` is kept
-only so tests can show it loses a page.
-
-Other modes need no special rule: legacy GET always protects; in manual
-mode a per-region fetch only copies, and the display's
-``memory_region_clear_dirty_bitmap`` re-protects what it consumed.
-
-Dirty ring
+Cost hooks
 ==========
 
-With ``dirty_ring=True`` (the VM has the ring enabled before any vCPU) the
-listener has ``log_sync_global`` instead of ``log_sync``/``log_clear``:
-every sync, even one requested for a single region, reaps every vCPU's ring
-(harvest, then ``KVM_RESET_DIRTY_RINGS`` re-protects the pages), marks the
-entries in the slots' ``dirty_bmap`` and only then publishes and zeroes each
-logged slot's ``dirty_bmap`` - bits are never published before their pages are
-re-protected.  ``KVM_GET_DIRTY_LOG`` is never used (ENXIO on a ring VM).
+Every ioctl the listener issues is reported to ``MemorySystem.cost_meter``
+(``memory/_cost.py`` has the table): ``GET_DIRTY_LOG`` and
+``CLEAR_DIRTY_LOG`` around each call (``pages``: the bits returned / to
+clear), ``SET_MEMORY_REGION`` around each memslot update, the ring causes
+around each reap, and ``REGION_SYNC`` around a ``log_sync`` (or the ring's
+``log_sync_global``) that is not part of a global sync.  The meter is read
+at each call, so it can be set or replaced at any time; the only work done
+for it alone, the popcount of a fetched bitmap, is skipped for ``NO_METER``.
 """
 
 from __future__ import annotations
 
-import enum
 import errno
-import heapq
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from numpy.typing import NDArray
 
+from .._cost import NO_METER, Cause
 from .._dirty import popcount, range_mask
 from .._errors import KVMListenerError
 from .._listener import MemoryListener
 from .._ramblock import TARGET_PAGE_SIZE
 from ._backend import KvmVM, UserMemoryRegion
+from ._dirty_ring import RingReaper, mark_ring_entries
+from ._modes import DirtyLogMode, RegionSyncRule, choose_mode
+from ._slot import DEFAULT_NR_SLOTS, KVMSlot, SlotIds
+from ._wp_all import WriteProtectAllHook
 from .linux_kvm import (
-    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_CAP_NR_MEMSLOTS,
-    KVM_CAP_X86_DIRTY_LOG_WITHOUT_WRITE_PROTECT,
-    KVM_CAP_X86_WRITE_PROTECT_ALL_MEM,
     KVM_CLEAR_LOG_SHIFT,
-    KVM_DIRTY_LOG_MANUAL_CAPS,
     KVM_DIRTY_LOG_WITHOUT_WRITE_PROTECT,
     KVM_MEM_LOG_DIRTY_PAGES,
 )
 
+#: hooks absent with / without the dirty ring (see ``absent_hooks``)
+_RING_ABSENT = frozenset({"log_sync", "log_clear"})
+_BITMAP_ABSENT = frozenset({"log_sync_global"})
+
+__all__ = [
+    "DirtyLogMode",
+    "KVMListenerStatistics",
+    "KVMMemoryListener",
+    "KVMSlot",
+    "RegionSyncRule",
+    "WriteProtectAllHook",
+]
+
 if TYPE_CHECKING:
     from .._region import MemoryRegion, MemoryRegionSection
     from .._system import MemorySystem
-
-#: QEMU's default when KVM_CAP_NR_MEMSLOTS answers 0
-_DEFAULT_NR_SLOTS = 32
-
-
-class DirtyLogMode(enum.Enum):
-    """How fetched pages are re-protected (see the module docstring)."""
-
-    LEGACY = "legacy"
-    MANUAL_PROTECT = "manual-protect"
-    WRITE_PROTECT_ALL = "write-protect-all"
-    DIRTY_RING = "dirty-ring"
-
-
-class RegionSyncRule(enum.Enum):
-    """What a per-region sync does in write-protect-all mode."""
-
-    PROTECTING_FETCH = "protecting-fetch"
-    WRITE_PROTECT_ALL = "write-protect-all"
-    NAIVE = "naive"  # loses pages; for tests only
-
-
-class WriteProtectAllHook:
-    """The draft's ``kvm_write_protect_all_mem``: ONE per VM, shared by every
-    ``KVMMemoryListener`` of that VM (QEMU's ``kvm_init`` registers it once, and
-    ``KVM_WRITE_PROTECT_ALL_MEM`` acts on every address space of the VM).
-
-    Ordering rule it keeps: the memory core calls it with ``True`` after the
-    last fetch of EVERY listener; it must then protect if ANY listener of the
-    VM fetched without protection since the last call.  A per-listener hook
-    is wrong twice over: the memory core keeps one hook, so the last
-    registered listener's would replace the others' (and, if that listener
-    fetched nothing, the others' unprotected fetches would never be
-    re-protected), and unregistering it would leave the others fetching
-    ``WITHOUT_WRITE_PROTECT`` with no hook at all.  ``False`` (switch the lazy
-    protection off) is safe only when no slot of ANY listener of the VM still
-    logs, checked once every listener has applied its part of the topology
-    update.
-    """
-
-    def __init__(self, kvm: KvmVM) -> None:
-        self.kvm = kvm
-        self.listeners: list[KVMMemoryListener] = []
-        self.off_requested = False
-
-    def __call__(self, write: bool) -> None:
-        if not write:
-            self.off_requested = True
-            self.off_if_idle()
-            return
-        pending = [kml for kml in self.listeners if kml._wp_pending]
-        if not pending:
-            return  # no page was left unprotected since the last call
-        t0 = time.perf_counter_ns()
-        try:
-            self.kvm.write_protect_all(True)
-        except OSError as exc:
-            exc.add_note("KVM_WRITE_PROTECT_ALL_MEM(1)")
-            raise
-        dt = time.perf_counter_ns() - t0
-        for kml in pending:
-            kml._wp_pending = False
-            kml._n["write_protect_all_calls"] += 1
-            kml._n["write_protect_time_ns"] += dt
-            kml._n["last_write_protect_time_ns"] = dt
-
-    def off_if_idle(self) -> None:
-        """Issue a requested ``KVM_WRITE_PROTECT_ALL_MEM(0)`` once no listener of
-        the VM is inside a topology update, and only if no slot logs."""
-        if not self.off_requested or any(kml._in_transaction for kml in self.listeners):
-            return
-        self.off_requested = False
-        if any(mem.flags & KVM_MEM_LOG_DIRTY_PAGES for kml in self.listeners for mem in kml._slots.values()):
-            return  # some slot still logs: its writes rely on the lazy protection
-        try:
-            self.kvm.write_protect_all(False)
-        except OSError as exc:
-            exc.add_note("KVM_WRITE_PROTECT_ALL_MEM(0)")
-            raise
-        for kml in self.listeners:
-            kml._n["write_protect_off_calls"] += 1
-
-
-class KVMSlot:
-    """``KVMSlot`` (include/system/kvm_int.h).  ``ram`` is the host view."""
-
-    __slots__ = (
-        "slot",
-        "as_id",
-        "start_addr",
-        "memory_size",
-        "ram",
-        "ram_start_offset",
-        "flags",
-        "old_flags",
-        "dirty_bmap",
-    )
-
-    def __init__(self, slot: int, as_id: int) -> None:
-        self.slot = slot
-        self.as_id = as_id
-        self.start_addr = 0
-        self.memory_size = 0
-        self.ram: NDArray[np.uint8] | None = None
-        self.ram_start_offset = 0
-        self.flags = 0
-        self.old_flags = 0
-        self.dirty_bmap: NDArray[np.uint64] | None = None
-
-    @property
-    def id(self) -> int:
-        """The ioctl slot id, ``slot | as_id << 16``."""
-        return self.slot | (self.as_id << 16)
-
-    def __repr__(self) -> str:
-        return (
-            f"KVMSlot({self.slot}, gpa=[{self.start_addr:#x}, {self.start_addr + self.memory_size:#x}), "
-            f"ram_addr={self.ram_start_offset:#x}, flags={self.flags:#x})"
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class KVMListenerStatistics:
@@ -330,10 +139,12 @@ class KVMMemoryListener(MemoryListener):
             is present and write-protect-all is not used; a failing enable then
             falls back to legacy, as QEMU does.
         region_sync_rule: per-region syncs in write-protect-all mode.
-        dirty_ring: the VM uses the dirty ring (excludes the other modes).
+        dirty_ring: the VM uses the dirty ring (excludes the other modes); ``kvm``
+            must be a ``DirtyRingReaper`` or a ``DirtyRingBackend``.
 
     Raises:
-        KVMListenerError: a mode was requested that the VM cannot provide.
+        KVMListenerError: a mode was requested that the VM cannot provide
+            (including a dirty ring on a VM with neither ring Protocol).
         OSError: an ioctl failed while enabling the cap or mapping slots.
     """
 
@@ -363,23 +174,20 @@ class KVMMemoryListener(MemoryListener):
         if max_slot_size is not None and (max_slot_size <= 0 or max_slot_size % self.page_size):
             raise KVMListenerError("max_slot_size must be a positive multiple of the page size", size=max_slot_size)
         self.max_slot_size = max_slot_size if max_slot_size is not None else 1 << 64
-        self.nr_slots = int(kvm.check_extension(KVM_CAP_NR_MEMSLOTS)) or _DEFAULT_NR_SLOTS
+        self.nr_slots = int(kvm.check_extension(KVM_CAP_NR_MEMSLOTS)) or DEFAULT_NR_SLOTS
         self.region_sync_rule = region_sync_rule
         self.dirty_ring = dirty_ring
+        self._ring: RingReaper | None = None
         if dirty_ring:
             if write_protect_all or manual_protect:
                 raise KVMListenerError("the dirty ring excludes write-protect-all and manual protect")
+            self._ring = RingReaper(kvm)
             self.mode = DirtyLogMode.DIRTY_RING
-            # kvm_memory_listener_register: log_sync_global instead of log_sync/log_clear.
-            self.log_sync = None  # type: ignore[assignment]
-            self.log_clear = None  # type: ignore[assignment]
-            self.log_sync_global = self._log_sync_global_ring  # type: ignore[method-assign]
         else:
-            self.mode = self._choose_mode(write_protect_all, manual_protect)
+            self.mode = choose_mode(kvm, write_protect_all, manual_protect)
 
         self._slots: dict[tuple[int, int], KVMSlot] = {}
-        self._free_ids: list[int] = []
-        self._next_id = 0
+        self._ids = SlotIds(self.nr_slots)
         self._transaction_add: list[MemoryRegionSection] = []
         self._transaction_del: list[MemoryRegionSection] = []
         # Pages were fetched WITHOUT_WRITE_PROTECT and not yet re-protected.
@@ -404,40 +212,6 @@ class KVMMemoryListener(MemoryListener):
                 memory_system.memory_register_write_protect_all(hook)
             hook.listeners.append(self)
             self._wp_hook = hook
-
-    # -- setup -------------------------------------------------------------------
-    def _choose_mode(self, write_protect_all: bool | None, manual_protect: bool | None) -> DirtyLogMode:
-        kvm = self.kvm
-        wp_caps = bool(kvm.check_extension(KVM_CAP_X86_WRITE_PROTECT_ALL_MEM)) and bool(
-            kvm.check_extension(KVM_CAP_X86_DIRTY_LOG_WITHOUT_WRITE_PROTECT)
-        )
-        manual_caps = int(kvm.check_extension(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)) & KVM_DIRTY_LOG_MANUAL_CAPS
-        if write_protect_all and manual_protect:
-            raise KVMListenerError("write-protect-all and manual protect are exclusive")
-        if write_protect_all is None:
-            write_protect_all = wp_caps and not manual_protect
-        elif write_protect_all and not wp_caps:
-            raise KVMListenerError(
-                "write-protect-all requested but not supported",
-                cap_write_protect_all=KVM_CAP_X86_WRITE_PROTECT_ALL_MEM,
-                cap_without_write_protect=KVM_CAP_X86_DIRTY_LOG_WITHOUT_WRITE_PROTECT,
-            )
-        if write_protect_all:
-            return DirtyLogMode.WRITE_PROTECT_ALL
-        explicit = manual_protect is True
-        if manual_protect is None:
-            manual_protect = bool(manual_caps)
-        if not manual_protect:
-            return DirtyLogMode.LEGACY
-        if not manual_caps:
-            raise KVMListenerError("manual protect requested but not supported", cap=KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
-        try:
-            kvm.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, manual_caps)
-        except OSError:
-            if explicit:
-                raise
-            return DirtyLogMode.LEGACY  # QEMU warns and falls back
-        return DirtyLogMode.MANUAL_PROTECT
 
     def unregister(self) -> None:
         """``memory_listener_unregister`` (deletes every slot, harvesting logged
@@ -467,6 +241,30 @@ class KVMMemoryListener(MemoryListener):
             **self._n,
         )
 
+    def absent_hooks(self) -> frozenset[str]:
+        """``kvm_memory_listener_register``: with the dirty ring, ``log_sync_global``
+        instead of ``log_sync``/``log_clear``; without it, the reverse."""
+        return _RING_ABSENT if self.dirty_ring else _BITMAP_ABSENT
+
+        # -- the write-protect-all hook's view (``_wp_all.WriteProtectAllClient``) ---------
+    def write_protect_pending(self) -> bool:
+        return self._wp_pending
+
+    def write_protect_done(self, time_ns: int) -> None:
+        self._wp_pending = False
+        self._n["write_protect_all_calls"] += 1
+        self._n["write_protect_time_ns"] += time_ns
+        self._n["last_write_protect_time_ns"] = time_ns
+
+    def write_protect_off_done(self) -> None:
+        self._n["write_protect_off_calls"] += 1
+
+    def in_topology_update(self) -> bool:
+        return self._in_transaction
+
+    def logs_dirty_pages(self) -> bool:
+        return any(mem.flags & KVM_MEM_LOG_DIRTY_PAGES for mem in self._slots.values())
+
     # -- slot plumbing ---------------------------------------------------------------
     def align_section(self, section: MemoryRegionSection) -> tuple[int, int]:
         """``kvm_align_section``: ``(start, size)``, start rounded up to a host
@@ -483,19 +281,10 @@ class KVMMemoryListener(MemoryListener):
         # KVM_MEM_READONLY is not used: there are no ROM/ROMD regions here.
         return KVM_MEM_LOG_DIRTY_PAGES if mr.get_dirty_log_mask() else 0
 
-    def _alloc_slot(self) -> KVMSlot:
-        if self._free_ids:
-            return KVMSlot(heapq.heappop(self._free_ids), self.as_id)
-        if self._next_id >= self.nr_slots:
-            raise KVMListenerError("no free slot available", nr_slots=self.nr_slots)
-        self._next_id += 1
-        return KVMSlot(self._next_id - 1, self.as_id)
-
-    def _free_slot(self, mem: KVMSlot) -> None:
-        heapq.heappush(self._free_ids, mem.slot)
-
     def _set_user_memory_region(self, mem: KVMSlot) -> None:
         region = UserMemoryRegion(mem.id, mem.flags, mem.start_addr, mem.memory_size, mem.ram)
+        meter = self.ms.cost_meter
+        token = meter.begin(Cause.SET_MEMORY_REGION)
         try:
             self.kvm.set_user_memory_region(region)
         except OSError as exc:
@@ -504,6 +293,8 @@ class KVMMemoryListener(MemoryListener):
                 f"size={mem.memory_size:#x} flags={mem.flags:#x}"
             )
             raise
+        finally:
+            meter.end(Cause.SET_MEMORY_REGION, token)
         mem.old_flags = mem.flags
 
     def _slot_init_dirty_bitmap(self, mem: KVMSlot) -> None:
@@ -515,6 +306,8 @@ class KVMMemoryListener(MemoryListener):
     def _slot_get_dirty_log(self, mem: KVMSlot, flags: int) -> None:
         """``kvm_slot_get_dirty_log``: GET into ``dirty_bmap``; ENOENT is fine."""
         assert mem.dirty_bmap is not None
+        meter = self.ms.cost_meter
+        token = meter.begin(Cause.GET_DIRTY_LOG)
         t0 = time.perf_counter_ns()
         try:
             self.kvm.get_dirty_log(mem.id, mem.dirty_bmap, flags)
@@ -524,6 +317,7 @@ class KVMMemoryListener(MemoryListener):
                 raise
         finally:
             dt = time.perf_counter_ns() - t0
+            meter.end(Cause.GET_DIRTY_LOG, token, 0 if meter is NO_METER else popcount(mem.dirty_bmap))
             self._n["fetch_time_ns"] += dt
             self._n["get_dirty_log_calls"] += 1
             if self.ms.global_sync_in_progress:
@@ -570,14 +364,14 @@ class KVMMemoryListener(MemoryListener):
                 mem.flags = 0
                 self._set_user_memory_region(mem)
                 del self._slots[(start, slot_size)]
-                self._free_slot(mem)
+                self._ids.free(mem)
                 start += slot_size
                 size -= slot_size
             return
         host = mr.ram_block.host
         while size:
             slot_size = min(self.max_slot_size, size)
-            mem = self._alloc_slot()
+            mem = self._ids.alloc(self.as_id)
             mem.memory_size = slot_size
             mem.start_addr = start
             mem.ram_start_offset = ram_start
@@ -587,7 +381,7 @@ class KVMMemoryListener(MemoryListener):
             try:
                 self._set_user_memory_region(mem)
             except BaseException:
-                self._free_slot(mem)
+                self._ids.free(mem)
                 raise
             self._slots[(start, slot_size)] = mem
             start += slot_size
@@ -660,17 +454,23 @@ class KVMMemoryListener(MemoryListener):
         docstring: only a global sync may leave pages unprotected, because only
         it is followed by write-protect-all before anyone reads."""
         is_global = self._sync_stats_begin()
-        unprotected = self.mode is DirtyLogMode.WRITE_PROTECT_ALL and (
-            is_global or self.region_sync_rule is not RegionSyncRule.PROTECTING_FETCH
-        )
-        flags = KVM_DIRTY_LOG_WITHOUT_WRITE_PROTECT if unprotected else 0
-        fetched = self.physical_sync_dirty_bitmap(section, flags)
-        if unprotected and fetched:
-            self._wp_pending = True
-            if not is_global and self.region_sync_rule is RegionSyncRule.WRITE_PROTECT_ALL:
-                assert self._wp_hook is not None
-                self._wp_hook(True)
-            # NAIVE: nothing re-protects the fetched pages until the next global sync.
+        meter = self.ms.cost_meter
+        token = 0 if is_global else meter.begin(Cause.REGION_SYNC)
+        try:
+            unprotected = self.mode is DirtyLogMode.WRITE_PROTECT_ALL and (
+                is_global or self.region_sync_rule is not RegionSyncRule.PROTECTING_FETCH
+            )
+            flags = KVM_DIRTY_LOG_WITHOUT_WRITE_PROTECT if unprotected else 0
+            fetched = self.physical_sync_dirty_bitmap(section, flags)
+            if unprotected and fetched:
+                self._wp_pending = True
+                if not is_global and self.region_sync_rule is RegionSyncRule.WRITE_PROTECT_ALL:
+                    assert self._wp_hook is not None
+                    self._wp_hook(True)
+                # NAIVE: nothing re-protects the fetched pages until the next global sync.
+        finally:
+            if not is_global:
+                meter.end(Cause.REGION_SYNC, token)
 
     def physical_sync_dirty_bitmap(self, section: MemoryRegionSection, flags: int = 0) -> int:
         """``kvm_physical_sync_dirty_bitmap``: fetch each slot of the section and
@@ -734,6 +534,8 @@ class KVMMemoryListener(MemoryListener):
         clear = window & full
         npages = popcount(clear)
         if npages:
+            meter = self.ms.cost_meter
+            token = meter.begin(Cause.CLEAR_DIRTY_LOG)
             t0 = time.perf_counter_ns()
             try:
                 self.kvm.clear_dirty_log(mem.id, bmap_start, bmap_npages, clear)
@@ -745,6 +547,7 @@ class KVMMemoryListener(MemoryListener):
                     raise
             finally:
                 dt = time.perf_counter_ns() - t0
+                meter.end(Cause.CLEAR_DIRTY_LOG, token, npages)
                 self._n["clear_time_ns"] += dt
                 self._n["last_write_protect_time_ns"] += dt
                 self._n["clear_dirty_log_calls"] += 1
@@ -755,45 +558,30 @@ class KVMMemoryListener(MemoryListener):
     def _dirty_ring_reap(self) -> int:
         """``kvm_dirty_ring_reap``: harvest every ring, reset (re-protect), then
         mark the entries in the slots' ``dirty_bmap``.  Returns the entry count."""
+        assert self._ring is not None
         t0 = time.perf_counter_ns()
-        reap = getattr(self.kvm, "reap_dirty_rings", None)
-        if reap is not None:
-            slots, offsets, _ = reap()
-        else:
-            slots, offsets = self.kvm.harvest_dirty_rings()  # type: ignore[attr-defined]
-            if len(offsets):
-                self.kvm.reset_dirty_rings()  # type: ignore[attr-defined]
+        slots, offsets = self._ring(self.ms.cost_meter)
         self._n["fetch_time_ns"] += time.perf_counter_ns() - t0
-        slots = np.asarray(slots, dtype=np.int64)
-        offsets = np.asarray(offsets, dtype=np.int64)
-        if not len(offsets):
-            return 0
-        by_id = {mem.id: mem for mem in self._slots.values()}
-        ids = np.sort(slots)  # (np.unique is ~10x slower than a sort here)
-        for sid in ids[np.r_[True, ids[1:] != ids[:-1]]].tolist():
-            mem = by_id.get(sid)
-            if mem is None or mem.dirty_bmap is None:
-                continue  # another address space, or a slot already gone
-            offs = offsets[slots == sid]
-            offs = np.sort(offs[offs < mem.memory_size // self.page_size])
-            if not offs.size:
-                continue
-            # O(entries), not O(slot size): OR one word per run of entries
-            # (repeats are harmless to an OR)
-            words = offs >> 6
-            bits = np.left_shift(np.uint64(1), (offs & 63).astype(np.uint64))
-            starts = np.flatnonzero(np.r_[True, words[1:] != words[:-1]])
-            mem.dirty_bmap[words[starts]] |= np.bitwise_or.reduceat(bits, starts)
+        mark_ring_entries(self._slots.values(), slots, offsets, self.page_size)
         return len(offsets)
 
-    def _log_sync_global_ring(self, last_stage: bool) -> None:
-        """``kvm_log_sync_global``: reap, then publish and zero each logged slot."""
-        self._sync_stats_begin()
+    def log_sync_global(self, last_stage: bool) -> None:
+        """``kvm_log_sync_global`` (dirty ring only): reap, then publish and
+        zero each logged slot."""
+        if self._ring is None:
+            raise KVMListenerError("log_sync_global on a listener without a dirty ring")
+        is_global = self._sync_stats_begin()
+        meter = self.ms.cost_meter
+        token = 0 if is_global else meter.begin(Cause.REGION_SYNC)
         t0 = time.perf_counter_ns()
-        self._dirty_ring_reap()
-        for mem in list(self._slots.values()):
-            if mem.flags & KVM_MEM_LOG_DIRTY_PAGES and mem.dirty_bmap is not None:
-                self._slot_sync_dirty_pages(mem)
-                mem.dirty_bmap[:] = 0
-        if self.ms.global_sync_in_progress:
+        try:
+            self._dirty_ring_reap()
+            for mem in list(self._slots.values()):
+                if mem.flags & KVM_MEM_LOG_DIRTY_PAGES and mem.dirty_bmap is not None:
+                    self._slot_sync_dirty_pages(mem)
+                    mem.dirty_bmap[:] = 0
+        finally:
+            if not is_global:
+                meter.end(Cause.REGION_SYNC, token)
+        if is_global:
             self._n["last_sync_time_ns"] += time.perf_counter_ns() - t0

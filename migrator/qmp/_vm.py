@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import trio
 
-from memory import GLOBAL_DIRTY_DIRTY_RATE, TARGET_PAGE_SIZE
+from memory import GLOBAL_DIRTY_DIRTY_RATE, TARGET_PAGE_SIZE, Cause
+from memory.kvm import kvm_statistics_dict
 
 from ..engine._engine import IncomingMigration, OutgoingMigration
 from ..engine._history import MigrationHistory
@@ -152,8 +153,15 @@ class VM:
         return dataclasses.asdict(self.kvm_listener.statistics())
 
     async def vm_stop(self, runstate: str = "paused") -> None:
+        """Stop the vCPUs (``Cause.VM_STOP`` on the memory core's cost meter,
+        from the call until every vCPU acknowledged), then the clocks."""
         was_running = self.vcpus.running
-        await self.vcpus.vm_stop()
+        meter = self.ms.cost_meter
+        token = meter.begin(Cause.VM_STOP)
+        try:
+            await self.vcpus.vm_stop()
+        finally:
+            meter.end(Cause.VM_STOP, token)
         if self._running_since is not None:
             self._ran_ns += time.monotonic_ns() - self._running_since
             self._running_since = None
@@ -463,7 +471,7 @@ class VM:
 
     async def qmp_x_query_accel_stats(self) -> dict[str, Any]:
         controller = self.vcpus.statistics()
-        stats: dict[str, Any] = {"kvm": self.machine.kvm.statistics(), "listener": self.kvm_listener_stats()}
+        stats: dict[str, Any] = {"kvm": kvm_statistics_dict(self.machine.kvm.statistics()), "listener": self.kvm_listener_stats()}
         if isinstance(controller, list):  # sim: one object per vCPU process
             stats["vcpus"] = controller
         elif isinstance(controller.get("vcpus"), list):

@@ -23,7 +23,8 @@ QUICK = CompareConfig(memory_bytes=16 << 20, max_bandwidth=32 << 20, downtime_li
 
 FIELDS = ("guest-dirty-rate-pages-per-s", "total-time-ms", "iterations", "first-dirty-log-ms",
           "mmu-lock-hold-ms", "faults-fast", "faults-push-down", "faults-map", "sptes-write-protected",
-          "tlb-flushes", "downtime-ms", "dirty-log-sptes-write-protected", "first-dirty-log-sptes-write-protected")
+          "tlb-flushes", "downtime-ms", "dirty-log-sptes-write-protected", "first-dirty-log-sptes-write-protected",
+          "vm-stop-ms")  # vm-stop-ms: the VM's vm_stop reported Cause.VM_STOP to the meter
 
 
 def test_quick_compare_writes_report_and_table(tmp_path, capsys):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from memory import RAMBlock
-from memory.kvm import UserMemoryRegion
+from memory.kvm import KvmStatistics, UserMemoryRegion
 from memory.kvm import linux_kvm as K
 
 LOW = 1 << 20
@@ -223,6 +223,6 @@ def test_statistics_exist(kvm):
     kvm.write([(0x200000 >> 12) + 1])
     kvm.get(1, 64)
     st = kvm.vm.statistics()
-    assert isinstance(st, dict) and st
+    assert isinstance(st, KvmStatistics) and st  # a frozen record read as a mapping
     assert all(isinstance(v, int) for v in st.values())
     assert kvm.vm.page_size == 4096

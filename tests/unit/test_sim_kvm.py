@@ -681,7 +681,7 @@ def test_batch_equals_one_page_at_a_time(ops: list, pml: bool, manual_flags: int
         out_s = _apply(single, op, True)
         np.testing.assert_equal(out_b, out_s)
         np.testing.assert_equal(batch._state(), single._state())
-        sb, ss = batch.statistics(), single.statistics()
+        sb, ss = batch.statistics().to_dict(), single.statistics().to_dict()
         del sb["mmu_lock_hold_ns"], ss["mmu_lock_hold_ns"]
         assert sb == ss, op
         batch._check_invariants()

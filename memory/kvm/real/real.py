@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import linux_kvm as K
-from .._backend import UserMemoryRegion
+from .._backend import KvmStatistics, UserMemoryRegion
 
 PAGE_SIZE = 4096
 KVM_DEV = "/dev/kvm"
@@ -399,7 +399,7 @@ class RealKVM:
             return n
 
     # ------------------------------------------------------------ stats
-    def statistics(self) -> dict[str, int]:
+    def statistics(self) -> KvmStatistics:
         """Our counters (``fetch_*``, ``clear_*``, ``harvest_*``, ``reset_*``:
         calls, ns, pages/entries) plus the kernel's binary stats: VM stats as
         ``kvm_vm.<name>``, vCPU stats summed over vCPUs as ``kvm_vcpu.<name>``,
@@ -423,7 +423,7 @@ class RealKVM:
         for k in ("pf_fixed", "pf_taken", "exits", "io_exits", "halt_exits", "insn_emulation", "signal_exits"):
             if k in sums:
                 out[k] = sums[k]
-        return out
+        return KvmStatistics(out)
 
     # ------------------------------------------------------------ lifetime
     def close(self) -> None:

@@ -137,7 +137,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import linux_kvm as K
-from .._backend import UserMemoryRegion
+from .._backend import KvmStatistics, UserMemoryRegion
 from ._sim_mmu import (
     MAX_GFN,
     SPTE_DIRTY,
@@ -1392,13 +1392,22 @@ class SimKVM:
     # ------------------------------------------------------------------
     # statistics and introspection
     # ------------------------------------------------------------------
-    def statistics(self) -> dict[str, int]:
-        """Counters, see STAT_NAMES.  faults_map counts every fault that took
-        the slow path (mapping a leaf, creating tables, or pushing write
-        protection down); faults_push_down counts upper entries made
-        writable; faults_fast leaves fixed by the fast page fault."""
+    def statistics(self) -> KvmStatistics:
+        """Counters, see STAT_NAMES, summed over every actor (vCPUs and the
+        VMM).  faults_map counts every fault that took the slow path
+        (mapping a leaf, creating tables, or pushing write protection down);
+        faults_push_down counts upper entries made writable; faults_fast
+        leaves fixed by the fast page fault."""
         tot = self._shm["stats"][:, : len(STAT_NAMES)].sum(axis=0)
-        return dict(zip(STAT_NAMES, (int(x) for x in tot)))
+        return KvmStatistics(dict(zip(STAT_NAMES, (int(x) for x in tot))))
+
+    def ioctl_statistics(self) -> KvmStatistics:
+        """The STAT_NAMES counters of the VMM's own row only: what this
+        process's ioctls did (GET/CLEAR's rmap walks, log start, their
+        mmu_lock holds), without the vCPU processes' faults.  A meter reads
+        it before and after an ioctl to charge the ioctl its own work."""
+        row = self._shm["stats"][self._vmm_row, : len(STAT_NAMES)]
+        return KvmStatistics(dict(zip(STAT_NAMES, (int(x) for x in row))))
 
     def vcpu_statistics(self, vcpu: int) -> dict[str, int]:
         """Every counter of vCPU ``vcpu``'s row (its faults, pages written,
