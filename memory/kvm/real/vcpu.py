@@ -41,6 +41,8 @@ leaves a hlt (a vCPU woken from hlt while ``running`` would otherwise still
 carry the ``stopped`` it set when it halted, and ``vm_stop`` would return
 while it is in ``KVM_RUN``).  So when ``vm_stop`` returns no vCPU thread is
 in ``KVM_RUN`` and none will enter it before the next ``vm_start``.
+Each stop's latency is kept; :meth:`RealVCPUs.expected_stop_ns` (the
+longest of the last few) is the downtime prediction's stop term.
 Counters written by vCPU threads are per vCPU (``_Ctl.stats``,
 ``_Ctl.exit_reasons``): two threads never update the same counter.
 
