@@ -273,11 +273,6 @@ class SimVCPUs:
             except BlockingIOError:
                 pass
 
-    async def _cmd_wait(self, v: int, code: int) -> None:
-        if not self._alive(v):
-            raise RuntimeError(f"simulated vCPU {v} is not running")
-        await self._answered(S.C_CMD_ACK, {v: self._cmd(v, code)}, "running a command")
-
     def _mbox_put(self, v: int, data: bytes) -> None:
         import numpy as np
 
