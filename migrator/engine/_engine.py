@@ -528,7 +528,8 @@ class OutgoingMigration:
         # the stop itself: what the vCPU controller measured its stops take
         vcpus = getattr(self.vm, "vcpus", None)
         expected_stop = getattr(vcpus, "expected_stop_ns", None)
-        stop_ms = expected_stop() / 1e6 if expected_stop is not None and vcpus.running else 0.0
+        running = bool(getattr(vcpus, "running", False))
+        stop_ms = expected_stop() / 1e6 if expected_stop is not None and running else 0.0
         return DowntimePrediction(
             pending_bytes=pending_bytes, bytes_per_page=float(LAST_STAGE_BYTES_PER_PAGE),
             throughput_bytes_per_s=bw, final_sync_ms=self._last_sync_ms,
