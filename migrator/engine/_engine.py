@@ -493,7 +493,9 @@ class OutgoingMigration:
         """The stop-and-copy time if the guest stopped now (None: nothing measured yet).
 
         Built from what the last stage costs, not from the last window of the
-        bulk phase: the last sync costs what the previous one did; the
+        bulk phase: stopping the vCPUs costs what their controller's
+        ``expected_stop_ns()`` says (if they run); the last sync costs what
+        the previous one did; the
         pending pages go at the median sending throughput of the last
         PREDICT_WINDOWS windows (bytes / time spent sending, rate-limit sleeps
         excluded: the last stage is unthrottled, and the receiver sets its
@@ -521,11 +523,16 @@ class OutgoingMigration:
         last_pages_ms = pages * LAST_STAGE_BYTES_PER_PAGE / bw * 1000
         inflight = min(self.counters.transferred + pages * LAST_STAGE_BYTES_PER_PAGE, INFLIGHT_BYTES)
         tail_ms = inflight / bw * 1000 + DEFAULT_RESUME_MS
+        # the stop itself: what the vCPU controller measured its stops take
+        vcpus = getattr(self.vm, "vcpus", None)
+        expected_stop = getattr(vcpus, "expected_stop_ns", None)
+        running = bool(getattr(vcpus, "running", False))
+        stop_ms = expected_stop() / 1e6 if expected_stop is not None and running else 0.0
         return DowntimePrediction(
             pending_bytes=pending_bytes, bytes_per_page=float(LAST_STAGE_BYTES_PER_PAGE),
             throughput_bytes_per_s=bw, final_sync_ms=self._last_sync_ms,
-            last_pages_ms=last_pages_ms, tail_ms=tail_ms,
-            total_ms=self._last_sync_ms + last_pages_ms + tail_ms)
+            last_pages_ms=last_pages_ms, tail_ms=tail_ms, stop_vcpus_ms=stop_ms,
+            total_ms=stop_ms + self._last_sync_ms + last_pages_ms + tail_ms)
 
     def _may_sync(self, pending: int) -> bool:
         """Whether the estimate is low enough to be replaced by an exact figure (a sync).

@@ -143,7 +143,10 @@ class DowntimeBreakdown(_Record):
 class DowntimePrediction(_Record):
     """The engine's prediction of the stop-and-copy time, at the switchover.
 
-    ``total_ms = final_sync_ms + last_pages_ms + tail_ms``: the last sync
+    ``total_ms = stop_vcpus_ms + final_sync_ms + last_pages_ms + tail_ms``:
+    stopping the vCPUs costs what the vCPU controller expects
+    (``expected_stop_ns()``: the longest of its recent stops; 0 when the
+    guest is not running or the controller cannot tell); the last sync
     costs what the previous one did; the pending pages (with their record
     headers, ``bytes-per-page`` as measured so far) go at
     ``throughput_bytes_per_s``, the lowest sending throughput of the recent
@@ -160,6 +163,7 @@ class DowntimePrediction(_Record):
     last_pages_ms: float = 0.0
     tail_ms: float = 0.0
     total_ms: float = 0.0
+    stop_vcpus_ms: float = 0.0  # added later in schema 1: absent (0) in older histories
 
 
 @dataclass

@@ -283,8 +283,8 @@ def _prediction_line(history: MigrationHistory) -> str | None:
     pred, dt = history.downtime_prediction, history.downtime
     if pred is None:
         return None
-    text = (f"Predicted at the switchover: {pred.total_ms:,.1f} ms = final sync "
-            f"{pred.final_sync_ms:,.2f} + last pages {pred.last_pages_ms:,.1f} "
+    text = (f"Predicted at the switchover: {pred.total_ms:,.1f} ms = stop vCPUs {pred.stop_vcpus_ms:,.2f} "
+            f"+ final sync {pred.final_sync_ms:,.2f} + last pages {pred.last_pages_ms:,.1f} "
             f"({pred.pending_bytes / MIB:,.1f} MiB at {pred.throughput_bytes_per_s / MIB:,.0f} MiB/s) "
             f"+ drain, device state and resume {pred.tail_ms:,.1f}")
     if dt is not None:

@@ -142,6 +142,20 @@ async def test_statistics_of_running_vcpus_do_not_block(require_kvm):
         await m.vcpus.vm_stop()
 
 
+async def test_expected_stop_is_the_longest_recent_stop(require_kvm):
+    """The downtime prediction's stop term: a default before any stop, then
+    the longest of the last STOP_HISTORY measured stops."""
+    from memory.kvm.real.vcpu import DEFAULT_STOP_NS, STOP_HISTORY
+
+    async with _running(4 << 20) as m:
+        assert m.vcpus.expected_stop_ns() == DEFAULT_STOP_NS
+        for _ in range(STOP_HISTORY + 2):
+            await m.vcpus.vm_start()
+            await m.vcpus.vm_stop()
+        recent = list(m.vcpus.stop_ns)
+        assert len(recent) == STOP_HISTORY and m.vcpus.expected_stop_ns() == max(recent) > 0
+
+
 async def test_every_vcpu_halts_and_resumes(require_kvm):
     async with _running(4 << 20) as m:
         await m.vcpus.vm_start()

@@ -191,3 +191,41 @@ def test_dirty_ring_in_order_harvest_reset_and_full() -> None:
     vm.harvest_dirty_rings()
     assert vm.reset_dirty_rings() == free
     assert vm.ring_free(0) == 128 - S.RING_RSVD_ENTRIES
+
+
+def test_a_command_posted_between_the_look_and_the_sleep_wakes_the_idle_vcpu() -> None:
+    """The stopped vCPU's loop reads its doorbell, finds no command, then
+    sleeps; the VMM posts a command in between.  The doorbell was rung after
+    the read, so the sleep returns at once.  The old wait (futex on C_RUN,
+    which a command does not change; the VMM woke C_RUN's address) sleeps
+    through it until its timeout: the 50 ms the demo's stop-vcpus showed.
+    The 60 s timeout makes a missed wake-up a hang; join(10) only guards."""
+    from memory.kvm.sim._sim_vcpu_proc import Doorbell, _Ctl, ring_doorbell
+
+    vm = make()
+    ctl = _Ctl(vm.shared_state, 1)
+    ctl.store(S.C_RUN, 2)  # stopped (acknowledged): the vCPU is idle
+    bell = Doorbell(ctl)
+    seen = bell.read()  # the loop's first read ...
+    assert ctl.load(S.C_CMD) == 0  # ... then its look: nothing to do
+    ctl.store(S.C_CMD, 1 << 8 | 2)  # the VMM posts CMD_SAVE ...
+    ring_doorbell(ctl.addr(S.C_DOORBELL))  # ... and rings
+    t, done = _in_thread(lambda: bell.wait(seen, 60.0))  # the loop's sleep
+    t.join(10)
+    assert done, "the idle vCPU slept through a command posted after its look"
+
+    # broken: the wait before the doorbell (on C_RUN; the VMM stored C_CMD and
+    # woke C_RUN's address before the vCPU was asleep): the wake-up is lost
+    ctl.store(S.C_CMD_ACK, ctl.load(S.C_CMD))  # the first command is done
+    old = Doorbell(ctl, "run")
+    seen = old.read()
+    assert ctl.load(S.C_CMD) == ctl.load(S.C_CMD_ACK)  # the look: nothing to do
+    ctl.store(S.C_CMD, 2 << 8 | 2)  # the VMM posts the next command ...
+    S.futex_wake(ctl.addr(S.C_RUN))  # ... and wakes as it did: nobody is asleep yet
+    t, done = _in_thread(lambda: old.wait(seen, 60.0))
+    t.join(1.0)
+    assert not done, "the old wait was expected to miss the command"
+    ctl.store(S.C_RUN, 4)  # release it (a new epoch changes the word it sleeps on)
+    S.futex_wake(ctl.addr(S.C_RUN))
+    t.join(10)
+    assert done

@@ -68,14 +68,15 @@ async def test_avail_switchover_bandwidth_sets_the_threshold(tmp_path):
     assert h.downtime_prediction.throughput_bytes_per_s == 100 << 20
 
 
-def _decider(*, predictive: bool, threshold: int, limit: int = 300, throughputs=(), avail: int = 0):
+def _decider(*, predictive: bool, threshold: int, limit: int = 300, throughputs=(), avail: int = 0,
+             vcpus=None):
     """An OutgoingMigration holding only what the switchover test reads."""
     from migrator.engine._engine import MigrationCounters, OutgoingMigration
     from migrator.qmp._params import MigrationParameters
 
     params = MigrationParameters().apply(downtime_limit=limit, x_predictive_switchover=predictive,
                                          avail_switchover_bandwidth=avail)
-    vm = type("StubVM", (), {"params": params, "caps": None})()
+    vm = type("StubVM", (), {"params": params, "caps": None, **({"vcpus": vcpus} if vcpus else {})})()
     mig = OutgoingMigration(vm, "file:/nonexistent")
     mig.counters = MigrationCounters(threshold_bytes=threshold)
     for t in throughputs:
@@ -105,6 +106,32 @@ def test_predictive_rule_wants_headroom_unless_stalled():
     # avail-switchover-bandwidth is trusted over the measurement
     slow = _decider(predictive=True, threshold=0, throughputs=[gbps], avail=100_000_000)
     assert slow._predict_downtime(10 * mb).throughput_bytes_per_s == 100_000_000
+
+
+def test_prediction_includes_the_vcpu_controllers_expected_stop():
+    class Vcpus:
+        running = True
+
+        def expected_stop_ns(self) -> int:
+            return 40_000_000  # a 40 ms stop (e.g. a vCPU slow to leave a long exit)
+
+    mb = 1_000_000 // 4096 * 4096
+    base = _decider(predictive=True, threshold=0, throughputs=[1e9] * 5)._predict_downtime(200 * mb)
+    assert base.stop_vcpus_ms == 0  # a controller that cannot tell: no term
+    vcpus = Vcpus()
+    mig = _decider(predictive=True, threshold=0, limit=300, throughputs=[1e9] * 5, vcpus=vcpus)
+    pred = mig._predict_downtime(200 * mb)
+    assert pred.stop_vcpus_ms == 40 and pred.total_ms == pytest.approx(base.total_ms + 40)
+    assert mig._fits(185 * mb, None) is False  # ~193 ms of copying + 40 ms of stop > 0.75 x 300
+    assert _decider(predictive=True, threshold=0, limit=300, throughputs=[1e9] * 5)._fits(185 * mb, None)
+    vcpus.running = False  # a paused guest: the stop costs nothing
+    assert mig._predict_downtime(200 * mb).stop_vcpus_ms == 0
+    # the history carries the term (older histories without it load as 0)
+    from migrator.engine._history import DowntimePrediction
+
+    assert pred.to_json()["stop-vcpus-ms"] == 40
+    old = {k: v for k, v in pred.to_json().items() if k != "stop-vcpus-ms"}
+    assert DowntimePrediction.from_json(old).stop_vcpus_ms == 0
 
 
 async def test_two_vcpus_recorded_live(tmp_path):

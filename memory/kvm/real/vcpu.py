@@ -41,6 +41,8 @@ leaves a hlt (a vCPU woken from hlt while ``running`` would otherwise still
 carry the ``stopped`` it set when it halted, and ``vm_stop`` would return
 while it is in ``KVM_RUN``).  So when ``vm_stop`` returns no vCPU thread is
 in ``KVM_RUN`` and none will enter it before the next ``vm_start``.
+Each stop's latency is kept; :meth:`RealVCPUs.expected_stop_ns` (the
+longest of the last few) is the downtime prediction's stop term.
 Counters written by vCPU threads are per vCPU (``_Ctl.stats``,
 ``_Ctl.exit_reasons``): two threads never update the same counter.
 
@@ -61,7 +63,7 @@ import struct
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -77,6 +79,14 @@ from .real import RealKVM, StatsReader, get_cpuid2
 THROTTLE_TIMESLICE_S = 0.010
 STATE_MAGIC = b"MGKVCPU1"
 STATE_SECTIONS = ("sregs", "regs", "fpu", "events", "mp_state")
+
+
+#: how many recent stop latencies expected_stop_ns looks at (their maximum)
+STOP_HISTORY = 5
+#: expected_stop_ns before any stop: the kick (SIGUSR1 + immediate_exit), the
+#: KVM_EXIT_INTR and one thread hand-off per vCPU; measured here
+#: (tools/bench_vcpu_stop.py) 0.5-0.6 ms median, p95 1-3 ms on a shared host
+DEFAULT_STOP_NS = 1_000_000
 
 
 class VCPUError(RuntimeError):
@@ -334,6 +344,8 @@ class RealVCPUs:
         self._active = False
         self._msr_rejected: list[int] = []
         self._stats: Counter = Counter()  # controller-side (stops); per-vCPU counters live in each _Ctl
+        #: the latest stop latencies (ns), for expected_stop_ns
+        self.stop_ns: deque[int] = deque(maxlen=STOP_HISTORY)
 
     # ------------------------------------------------------------ trio side
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -416,6 +428,12 @@ class RealVCPUs:
         self._stats["stop_ns_total"] += dt
         self._stats["stop_ns_max"] = max(self._stats["stop_ns_max"], dt)
         self._stats["stop_ns_last"] = dt
+        self.stop_ns.append(dt)
+
+    def expected_stop_ns(self) -> int:
+        """What the next ``vm_stop`` is expected to take (ns): the longest of
+        the last STOP_HISTORY stops, or DEFAULT_STOP_NS before any."""
+        return max(self.stop_ns) if self.stop_ns else DEFAULT_STOP_NS
 
     def set_throttle(self, pct: int) -> None:
         if not 0 <= pct < 100:

@@ -156,7 +156,12 @@ class _Timespec(ctypes.Structure):
 
 
 def futex_wait(addr: int, expected: int, timeout_s: float) -> None:
-    """Sleep while the (low 32 bits of the) word at ``addr`` equals ``expected``."""
+    """Sleep while the (low 32 bits of the) word at ``addr`` equals ``expected``
+    (at most ``timeout_s``).  Returns at once if it no longer does: the
+    kernel compares the word and queues the waiter atomically with respect
+    to :func:`futex_wake`, so a change made after the caller read
+    ``expected`` is never slept through, as long as the changer changes
+    *this* word before waking it."""
     ts = _Timespec(int(timeout_s), int((timeout_s % 1) * 1e9))
     _libc.syscall(_SYS_futex, ctypes.c_void_p(addr), _FUTEX_WAIT, ctypes.c_uint32(expected & 0xFFFFFFFF),
                   ctypes.byref(ts), None, 0)
@@ -196,8 +201,10 @@ MAX_HOST_BUFS = 16
 #: (the C_RUN value it has obeyed; 0 = stopped, nothing in flight)
 #: C_CMD / C_CMD_ACK: mailbox commands while stopped; C_MBOX_LEN: bytes
 #: C_SRCU: memslot generation the vCPU's current access uses (0: none)
+#: C_DOORBELL: bumped by the VMM after every change of C_RUN or C_CMD; the
+#: one word every vCPU wait sleeps on (see :mod:`._sim_vcpu_proc`)
 (C_GUEST_SEQ, C_RUN, C_ACK, C_CMD, C_CMD_ACK, C_MBOX_LEN, C_SRCU, C_THROTTLE, C_RELOAD, C_PID, C_ALIVE,
- C_ERROR, C_RING_PUSH, C_RING_RESET, C_RING_FETCH, C_RING_FULL) = range(16)
+ C_ERROR, C_RING_PUSH, C_RING_RESET, C_RING_FETCH, C_RING_FULL, C_DOORBELL) = range(17)
 #: the dirty ring (per vCPU): C_RING_PUSH = entries the vCPU published
 #: (dirty_index), C_RING_RESET = entries KVM_RESET_DIRTY_RINGS recycled
 #: (reset_index), C_RING_FETCH = entries userspace harvested, C_RING_FULL =
@@ -206,7 +213,7 @@ MAX_HOST_BUFS = 16
 R_FLAGS, R_SLOT, R_OFFSET = range(3)
 #: KVM_DIRTY_RING_RSVD_ENTRIES: a ring this close to full is "soft full"
 RING_RSVD_ENTRIES = 64
-C_WORDS = 16
+C_WORDS = 32
 MBOX_BYTES = 1 << 16
 
 #: statistics of one actor (a vCPU, or the VMM in the last row)

@@ -10,8 +10,9 @@ deterministic in-process mode runs (:meth:`SimKVM.vcpu_write`).
 
 One iteration (a *batch* of page writes)::
 
-    read C_RUN                       stopped? -> ack it (C_ACK = C_RUN), wait
-    pay fault-cost debt, throttle    (VM exits / cpu-throttle sleeps; interruptible)
+    bell = C_DOORBELL                before reading what it announces
+    read C_CMD, C_RUN                stopped? -> ack it (C_ACK = C_RUN), wait on bell
+    pay fault-cost debt, throttle    (VM exits / cpu-throttle sleeps: waits on bell)
     pick the pages                   (the workload's program)
     vcpu_write(pages)                the VM exits: faults, under SRCU, lock / cmpxchg
     guest_seq += 1 (odd)             enter guest mode (a locked add: full fence)
@@ -25,14 +26,25 @@ writes ``C_ACK`` only at the top of its loop, after the previous batch's
 stores and faults are complete, and from then on re-reads ``C_RUN`` before
 anything else; so when the VMM sees every ack, no fault and no store is in
 flight and none can start until the next (odd) epoch.  This is KVM's kick
-+ exit: the request is the epoch, the exit is the ack.
++ exit: the request is the epoch, the exit is the ack.  **Guarantee: when
+``vm_stop`` returns, no store of any vCPU can still land in guest RAM**
+(and no fault can still set a dirty bit) until the next ``vm_start``.
 
-Why a TLB flush is exact.  A store happens only between the two
-increments of ``guest_seq`` and only to pages the vCPU saw writable after
-the first one (a locked instruction, so its spte loads cannot move before
-it).  A protector changes sptes, fences, then waits for every vCPU whose
-``guest_seq`` is odd to change it: either the vCPU entered after the
-protection (it sees it and exits without storing) or it is waited for.
+Why a stop or a command is never slept through (the doorbell).  Every
+wait of the loop (stopped and idle, fault-cost debt, throttle, rate tick,
+ring full) is ``futex_wait(C_DOORBELL, bell)`` on the value ``bell`` read
+*before* the loop read ``C_CMD`` and ``C_RUN``; the VMM changes ``C_RUN``
+or ``C_CMD`` first, then increments ``C_DOORBELL``, then wakes it (all
+sequentially consistent).  Either the loop's reads saw the change, or the
+increment comes after its read of ``bell`` and the futex compares unequal
+(returns at once) or wakes the queued waiter.  The timeouts are only for
+noticing a dead VMM, never for latency.  (Before: a stopped vCPU slept on
+``C_RUN`` while a command changed ``C_CMD``; a command posted between the
+loop's read of ``C_CMD`` and the sleep was noticed only when the 50 ms
+timeout expired -- 51 of the demo's 60 ms of downtime.  The other waits
+were plain sleeps of up to 5 ms.)  The VMM in turn sleeps on an eventfd
+that each vCPU writes after storing ``C_ACK`` or ``C_CMD_ACK`` (a
+level-triggered counter: nothing to lose either).
 """
 
 from __future__ import annotations
@@ -54,8 +66,11 @@ GREEDY_BATCH_PAGES = 8192
 TICK_S = 0.005
 #: mailbox commands (low byte of C_CMD)
 CMD_LOAD, CMD_SAVE, CMD_QUIT = 1, 2, 3
-#: longest uninterrupted sleep (fault-cost debt, throttle): bounds vm_stop latency
-_SLEEP_CHUNK_S = 0.002
+#: longest idle wait: only how soon a stopped vCPU notices that the VMM died
+IDLE_TIMEOUT_S = 0.05
+#: the words a vCPU may wait on: the doorbell, and the broken variant the
+#: tests run to show a wait on C_RUN misses commands ("run")
+WAIT_WORDS = ("doorbell", "run")
 
 
 def vcpu_range(npages: int, nr_vcpus: int, vcpu: int) -> tuple[int, int]:
@@ -92,6 +107,32 @@ class _Ctl:
         S.store8(self.addr(word), value)
 
 
+class Doorbell:
+    """The vCPU's side of the doorbell (see the module essay): ``seen =
+    read()`` before reading C_CMD / C_RUN, then ``wait(seen, timeout)``.
+
+    ``word="run"`` is the broken variant (the wait before the doorbell):
+    it sleeps on C_RUN, which a command does not change."""
+
+    def __init__(self, ctl: _Ctl, word: str = "doorbell") -> None:
+        if word not in WAIT_WORDS:
+            raise ValueError(f"wait word {word!r} not in {WAIT_WORDS}")
+        self.addr = ctl.addr(S.C_DOORBELL if word == "doorbell" else S.C_RUN)
+
+    def read(self) -> int:
+        return S.load8(self.addr)
+
+    def wait(self, seen: int, timeout_s: float) -> None:
+        S.futex_wait(self.addr, seen, timeout_s)
+
+
+def ring_doorbell(addr: int) -> None:
+    """The VMM's side: after changing C_RUN or C_CMD of the vCPU whose
+    C_DOORBELL is at ``addr``."""
+    S.fetch_add8(addr, 1)
+    S.futex_wake(addr)
+
+
 def main(config: dict) -> int:
     from .simulated import SimKVM, _Retry
     from ._sim_memslot import unique_first
@@ -112,11 +153,19 @@ def main(config: dict) -> int:
     pages = np.frombuffer(ram_map, dtype=np.uint8).reshape(-1, 4096)
     wl = make_vcpu_workload(config["workload"], pages, nr, vcpu, int(config.get("seed", 0)))
     rate = config.get("rate")
+    bell = Doorbell(ctl, config.get("wait_word", "doorbell"))
+    idle_timeout = float(config.get("idle_timeout_s", IDLE_TIMEOUT_S))
+    notify_fd = config.get("notify_fd")
+
+    def tell_vmm() -> None:
+        """After storing C_ACK (a stop) or C_CMD_ACK: wake the VMM's wait."""
+        if notify_fd is not None:
+            os.eventfd_write(int(notify_fd), 1)
+
     ctl.store(S.C_PID, os.getpid())
     ctl.store(S.C_ALIVE, 1)
     parent = os.getppid()
     seq_addr = ctl.addr(S.C_GUEST_SEQ)
-    run_addr = ctl.addr(S.C_RUN)
     i_fast, i_map, i_push = (S.STAT_INDEX[n] for n in ("faults_fast", "faults_map", "faults_push_down"))
     i_pml = S.STAT_INDEX["pml_logged"]
     i_batches = S.STAT_INDEX["batches"]
@@ -129,25 +178,28 @@ def main(config: dict) -> int:
     cmd_done = 0
 
     def interruptible_sleep(total: float, epoch: int, stat: str) -> float:
-        """Sleep up to ``total`` s in chunks while C_RUN stays ``epoch``; returns what is left."""
+        """Sleep up to ``total`` s while C_RUN stays ``epoch``; returns what is left."""
         end = time.perf_counter() + total
         while True:
             left = end - time.perf_counter()
             if left <= 0:
                 return 0.0
+            seen = bell.read()
             if ctl.load(S.C_RUN) != epoch:
                 return left
             t0 = time.perf_counter_ns()
-            time.sleep(min(left, _SLEEP_CHUNK_S))
+            bell.wait(seen, left)
             stats[stat] += time.perf_counter_ns() - t0
 
     while True:
+        seen = bell.read()  # before C_CMD and C_RUN: what rings later wakes the waits below
         cmd = ctl.load(S.C_CMD)
         if cmd != cmd_done:
             code = cmd & 0xFF
             if code == CMD_QUIT:
                 ctl.store(S.C_ALIVE, 0)
                 ctl.store(S.C_CMD_ACK, cmd)
+                tell_vmm()
                 return 0
             if code == CMD_LOAD:
                 n = int(ctl.row[S.C_MBOX_LEN])
@@ -163,13 +215,15 @@ def main(config: dict) -> int:
                     ctl.row[S.C_MBOX_LEN] = len(data)
             cmd_done = cmd
             ctl.store(S.C_CMD_ACK, cmd)
+            tell_vmm()
             continue
         epoch = ctl.load(S.C_RUN)
         if not epoch & 1:
-            # stopped: nothing in flight; say so, then sleep until the epoch moves
+            # stopped: nothing in flight; say so, then sleep until the bell rings
             if ctl.load(S.C_ACK) != epoch:
                 ctl.store(S.C_ACK, epoch)
-            S.futex_wait(run_addr, epoch, 0.05)
+                tell_vmm()
+            bell.wait(seen, idle_timeout)
             if os.getppid() != parent:
                 ctl.store(S.C_ALIVE, 0)
                 return 0
@@ -204,7 +258,7 @@ def main(config: dict) -> int:
                 if not ctl.load(S.C_RING_FULL):
                     ctl.store(S.C_RING_FULL, 1)
                     stats["ring_full_exits"] += 1
-                time.sleep(0.0005)
+                bell.wait(seen, 0.0005)
                 continue
             if ctl.load(S.C_RING_FULL):
                 ctl.store(S.C_RING_FULL, 0)
@@ -219,11 +273,11 @@ def main(config: dict) -> int:
         if ring:
             n = min(n, free)  # each page may push one entry
         if n <= 0:
-            time.sleep(TICK_S)
+            bell.wait(seen, TICK_S)
             continue
         idx = wl.next_pages(n)
         if idx.size == 0:
-            time.sleep(TICK_S)
+            bell.wait(seen, TICK_S)
             continue
         t0 = time.perf_counter_ns()
         g = idx + wl.gfn_base
@@ -252,7 +306,7 @@ def main(config: dict) -> int:
             S.fetch_add8(seq_addr, 1)
             stats["store_retries"] += 1
         if efault:
-            time.sleep(TICK_S)
+            bell.wait(seen, TICK_S)
             continue
         stats["guest_entries"] += 1
         wl.pages_written += int(idx.size)
@@ -268,7 +322,7 @@ def main(config: dict) -> int:
         stats["run_ns"] += elapsed
         slice_used += elapsed / 1e9
         if rate is not None:
-            time.sleep(TICK_S)
+            bell.wait(seen, TICK_S)
 
 
 def _load(wl, state: dict, pages: np.ndarray, nr: int, vcpu: int):  # noqa: ANN001, ANN202

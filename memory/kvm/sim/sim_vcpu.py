@@ -23,7 +23,14 @@ the vCPU's index).
 
 ``vm_stop`` is exact (see :mod:`._sim_vcpu_proc`): it stores a new stop
 epoch and returns only once every vCPU has acknowledged it at the top of
-its loop, with no fault and no store in flight.
+its loop, with no fault and no store in flight: when it returns, no vCPU
+store can still land in guest RAM until the next ``vm_start``.  Every
+change of a vCPU's ``C_RUN`` or ``C_CMD`` rings its doorbell
+(:func:`ring_doorbell`), the word all of the vCPU's waits sleep on, and
+the vCPUs answer through one eventfd this process sleeps on, so neither
+side waits for a timeout.  Each stop's latency (kick to the last state
+pulled back) is kept; :meth:`SimVCPUs.expected_stop_ns` is the engine's
+stop term of the downtime prediction.
 
 Throttling follows QEMU's cpu-throttle: with ``pct`` percent, after each
 10 ms time slice of running the vCPU sleeps ``pct / (100 - pct) * 10`` ms.
@@ -38,12 +45,14 @@ import json
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 
 import trio
 
 from . import _sim_shm as S
-from ._sim_vcpu_proc import CMD_LOAD, CMD_QUIT, CMD_SAVE, make_vcpu_workload, vcpu_range
+from ._sim_vcpu_proc import (CMD_LOAD, CMD_QUIT, CMD_SAVE, IDLE_TIMEOUT_S, make_vcpu_workload, ring_doorbell,
+                             vcpu_range)
 
 __all__ = ["FAULT_COSTS", "SimVCPUs", "parse_fault_cost", "vcpu_range"]
 
@@ -72,6 +81,14 @@ def parse_fault_cost(text: str) -> tuple[int, int]:
     return int(f * 1000), int(s * 1000)
 
 
+#: how many recent stop latencies expected_stop_ns looks at (their maximum)
+STOP_HISTORY = 5
+#: before any stop was measured: the handshake beside the batch in flight
+#: (two wake-ups each way and the state's JSON; ~0.3-1 ms measured here)
+STOP_HANDSHAKE_NS = 1_000_000
+#: how often a wait for the vCPUs' answers checks they are still alive
+_LIVENESS_POLL_S = 0.05
+
 _CHILD = "import sys, json; from memory.kvm.sim._sim_vcpu_proc import main; sys.exit(main(json.loads(sys.argv[1])))"
 
 
@@ -84,10 +101,15 @@ class SimVCPUs:
         workload: workload name; each vCPU runs it on its page range.
         rate: pages/s per vCPU (None = greedy).
         fault_cost: (fast ns, slow ns) charged per VM exit.
+        idle_timeout_s: how long a stopped vCPU sleeps before it checks that
+            this process is alive (never a latency: the doorbell wakes it).
+        wait_word: ``"doorbell"``; ``"run"`` is the broken variant for the
+            tests (the vCPUs sleep on C_RUN and miss commands).
     """
 
     def __init__(self, kvm, ram, workload: str, *, smp: int = 1, seed: int = 0, rate: float | None = None,  # noqa: ANN001
-                 fault_cost: tuple[int, int] = FAULT_COSTS[DEFAULT_FAULT_COST]) -> None:
+                 fault_cost: tuple[int, int] = FAULT_COSTS[DEFAULT_FAULT_COST],
+                 idle_timeout_s: float = IDLE_TIMEOUT_S, wait_word: str = "doorbell") -> None:
         if smp < 1 or smp != kvm.nr_vcpus:
             raise ValueError(f"smp {smp} does not match the VM's {kvm.nr_vcpus} vCPUs")
         self.kvm = kvm
@@ -111,6 +133,12 @@ class SimVCPUs:
         #: called when a vCPU waits in a dirty-ring-full exit (QEMU's reaper:
         #: the KVM listener's reap), if the VM uses the dirty ring
         self.on_ring_full: Callable[[], object] | None = None
+        self.idle_timeout_s = idle_timeout_s
+        self.wait_word = wait_word
+        self._notify_fd: int | None = None  # the eventfd the vCPUs write their answers to
+        self._control = trio.Lock()  # one vm_start / vm_stop at a time
+        #: the latest stop latencies (ns): kick to every vCPU's state pulled back
+        self.stop_ns: deque[int] = deque(maxlen=STOP_HISTORY)
 
     # -- compatibility with the single-vCPU interface -------------------------
     @property
@@ -146,13 +174,15 @@ class SimVCPUs:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Start the vCPU processes (stopped), then supervise them."""
         shm = self._shm
-        fds = (shm.fd, self.ram.fd)
+        self._notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        fds = (shm.fd, self.ram.fd, self._notify_fd)
         p = shm.params
         try:
             for v in range(self.smp):
                 cfg = {"vcpu": v, "nr_vcpus": self.smp, "state_fd": shm.fd, "ram_fd": self.ram.fd,
                        "ram_size": self.ram.used_length, "workload": self.workloads[v].name,
-                       "seed": self.seed, "rate": self.rate,
+                       "seed": self.seed, "rate": self.rate, "notify_fd": self._notify_fd,
+                       "idle_timeout_s": self.idle_timeout_s, "wait_word": self.wait_word,
                        "params": {"nr_vcpus": p.nr_vcpus, "l1_rows": p.l1_rows, "l2_rows": p.l2_rows,
                                   "l3_rows": p.l3_rows, "arena_bytes": p.arena_bytes,
                                   "ring_entries": p.ring_entries}}
@@ -207,6 +237,9 @@ class SimVCPUs:
         self._ctl[:, S.C_ALIVE] = 0  # exited (a killed vCPU could not say so)
         self._procs = []
         self.running = False
+        if self._notify_fd is not None:
+            os.close(self._notify_fd)
+            self._notify_fd = None
 
     def _alive(self, v: int) -> bool:
         return v < len(self._procs) and self._procs[v].poll() is None
@@ -215,15 +248,31 @@ class SimVCPUs:
         self._cmd_seq += 1
         cmd = self._cmd_seq << 8 | code
         S.store8(self._addr(v, S.C_CMD), cmd)
-        S.futex_wake(self._addr(v, S.C_RUN))
+        ring_doorbell(self._addr(v, S.C_DOORBELL))
         return cmd
 
-    async def _cmd_wait(self, v: int, code: int) -> None:
-        cmd = self._cmd(v, code)
-        while S.load8(self._addr(v, S.C_CMD_ACK)) != cmd:
-            if not self._alive(v):
-                raise RuntimeError(f"simulated vCPU {v} is not running")
-            await trio.sleep(0.0002)
+    async def _answered(self, word: int, values: dict[int, int], doing: str) -> None:
+        """Wait until ``C_<word>`` of every vCPU ``v`` in ``values`` is ``values[v]``.
+
+        Sleeps on the eventfd the vCPUs write after each answer (a counter:
+        an answer between the check and the sleep leaves it readable); the
+        periodic wake-up only checks that the vCPUs are alive."""
+        fd = self._notify_fd
+        while True:
+            pending = [v for v, want in values.items() if S.load8(self._addr(v, word)) != want]
+            if not pending:
+                return
+            for v in pending:
+                if not self._alive(v):
+                    raise RuntimeError(f"simulated vCPU {v} died while {doing}")
+            if fd is None:
+                raise RuntimeError("the simulated vCPU processes are not running")
+            with trio.move_on_after(_LIVENESS_POLL_S):
+                await trio.lowlevel.wait_readable(fd)
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                pass
 
     def _mbox_put(self, v: int, data: bytes) -> None:
         import numpy as np
@@ -249,40 +298,60 @@ class SimVCPUs:
         self._booted = True
 
     async def vm_start(self) -> None:
-        if self.running:
-            return
-        if not self._procs:
-            raise RuntimeError("vm_start before the vCPU processes run")
-        for v in range(self.smp):
-            if self._dirty_state[v]:
-                self._mbox_put(v, json.dumps({"workload": self.workloads[v].get_state(), "rate": self.rate}).encode())
-                await self._cmd_wait(v, CMD_LOAD)
+        async with self._control:
+            if self.running:
+                return
+            if not self._procs:
+                raise RuntimeError("vm_start before the vCPU processes run")
+            load = {}
+            for v in range(self.smp):
+                if self._dirty_state[v]:
+                    self._mbox_put(v, json.dumps({"workload": self.workloads[v].get_state(),
+                                                  "rate": self.rate}).encode())
+                    load[v] = self._cmd(v, CMD_LOAD)
+            await self._answered(S.C_CMD_ACK, load, "loading its state")
+            for v in load:
                 self._dirty_state[v] = False
-        self._epoch += 1  # odd: run
-        for v in range(self.smp):
-            S.store8(self._addr(v, S.C_RUN), self._epoch)
-            S.futex_wake(self._addr(v, S.C_RUN))
-        self.running = True
+            self._epoch += 1  # odd: run
+            for v in range(self.smp):
+                S.store8(self._addr(v, S.C_RUN), self._epoch)
+                ring_doorbell(self._addr(v, S.C_DOORBELL))
+            self.running = True
 
     async def vm_stop(self) -> None:
         """Kick every vCPU and wait for its exit: when this returns, no guest
         store or fault is in flight, and none starts until vm_start."""
-        if not self.running:
-            return
-        self._epoch += 1  # even: stop
+        async with self._control:
+            if not self.running:
+                return
+            t0 = time.perf_counter_ns()
+            self._epoch += 1  # even: stop
+            for v in range(self.smp):
+                S.store8(self._addr(v, S.C_RUN), self._epoch)
+                ring_doorbell(self._addr(v, S.C_DOORBELL))
+            await self._answered(S.C_ACK, dict.fromkeys(range(self.smp), self._epoch), "stopping")
+            self.running = False
+            # pull the program state back (the vCPUs are stopped: it is final),
+            # from all of them at once
+            save = {v: self._cmd(v, CMD_SAVE) for v in range(self.smp)}
+            await self._answered(S.C_CMD_ACK, save, "saving its state")
+            for v in range(self.smp):
+                self.workloads[v].set_state(self._mbox_get(v)["workload"])
+            self.stop_ns.append(time.perf_counter_ns() - t0)
+
+    def expected_stop_ns(self) -> int:
+        """What the next ``vm_stop`` is expected to take (ns): the longest of
+        the last STOP_HISTORY stops; before any, the longest batch a vCPU
+        runs between two looks at its run word (``run-ns / batches``, the
+        exit a kick waits for) plus STOP_HANDSHAKE_NS."""
+        if self.stop_ns:
+            return max(self.stop_ns)
+        batch = 0
         for v in range(self.smp):
-            S.store8(self._addr(v, S.C_RUN), self._epoch)
-        for v in range(self.smp):
-            while S.load8(self._addr(v, S.C_ACK)) != self._epoch:
-                if not self._alive(v):
-                    raise RuntimeError(f"simulated vCPU {v} died while stopping")
-                await trio.sleep(0)
-        self.running = False
-        # pull the program state back (the vCPUs are stopped: it is final)
-        for v in range(self.smp):
-            await self._cmd_wait(v, CMD_SAVE)
-            st = self._mbox_get(v)
-            self.workloads[v].set_state(st["workload"])
+            st = self.kvm.vcpu_statistics(v)
+            if st["batches"]:
+                batch = max(batch, st["run_ns"] // st["batches"])
+        return int(batch + STOP_HANDSHAKE_NS)
 
     def set_throttle(self, pct: int) -> None:
         if not 0 <= pct <= 99:
