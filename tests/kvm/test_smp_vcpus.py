@@ -187,8 +187,13 @@ async def test_throttle_sleeps_every_vcpu(require_kvm):
 async def test_state_load_checks_the_vcpu_count_before_touching_a_vcpu(require_kvm):
     async with _running(4 << 20) as src:
         await src.vcpus.vm_start()
-        await _wait_for(lambda: src.ctrl["pass"] >= 10)
+        # every vCPU's own passes: CTRL_PASS is their sum, and on a loaded host
+        # vCPU 1 can reach 10 passes before vCPU 0's thread first enters
+        # KVM_RUN; vCPU 0 then is saved at its entry and prints the 'A' of a
+        # fresh start on the destination (the rare "rebooted" flake)
+        await _wait_for(lambda: all(src.ctrl.vcpu(i, "pass") >= 10 for i in range(2)))
         await src.vcpus.vm_stop()
+        assert src.vcpus.serial_output.count(b"A") == 1
         state = src.vcpus.save_state()
         ram = src.ram.host.copy()
         image = parse_vcpu_state(state)
