@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from memory import TARGET_PAGE_SIZE
@@ -203,7 +204,7 @@ def _check_pcg64(rng, fail) -> None:
 
 
 # -- the real KVM vCPUs (memory/kvm/real) ---------------------------------------------
-def _check_kvm(blob: bytes, fail, *, nvcpus: int) -> None:
+def _check_kvm(blob: bytes, fail: Callable[[str], DeviceStateError], *, nvcpus: int) -> None:
     try:
         validate_vcpu_states(blob, nvcpus)
     except VCPUStateError as exc:

@@ -67,7 +67,7 @@ import trio
 from .. import linux_kvm as K
 from ._state import VCPUStateError, VCPUStateImage, VCPUStateRecord, encode_vcpu_states, validate_vcpu_states
 from ._vcpu_fd import RealVCPU, VCPUError, install_kick_handler
-from .guests import LAYOUT, Ctrl, ab_pages_written
+from .guests import LAYOUT, Ctrl, HostRAM, ab_pages_written
 
 __all__ = ["THROTTLE_TIMESLICE_S", "RealVCPUs"]
 
@@ -90,8 +90,8 @@ class _Ctl:
         self.halted = False
         self.halt_wake = False
         #: written only by this vCPU's thread (no lost updates between threads)
-        self.stats: Counter = Counter()
-        self.exit_reasons: Counter = Counter()
+        self.stats: Counter[str] = Counter()
+        self.exit_reasons: Counter[int] = Counter()
 
     def kick(self, *, stop: bool = False, throttle: bool = False) -> None:
         with self.lock:
@@ -119,9 +119,9 @@ class RealVCPUs:
         vcpus: list[RealVCPU] | RealVCPU,
         *,
         program: str | None = None,
-        ram=None,
+        ram: HostRAM | None = None,
         serial: Callable[[bytes], None] | None = None,
-        serial_path: str | os.PathLike | None = None,
+        serial_path: str | os.PathLike[str] | None = None,
         on_ring_full: Callable[[int], None] | None = None,
         io_handlers: dict[int, Callable[[int, bytes], None]] | None = None,
     ) -> None:
@@ -141,13 +141,13 @@ class RealVCPUs:
         self._ctls = [_Ctl(v) for v in self.vcpus]
         self._cond = threading.Condition()
         self._quit = False
-        self._serial_file = None
+        self._serial_file: BinaryIO | None = None
         self._active = False
         self._msr_rejected: list[int] = []
-        self._stats: Counter = Counter()  # controller-side (stops); per-vCPU counters live in each _Ctl
+        self._stats: Counter[str] = Counter()  # controller-side (stops); per-vCPU counters live in each _Ctl
 
     # ------------------------------------------------------------ trio side
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the vCPU threads until cancelled (vCPUs start stopped)."""
         install_kick_handler()
         if self._active:
@@ -409,7 +409,7 @@ class RealVCPUs:
             ctl.halted = st.halted
 
     # ------------------------------------------------------------ statistics
-    def vcpu_statistics(self) -> list[dict]:
+    def vcpu_statistics(self) -> list[dict[str, Any]]:
         """One object per vCPU (``x-query-accel-stats`` ``"vcpus"``).
 
         ``pages-written``: the ab guest's own count (VC_WRITES of the vCPU's
@@ -422,14 +422,15 @@ class RealVCPUs:
         mmu_lock wait time (neither in the binary stats nor elsewhere
         without tracing).
         """
-        ctrl = Ctrl(self.ram) if self.ram is not None and self.program == "ab" else None
+        ram = self.ram if self.program == "ab" else None
+        ctrl = Ctrl(ram) if ram is not None else None
         out = []
         for i, ctl in enumerate(self._ctls):
             kstats = ctl.vcpu.kernel_stats()
             out.append({
                 "cpu-index": ctl.vcpu.vcpu_id,
-                "pages-written": None if ctrl is None else ab_pages_written(
-                    self.ram.host, ctrl.vcpu(i, "start"), ctrl.vcpu(i, "end"), ctrl.vcpu(i, "writes")),
+                "pages-written": None if ctrl is None or ram is None else ab_pages_written(
+                    ram.host, ctrl.vcpu(i, "start"), ctrl.vcpu(i, "end"), ctrl.vcpu(i, "writes")),
                 "passes": ctrl.vcpu(i, "pass") if ctrl is not None else None,
                 "faults": {k: v for k, v in kstats.items() if k.startswith("pf_")},
                 "mmu-lock-wait-ns": None,
@@ -440,15 +441,15 @@ class RealVCPUs:
             })
         return out
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, Any]:
         """Controller totals (exits, serial bytes, stops, throttle...) and
         ``"vcpus"``: :meth:`vcpu_statistics`."""
-        totals: Counter = Counter()
-        exits: Counter = Counter()
+        totals: Counter[str] = Counter()
+        exits: Counter[int] = Counter()
         for ctl in self._ctls:
             totals.update(ctl.stats)  # adds
             exits.update(ctl.exit_reasons)
-        out = dict(self._stats)
+        out: dict[str, Any] = dict(self._stats)
         out.update(totals)
         out["exits"] = {_EXIT_NAMES.get(r, str(r)): n for r, n in exits.items()}
         out["exits_total"] = sum(exits.values())

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -14,8 +14,11 @@ from .. import linux_kvm as K
 from .._backend import UserMemoryRegion
 from ._control import RealVCPUs
 from ._vcpu_fd import RealVCPU, VCPUError
-from .guests import LAYOUT, Ctrl, GuestEntry, load_guest_image
+from .guests import LAYOUT, Ctrl, GuestEntry, GuestRAM, load_guest_image
 from .real import RealKVM
+
+if TYPE_CHECKING:
+    from ..._ramblock import RAMBlock
 
 __all__ = ["GuestPageWriter", "RealMachine", "create_vcpus"]
 
@@ -30,18 +33,18 @@ class GuestPageWriter:
     guest increment byte 0 of each listed page, then waits for its hlt.
     """
 
-    def __init__(self, vm: RealKVM, low, *, vcpu_id: int = 0) -> None:
+    def __init__(self, vm: RealKVM, low: GuestRAM, *, vcpu_id: int = 0) -> None:
         self.vm = vm
-        self.low = getattr(low, "host", low)
+        self.low: npt.NDArray[np.uint8] = low if isinstance(low, np.ndarray) else low.host
         entry = load_guest_image(self.low, "pages")
         self.ctrl = Ctrl(self.low)
         self.vcpu = RealVCPU(vm, vcpu_id)
         self.vcpu.apply_entry(entry)
         self.list = self.low[LAYOUT["LIST_GPA"] : LAYOUT["DATA_START"]].view(np.uint64)
-        self.exits: Counter = Counter()
+        self.exits: Counter[int] = Counter()
 
-    def write(self, gfns) -> None:
-        gfns = np.asarray(gfns, dtype=np.uint64)
+    def write(self, pages: npt.ArrayLike) -> None:
+        gfns = np.asarray(pages, dtype=np.uint64)
         if len(gfns) > len(self.list):
             raise ValueError(f"at most {len(self.list)} pages per write")
         self.list[: len(gfns)] = gfns << np.uint64(12)
@@ -59,14 +62,18 @@ class GuestPageWriter:
                                 rip=regs.rip)
 
 
-def create_vcpus(vm: RealKVM, smp: int = 1, *, ram=None, program: str | None = None,
+def create_vcpus(vm: RealKVM, smp: int = 1, *, ram: GuestRAM | None = None, program: str | None = None,
                  ctrl: dict[str, int] | None = None) -> tuple[list[RealVCPU], GuestEntry | None]:
     """Create vCPUs 0..smp-1 (after the dirty ring was enabled, if any).
     With ``ram`` and ``program`` the guest image is built for ``smp`` vCPUs
     first (``ab`` splits its data range per vCPU, see
     :func:`memory.kvm.real.guests.vcpu_ranges`) and each vCPU gets its own entry
     state; without, the vCPUs are left for ``load_state`` (a destination)."""
-    entry = load_guest_image(ram, program, vcpus=smp, **(ctrl or {})) if program is not None else None
+    entry = None
+    if program is not None:
+        if ram is None:
+            raise ValueError(f"guest program {program!r} needs the guest RAM to load into")
+        entry = load_guest_image(ram, program, vcpus=smp, **(ctrl or {}))
     vcpus = [RealVCPU(vm, i) for i in range(smp)]
     if entry is not None:
         for i, v in enumerate(vcpus):
@@ -89,7 +96,7 @@ class RealMachine:
         self,
         program: str = "ab",
         memory_bytes: int = 64 << 20,
-        ram_block=None,
+        ram_block: RAMBlock | None = None,
         *,
         dirty_log: str = "bitmap",
         ring_size: int = 4096,
@@ -98,7 +105,7 @@ class RealMachine:
         load_image: bool = True,
         ctrl: dict[str, int] | None = None,
         smp: int = 1,
-        **vcpus_kwargs,
+        **vcpus_kwargs: Any,
     ) -> None:
         if dirty_log not in ("bitmap", "clear", "ring"):
             raise ValueError(f"dirty_log must be bitmap, clear or ring, not {dirty_log!r}")
@@ -133,5 +140,5 @@ class RealMachine:
     def __enter__(self) -> RealMachine:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

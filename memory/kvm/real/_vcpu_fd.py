@@ -12,10 +12,9 @@ import signal
 import struct
 import threading
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
-import numpy.typing as npt
 
 from .. import linux_kvm as K
 from .guests import GuestEntry
@@ -29,14 +28,14 @@ _S = TypeVar("_S", bound=ctypes.Structure)
 class VCPUError(RuntimeError):
     """A vCPU stopped on something it cannot handle; carries the evidence."""
 
-    def __init__(self, message: str, *, vcpu_id: int, exit_reason: int | None = None, **evidence) -> None:
+    def __init__(self, message: str, *, vcpu_id: int, exit_reason: int | None = None, **evidence: object) -> None:
         super().__init__(f"vCPU {vcpu_id}: {message}")
         self.vcpu_id = vcpu_id
         self.exit_reason = exit_reason
         self.evidence = evidence
 
 
-def _sigusr1_noop(signum, frame) -> None:
+def _sigusr1_noop(signum: int, frame: FrameType | None) -> None:
     pass
 
 
@@ -72,7 +71,8 @@ class RealVCPU:
     # -- kvm_run fields
     @property
     def exit_reason(self) -> int:
-        return struct.unpack_from("<I", self._run_map, K.KVM_RUN_EXIT_REASON)[0]
+        reason: int = struct.unpack_from("<I", self._run_map, K.KVM_RUN_EXIT_REASON)[0]
+        return reason
 
     def set_immediate_exit(self, value: int) -> None:
         self.run_u8[K.KVM_RUN_IMMEDIATE_EXIT] = value
@@ -91,12 +91,12 @@ class RealVCPU:
         return self.exit_reason
 
     # -- state ioctls
-    def _get(self, request: int, ctype) -> object:
+    def _get(self, request: int, ctype: type[_S]) -> _S:
         buf = bytearray(ctypes.sizeof(ctype))
         fcntl.ioctl(self.fd, request, buf, True)
         return ctype.from_buffer_copy(buf)
 
-    def _set(self, request: int, value) -> None:
+    def _set(self, request: int, value: ctypes.Structure) -> None:
         fcntl.ioctl(self.fd, request, bytes(value))
 
     def get_regs(self) -> K.kvm_regs:
@@ -124,7 +124,8 @@ class RealVCPU:
         self._set(K.KVM_SET_VCPU_EVENTS, events)
 
     def get_mp_state(self) -> int:
-        return self._get(K.KVM_GET_MP_STATE, K.kvm_mp_state).mp_state
+        state: int = self._get(K.KVM_GET_MP_STATE, K.kvm_mp_state).mp_state
+        return state
 
     def set_mp_state(self, state: int) -> None:
         self._set(K.KVM_SET_MP_STATE, K.kvm_mp_state(mp_state=state))
@@ -135,7 +136,8 @@ class RealVCPU:
         m.entries[0].index = index
         buf = bytearray(bytes(m))
         n = fcntl.ioctl(self.fd, K.KVM_GET_MSRS, buf, True)
-        return K.kvm_msrs_1.from_buffer_copy(buf).entries[0].data if n == 1 else None
+        data: int = K.kvm_msrs_1.from_buffer_copy(buf).entries[0].data
+        return data if n == 1 else None
 
     def set_msr(self, index: int, value: int) -> bool:
         m = K.kvm_msrs_1(nmsrs=1)
@@ -143,7 +145,8 @@ class RealVCPU:
         m.entries[0].data = value
         # a mutable buffer makes fcntl.ioctl return the ioctl's result (the
         # number of MSRs processed) instead of a copy of the buffer
-        return fcntl.ioctl(self.fd, K.KVM_SET_MSRS, bytearray(bytes(m)), True) == 1
+        done: int = fcntl.ioctl(self.fd, K.KVM_SET_MSRS, bytearray(bytes(m)), True)
+        return done == 1
 
     def set_cpuid2(self, cpuid: bytes) -> None:
         # > 1024 bytes: must be a mutable buffer (passed by pointer, GIL held)
