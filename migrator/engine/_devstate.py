@@ -11,21 +11,24 @@ A failure is a :class:`DeviceStateError`, a ``RemoteProtocolError`` carrying
 the stream offset of the section's payload; nothing has been changed then.
 
 Rule: ``load_state`` of a vCPU controller is only ever called with a payload
-this module accepted.  The format knowledge of both vCPU kinds lives here
-(pure functions over bytes), so the vCPU controllers can move without this
-module changing.
+this module accepted.  The simulated vCPUs' format is checked here (pure
+functions over bytes); the real-KVM blob by its own package's one validator,
+:func:`memory.kvm.real.validate_vcpu_states` (pure too: it touches no vCPU),
+which ``RealVCPUs.load_state`` calls again, so both sides apply the same
+checks.  Its :class:`~memory.kvm.real.VCPUStateError` becomes a
+:class:`DeviceStateError` with the stream offset here.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
-import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from memory import TARGET_PAGE_SIZE
-from memory.kvm import linux_kvm as K
+from memory.kvm.real import VCPUStateError, validate_vcpu_states
+from memory.kvm.real.vcpu import STATE_MAGIC, STATE_SECTIONS
 from memory.kvm.sim import vcpu_range
 from memory.kvm.sim.workloads import AB_START, WORKLOADS
 from transport import RemoteProtocolError
@@ -36,28 +39,15 @@ __all__ = ["DeviceStateError", "ValidDeviceState", "validate_device_state"]
 
 #: our device section's largest sane payload (the decoder allows 64 MiB)
 MAX_SIM_STATE_BYTES = 64 << 10
-MAX_KVM_HEADER_BYTES = 4 << 20
-MAX_MSRS = 4096
 MAX_RATE_PAGES_PER_S = 1e9
 U32 = (1 << 32) - 1
-U64 = (1 << 64) - 1
 U128 = (1 << 128) - 1
 #: counters (pages written, passes, sequence numbers) stay far from uint64 wrap
 MAX_COUNTER = (1 << 62) - 1
 
-#: memory.kvm.real.vcpu's blob format (magic, header, raw structs)
-KVM_STATE_MAGIC = b"MGKVCPU1"
-KVM_STATE_SECTIONS = {
-    "sregs": ctypes.sizeof(K.kvm_sregs),
-    "regs": ctypes.sizeof(K.kvm_regs),
-    "fpu": ctypes.sizeof(K.kvm_fpu),
-    "events": ctypes.sizeof(K.kvm_vcpu_events),
-    "mp_state": 4,
-}
-KVM_REGS_FIELDS = frozenset(f[0] for f in K.kvm_regs._fields_)
-#: KVM_MP_STATE_RUNNABLE .. KVM_MP_STATE_SUSPENDED (include/uapi/linux/kvm.h)
-MAX_MP_STATE = 10
-KVM_PROGRAMS = (None, "ab", "selftest")
+#: memory.kvm.real's blob format (magic, header, raw structs; see memory.kvm.real._state)
+KVM_STATE_MAGIC = STATE_MAGIC
+KVM_STATE_SECTIONS = STATE_SECTIONS
 
 #: extra fields of each simulated workload's state (memory/kvm/sim/workloads.py)
 _WORKLOAD_FIELDS = {
@@ -213,54 +203,9 @@ def _check_pcg64(rng, fail) -> None:
     _int(rng["uinteger"], 0, U32, "rng uinteger", fail)
 
 
-# -- the real KVM vCPUs (memory/kvm/real/vcpu.py) --------------------------------------
-def _check_kvm(blob: bytes, fail, *, nvcpus: int) -> None:
-    if len(blob) < 12:
-        raise fail(f"kvm vCPU state truncated ({len(blob)} bytes)")
-    (hlen,) = struct.unpack_from("<I", blob, 8)
-    if hlen > MAX_KVM_HEADER_BYTES or 12 + hlen > len(blob):
-        raise fail(f"kvm vCPU state header length {hlen} does not fit in {len(blob)} bytes")
-    header = _keys(_strict_json(blob[12:12 + hlen], fail, "kvm vCPU state header"),
-                   {"format", "version", "program", "vcpus"}, "kvm vCPU state header", fail)
-    if header["format"] != "migrator-kvm-vcpu" or header["version"] != 1 or type(header["version"]) is not int:
-        raise fail(f"unknown kvm vCPU state format {str(header['format'])[:40]!r} v{str(header['version'])[:20]}")
-    if header["program"] not in KVM_PROGRAMS:
-        raise fail(f"unknown guest program {str(header['program'])[:40]!r}")
-    vcpus = header["vcpus"]
-    if not isinstance(vcpus, list):
-        raise fail("kvm vCPU state 'vcpus' must be a list")
-    if len(vcpus) != nvcpus:
-        raise fail(f"the migration stream carries the state of {len(vcpus)} vCPU(s), this VM has {nvcpus} "
-                   f"(--smp {nvcpus}); start the destination with --smp {len(vcpus)}")
-    payload_len = len(blob) - 12 - hlen
-    for i, st in enumerate(vcpus):
-        what = f"vCPU {i}"
-        _keys(st, {"id", "halted", "sections", "msrs", "regs"}, what, fail)
-        _int(st["id"], i, i, f"{what} id", fail)
-        if not isinstance(st["halted"], bool):
-            raise fail(f"{what} halted must be true or false")
-        sections = _keys(st["sections"], set(KVM_STATE_SECTIONS), f"{what} sections", fail)
-        for name, size in KVM_STATE_SECTIONS.items():
-            ext = sections[name]
-            if not isinstance(ext, list) or len(ext) != 2:
-                raise fail(f"{what} section {name} must be [offset, length]")
-            off = _int(ext[0], 0, payload_len, f"{what} {name} offset", fail)
-            _int(ext[1], size, size, f"{what} {name} length", fail)
-            if off + size > payload_len:
-                raise fail(f"{what} {name} [{off}, +{size}) is outside the {payload_len}-byte payload")
-            if name == "mp_state":
-                (mp,) = struct.unpack_from("<I", blob, 12 + hlen + off)
-                _int(mp, 0, MAX_MP_STATE, f"{what} mp_state", fail)
-        msrs = st["msrs"]
-        if not isinstance(msrs, list) or len(msrs) > MAX_MSRS:
-            raise fail(f"{what} msrs must be a list of at most {MAX_MSRS} [index, value] pairs")
-        for entry in msrs:
-            if not isinstance(entry, list) or len(entry) != 2:
-                raise fail(f"{what} msr entry {str(entry)[:40]} is not [index, value]")
-            _int(entry[0], 0, U32, f"{what} msr index", fail)
-            _int(entry[1], 0, U64, f"{what} msr value", fail)
-        regs = st["regs"]
-        if not isinstance(regs, dict) or not set(regs) <= KVM_REGS_FIELDS:
-            raise fail(f"{what} regs must be an object of kvm_regs fields")
-        for name, value in regs.items():
-            _int(value, 0, U64, f"{what} {name}", fail)
+# -- the real KVM vCPUs (memory/kvm/real) ---------------------------------------------
+def _check_kvm(blob: bytes, fail: Callable[[str], DeviceStateError], *, nvcpus: int) -> None:
+    try:
+        validate_vcpu_states(blob, nvcpus)
+    except VCPUStateError as exc:
+        raise fail(str(exc)) from None

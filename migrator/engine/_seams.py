@@ -101,6 +101,11 @@ class VCPUController(Protocol):
         """Counters, see :data:`VCPUStatistics`."""
         ...
 
+    def expected_stop_ns(self) -> int:
+        """What the next :meth:`vm_stop` is expected to take (ns), from the
+        controller's own recent stops: the downtime prediction's stop term."""
+        ...
+
 
 class MigrationParametersView(Protocol):
     """The migration parameters the engine reads (QEMU's, plus our ``x-`` ones).

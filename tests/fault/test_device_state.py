@@ -21,6 +21,8 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from memory.kvm.real import VCPUStateError, validate_vcpu_states
+from memory.kvm.real.vcpu import encode_vcpu_states
 from migrator.engine._devstate import KVM_STATE_MAGIC, KVM_STATE_SECTIONS, DeviceStateError, validate_device_state
 from migrator.engine._engine import pack_device_state
 from migrator.engine._status import MigrationStatus as S
@@ -118,6 +120,54 @@ def test_kvm_state_checks():
     hlen = struct.unpack_from("<I", blob, 8)[0]
     with pytest.raises(DeviceStateError, match="header length"):
         validate(device_payload(blob[:8] + struct.pack("<I", hlen + 10**6) + blob[12:]), accel="kvm")
+
+
+def _kvm_mutants() -> dict[str, bytes]:
+    blob = kvm_blob()
+    hlen = struct.unpack_from("<I", blob, 8)[0]
+    header = json.loads(blob[12:12 + hlen])
+
+    def rehead(h: dict, edit=lambda hj: hj) -> bytes:
+        hj = edit(json.dumps(h).encode())
+        return KVM_STATE_MAGIC + struct.pack("<I", len(hj)) + hj + blob[12 + hlen:]
+
+    return {
+        "mp_state-77": kvm_blob(mp_state=77),
+        "program-evil": kvm_blob(program="evil"),
+        "halted-missing": rehead(with_field(header, ("vcpus", 0), {k: v for k, v in header["vcpus"][0].items()
+                                                                    if k != "halted"})),
+        "id-1": rehead(with_field(header, ("vcpus", 0, "id"), 1)),
+        "msr-index-2**32": rehead(with_field(header, ("vcpus", 0, "msrs"), [[1 << 32, 0]])),
+        "regs-unknown-field": rehead(with_field(header, ("vcpus", 0, "regs"), {"eip": 1})),
+        "version-true": rehead(with_field(header, ("version",), True)),
+        "duplicate-key": rehead(header, lambda hj: hj.replace(b'"program": "ab"', b'"program": "ab", "program": "ab"')),
+        "payload-truncated": blob[:-1],
+        "header-length-1e6": blob[:8] + struct.pack("<I", hlen + 10**6) + blob[12:],
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_kvm_mutants()))
+def test_one_kvm_state_validator_for_the_stream_check_and_the_vcpu_load(case):
+    """The destination's device-section check and RealVCPUs.load_state share
+    memory.kvm.real's one validator: a blob is refused by both, with the same
+    message (plus the stream offset here).  mp_state 77, a missing "halted",
+    an MSR index beyond u32 and an unknown program were accepted by the
+    vCPU-side parser before the two checks were one."""
+    blob = _kvm_mutants()[case]
+    with pytest.raises(VCPUStateError) as vcpu_side:
+        validate_vcpu_states(blob, 1)
+    with pytest.raises(DeviceStateError) as stream_side:
+        validate(device_payload(blob), accel="kvm")
+    assert str(vcpu_side.value) in str(stream_side.value) and "at stream offset 1234" in str(stream_side.value)
+
+
+def test_kvm_state_encoder_round_trips_through_the_validator():
+    image = validate_vcpu_states(kvm_blob(2), 2)
+    assert [r.id for r in image.vcpus] == [0, 1] and image.program == "ab"
+    again = validate_vcpu_states(encode_vcpu_states(image), 2)
+    assert [bytes(r.sregs) + bytes(r.regs) + bytes(r.fpu) + bytes(r.events) for r in again.vcpus] == \
+        [bytes(r.sregs) + bytes(r.regs) + bytes(r.fpu) + bytes(r.events) for r in image.vcpus]
+    assert [(r.mp_state, r.msrs, r.halted) for r in again.vcpus] == [(0, ((0x10, 5),), False)] * 2
 
 
 # -- through the real destination path ----------------------------------------------

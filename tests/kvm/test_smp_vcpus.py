@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from memory.kvm import kvm_usable
 from memory.kvm.real.guests import LAYOUT, check_guests_ram, load_guest_image, vcpu_ranges
 from memory.kvm.real.guests._image import IOPB_SIZE, TSS_SIZE, tss_base_limit, vcpu_slot_gpa
-from memory.kvm.real.vcpu import RealMachine, VCPUStateError, parse_vcpu_state
+from memory.kvm.real.vcpu import RealMachine, VCPUStateError, validate_vcpu_states
 
 from tests.integration.harness import wait_until as _wait_for
 
@@ -201,11 +201,16 @@ async def test_throttle_sleeps_every_vcpu(require_kvm):
 async def test_state_load_checks_the_vcpu_count_before_touching_a_vcpu(require_kvm):
     async with _running(4 << 20) as src:
         await src.vcpus.vm_start()
-        await _wait_for(lambda: src.ctrl["pass"] >= 10)
+        # every vCPU's own passes: CTRL_PASS is their sum, and on a loaded host
+        # vCPU 1 can reach 10 passes before vCPU 0's thread first enters
+        # KVM_RUN; vCPU 0 then is saved at its entry and prints the 'A' of a
+        # fresh start on the destination (the rare "rebooted" flake)
+        await _wait_for(lambda: all(src.ctrl.vcpu(i, "pass") >= 10 for i in range(2)))
         await src.vcpus.vm_stop()
+        assert src.vcpus.serial_output.count(b"A") == 1
         state = src.vcpus.save_state()
         ram = src.ram.host.copy()
-        image = parse_vcpu_state(state)
+        image = validate_vcpu_states(state)
         assert [r.id for r in image.vcpus] == [0, 1]
         assert image.vcpus[0].regs.r15 != image.vcpus[1].regs.r15  # each vCPU's own control slot
     with RealMachine("ab", 4 << 20, log_dirty=False, load_image=False) as one:
@@ -232,7 +237,7 @@ async def test_state_load_checks_the_vcpu_count_before_touching_a_vcpu(require_k
         assert two.vcpus.serial_output.count(b"A") == 0  # resumed, not rebooted
         # a truncated payload is refused before any vCPU is touched
         with pytest.raises(VCPUStateError, match="section"):
-            parse_vcpu_state(state[:-10])
+            validate_vcpu_states(state[:-10])
 
 
 def test_machine_refuses_more_vcpus_than_the_guest_layout_has():
@@ -276,7 +281,7 @@ def test_corrupted_state_is_refused_with_a_state_error(two_vcpu_state, data):
         else:
             blob += data.draw(st.binary(max_size=64))
     try:
-        image = parse_vcpu_state(bytes(blob))
+        image = validate_vcpu_states(bytes(blob))
     except VCPUStateError:
         return
     assert all(isinstance(r.id, int) and isinstance(r.mp_state, int) for r in image.vcpus)

@@ -39,11 +39,12 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 import trio
 
 from .. import linux_kvm as K
 from .._backend import UserMemoryRegion
-from .guests import LAYOUT, Ctrl, load_guest_image
+from .guests import LAYOUT, Ctrl, HostRAM, load_guest_image
 from .real import RealKVM
 from .vcpu import RealVCPU, RealVCPUs
 
@@ -147,7 +148,7 @@ async def run_dirty_log_selftest(
     return rep
 
 
-async def _run(vm: RealKVM, vcpu: RealVCPU, ram, rep: SelftestReport, *, iterations: int, interval_s: float,
+async def _run(vm: RealKVM, vcpu: RealVCPU, ram: HostRAM, rep: SelftestReport, *, iterations: int, interval_s: float,
                test_bytes: int, clear_delay_s: float) -> None:
     mode, broken = rep.mode, rep.broken
     low = LAYOUT["DATA_START"]
@@ -164,12 +165,13 @@ async def _run(vm: RealKVM, vcpu: RealVCPU, ram, rep: SelftestReport, *, iterati
     last_ring_page = -1
     min_iter = 0
 
-    def ring_pages(slots: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    def ring_pages(slots: npt.NDArray[np.uint32], offsets: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
         bad = (slots != TEST_SLOT) | (offsets >= npages)
         if bad.any():
             rep.note(f"ring entry outside the test slot: slot {slots[bad][0]} offset {offsets[bad][0]}")
             rep.ring_reset_mismatch += int(bad.sum())
-        return offsets[~bad].astype(np.intp)
+        kept: npt.NDArray[np.intp] = offsets[~bad].astype(np.intp)
+        return kept
 
     def on_ring_full(vcpu_id: int) -> None:  # vCPU thread: reap so the guest can go on
         nonlocal last_ring_page

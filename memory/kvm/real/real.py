@@ -34,11 +34,15 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import linux_kvm as K
 from .._backend import KvmStatistics, UserMemoryRegion
+
+if TYPE_CHECKING:
+    from ._vcpu_fd import RealVCPU
 
 PAGE_SIZE = 4096
 KVM_DEV = "/dev/kvm"
@@ -192,7 +196,7 @@ class RealKVM:
             self.close()
             raise
         self._slots: dict[int, _Slot] = {}
-        self.vcpus: list = []  # RealVCPU, in creation order
+        self.vcpus: list[RealVCPU] = []  # in creation order
         self._rings: list[_Ring] = []
         self.dirty_ring_entries = 0
         self.ring_lock = threading.Lock()
@@ -336,7 +340,7 @@ class RealKVM:
         self.dirty_ring_entries = size_entries
         return cap
 
-    def _register_vcpu(self, vcpu) -> None:
+    def _register_vcpu(self, vcpu: RealVCPU) -> None:
         """Called by RealVCPU after KVM_CREATE_VCPU."""
         self.vcpus.append(vcpu)
         if self.dirty_ring_entries:
@@ -432,8 +436,9 @@ class RealKVM:
         for ring in getattr(self, "_rings", []):
             ring.close()
         self._rings = []
-        if getattr(self, "_vm_stats", None) is not None:
-            self._vm_stats.close()
+        vm_stats = getattr(self, "_vm_stats", None)
+        if vm_stats is not None:
+            vm_stats.close()
             self._vm_stats = None
         if self.fd >= 0:
             os.close(self.fd)
@@ -446,7 +451,7 @@ class RealKVM:
     def __enter__(self) -> RealKVM:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -27,8 +27,10 @@ import re
 import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol, TypeAlias, Union
 
 import numpy as np
+import numpy.typing as npt
 
 GUESTS_DIR = Path(__file__).resolve().parent
 
@@ -129,7 +131,17 @@ def program_bytes(program: str) -> bytes:
     return (GUESTS_DIR / f"{program}.bin").read_bytes()
 
 
-def _host_view(ram) -> np.ndarray:
+class HostRAM(Protocol):
+    """Guest RAM with a host view (a :class:`memory.RAMBlock`): byte 0 = GPA 0."""
+
+    host: npt.NDArray[np.uint8]
+
+
+#: a RAMBlock or its host view (1-D uint8)
+GuestRAM: TypeAlias = Union[HostRAM, npt.NDArray[np.uint8]]
+
+
+def _host_view(ram: GuestRAM) -> npt.NDArray[np.uint8]:
     host = getattr(ram, "host", ram)
     if not isinstance(host, np.ndarray) or host.dtype != np.uint8 or host.ndim != 1:
         raise TypeError("need a RAMBlock or a 1-D uint8 numpy view of guest RAM")
@@ -193,7 +205,7 @@ def _idt_bytes() -> bytes:
     return bytes(table)
 
 
-def load_guest_image(ram, program: str, *, vcpus: int = 1, **ctrl: int) -> GuestEntry:
+def load_guest_image(ram: GuestRAM, program: str, *, vcpus: int = 1, **ctrl: int) -> GuestEntry:
     """Write ``program`` and its page tables, GDT, IDT, TSSes and control page
     into guest RAM (a RAMBlock or its host view; byte 0 = GPA 0).
 
@@ -301,7 +313,7 @@ def load_guest_image(ram, program: str, *, vcpus: int = 1, **ctrl: int) -> Guest
 class Ctrl:
     """Typed access to the control page of a loaded guest (host side)."""
 
-    def __init__(self, ram) -> None:
+    def __init__(self, ram: GuestRAM) -> None:
         host = _host_view(ram)
         self._q = host[LAYOUT["CTRL_GPA"] : LAYOUT["CTRL_GPA"] + PAGE_SIZE].view(np.uint64)
 
