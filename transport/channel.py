@@ -51,7 +51,7 @@ import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
@@ -91,6 +91,9 @@ class TcpAddress:
     host: str  #: "" = all addresses (listen side only)
     port: int
 
+    #: a socket carries bytes both ways: QEMU's return path rides on it
+    bidirectional: ClassVar[bool] = True
+
     @property
     def uri(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -101,6 +104,8 @@ class TcpAddress:
 class UnixAddress:
     path: str
 
+    bidirectional: ClassVar[bool] = True
+
     @property
     def uri(self) -> str:
         return f"unix:{self.path}"
@@ -110,6 +115,9 @@ class UnixAddress:
 class FileAddress:
     path: str
     offset: int = 0
+
+    #: a file is written by one side and read later by the other: no return path
+    bidirectional: ClassVar[bool] = False
 
     @property
     def uri(self) -> str:
