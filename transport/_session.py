@@ -167,6 +167,7 @@ def _message_event(msg: Message) -> Shut | Loaded | GoAhead | NoGo:
 
 class _Phase(enum.Enum):
     START = "start"
+    OPENED = "opened"  # source: header and configuration written
     RAM = "ram"  # the ram section is started and open (between START/PART/END and its footer)
     ITERATING = "iterating"  # between two ram sections
     RAM_DONE = "ram-done"  # the END section is closed: device sections, then EOF
@@ -175,7 +176,7 @@ class _Phase(enum.Enum):
     DECIDED = "decided"  # GO or NOGO sent/received
 
 
-_BEFORE_EOF: Final = frozenset({_Phase.START, _Phase.RAM, _Phase.ITERATING, _Phase.RAM_DONE})
+_BEFORE_EOF: Final = frozenset({_Phase.START, _Phase.OPENED, _Phase.RAM, _Phase.ITERATING, _Phase.RAM_DONE})
 
 
 class SourceSession:
@@ -222,14 +223,20 @@ class SourceSession:
         return sid
 
     # -- the stream -------------------------------------------------------------
+    def open(self) -> bytes:
+        """The file header and CONFIGURATION (before multifd channels connect)."""
+        self._require(_Phase.START, what="the stream's header")
+        out = self._enc.header() + self._enc.configuration(self._machine)
+        self._phase = _Phase.OPENED
+        return self._out(out)
+
     def ram_start(self, blocks: Iterable[tuple[str, int]]) -> bytes:
-        """Header, CONFIGURATION and the ``ram`` START section with MEM_SIZE
-        (QEMU's ``ram_save_setup``); close it with :meth:`ram_close`."""
-        self._require(_Phase.START, what="the stream's start")
+        """The ``ram`` START section with MEM_SIZE (QEMU's ``ram_save_setup``);
+        close it with :meth:`ram_close`."""
+        self._require(_Phase.OPENED, what="the ram START section")
         enc = self._enc
         sid = self._next_id
-        out = (enc.header() + enc.configuration(self._machine)
-               + enc.section_start(sid, w.RAM_SECTION_IDSTR, w.RAM_SECTION_INSTANCE, w.RAM_SECTION_VERSION)
+        out = (enc.section_start(sid, w.RAM_SECTION_IDSTR, w.RAM_SECTION_INSTANCE, w.RAM_SECTION_VERSION)
                + enc.ram_mem_size(blocks))
         self._ram_id = self._new_id()
         self._phase = _Phase.RAM

@@ -51,7 +51,7 @@ import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import trio
 
@@ -232,6 +232,17 @@ def _as_bytes_views(buffers: Sequence[Any]) -> list[memoryview]:
 
 
 # -- channels ----------------------------------------------------------------
+class BufferedReceiver(Protocol):
+    """What :meth:`Channel.receive_into` reads into: a :class:`StreamDecoder`
+    or a :class:`DestinationSession` (asyncio's ``BufferedProtocol`` shape)."""
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview: ...
+
+    def buffer_updated(self, nbytes: int) -> None: ...
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None: ...
+
+
 class Channel(ABC):
     """One end of a migration stream.
 
@@ -262,7 +273,7 @@ class Channel(ABC):
         """
 
     @abstractmethod
-    async def receive_into(self, decoder: StreamDecoder, sizehint: int = RECV_CHUNK_BYTES) -> int:
+    async def receive_into(self, decoder: BufferedReceiver, sizehint: int = RECV_CHUNK_BYTES) -> int:
         """Read once into ``decoder``'s buffer; at end of stream report EOF to it.
 
         Returns:
@@ -337,7 +348,7 @@ class SocketChannel(Channel):
                     self.partial_sends += 1
                 i = _advance(views, i, sent)
 
-    async def receive_into(self, decoder: StreamDecoder, sizehint: int = RECV_CHUNK_BYTES) -> int:
+    async def receive_into(self, decoder: BufferedReceiver, sizehint: int = RECV_CHUNK_BYTES) -> int:
         self._check_open()
         view = decoder.get_buffer(sizehint)
         with _translate(f"receive from {self.peer}"):
@@ -461,7 +472,7 @@ class FileChannel(Channel):
             i = _advance(views, i, n)
         return total
 
-    async def receive_into(self, decoder: StreamDecoder, sizehint: int = FILE_CHUNK_BYTES) -> int:
+    async def receive_into(self, decoder: BufferedReceiver, sizehint: int = FILE_CHUNK_BYTES) -> int:
         self._check_open(write=False)
         view = decoder.get_buffer(sizehint)
         with _translate(f"read from {self.path}"):

@@ -32,7 +32,7 @@ from transport import RemoteProtocolError
 
 from ._machine import SMP_MAX
 
-__all__ = ["DeviceStateError", "ValidDeviceState", "validate_device_state"]
+__all__ = ["DeviceStateError", "ValidDeviceState", "pack_device_state", "validate_device_state"]
 
 #: our device section's largest sane payload (the decoder allows 64 MiB)
 MAX_SIM_STATE_BYTES = 64 << 10
@@ -69,6 +69,12 @@ _WORKLOAD_FIELDS = {
     "stream": frozenset({"cursor", "passes", "seq", "working_set"}),
 }
 assert set(_WORKLOAD_FIELDS) == set(WORKLOADS)
+
+
+def pack_device_state(running: bool, vcpu_state: bytes) -> bytes:
+    """Our device section's payload: one JSON line (the source's run state, the
+    role QEMU's "globalstate" section plays), then the vCPU controller's blob."""
+    return json.dumps({"running": bool(running)}).encode() + b"\n" + vcpu_state
 
 
 class DeviceStateError(RemoteProtocolError):

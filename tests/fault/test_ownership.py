@@ -17,7 +17,7 @@ import trio.testing
 
 from memory import GLOBAL_DIRTY_MIGRATION
 from memory.kvm.linux_kvm import KVM_MEM_LOG_DIRTY_PAGES
-from migrator.engine._engine import IncomingMigration, OutgoingMigration
+from migrator.engine import IncomingMigration, OutgoingMigration
 from migrator.engine._status import MigrationStatus as S
 from transport import (MIG_CMD_X_GO, MIG_CMD_X_NOGO, NEED_DATA, Message, MessageDecoder,
                        StreamDecoder, VMDescription, encode_go, encode_loaded, encode_nogo, encode_shut)
