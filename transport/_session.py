@@ -343,7 +343,7 @@ class SourceSession:
         """
         msg = self._rp.next_message()
         if not isinstance(msg, Message):
-            return msg  # type: ignore[return-value]  # PeerClosed or NEED_DATA
+            return msg  # PeerClosed or NEED_DATA
         event = _message_event(msg)
         if isinstance(event, Shut):
             if event.status == 0 and not self.eof_sent:
@@ -500,7 +500,7 @@ class DestinationSession:
                     raise RemoteProtocolError("stream ended before the final RAM section", offset)
                 self._phase = _Phase.EOF
                 return event
-            return event  # type: ignore[return-value]  # pages, VMStateSection, VMDescription, closed, NEED_DATA
+            return event  # pages, VMStateSection, VMDescription, closed or NEED_DATA
 
     def end_stream(self) -> None:
         """The stream (through its VM description, if any) is over: what the
@@ -519,7 +519,7 @@ class DestinationSession:
         assert self._rp is not None
         msg = self._rp.next_message()
         if not isinstance(msg, Message):
-            return msg  # type: ignore[return-value]  # PeerClosed or NEED_DATA
+            return msg  # PeerClosed or NEED_DATA
         event = _message_event(msg)
         assert isinstance(event, GoAhead | NoGo)
         if self._phase is not _Phase.LOADED:
