@@ -22,7 +22,9 @@ import ctypes
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 from memory import TARGET_PAGE_SIZE
 from memory.kvm import linux_kvm as K
@@ -81,6 +83,10 @@ class DeviceStateError(RemoteProtocolError):
     """The device section is malformed or does not fit this VM."""
 
 
+#: builds the error for one detail (with the section's stream offset)
+_Fail = Callable[[str], DeviceStateError]
+
+
 @dataclass(frozen=True, slots=True)
 class ValidDeviceState:
     """An accepted device section: the source's run state and the vCPU blob."""
@@ -122,13 +128,13 @@ def validate_device_state(payload: bytes, *, offset: int, accel: str, npages: in
 
 
 # -- helpers -------------------------------------------------------------------
-def _strict_json(raw: bytes, fail, what: str):
+def _strict_json(raw: bytes, fail: _Fail, what: str) -> Any:
     """JSON without NaN/Infinity, duplicate keys or invalid UTF-8."""
-    def no_constant(name):
+    def no_constant(name: str) -> NoReturn:
         raise ValueError(f"{name} is not a number JSON allows")
 
-    def no_duplicates(pairs):
-        out = {}
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for key, value in pairs:
             if key in out:
                 raise ValueError(f"duplicate key {key!r}")
@@ -141,7 +147,7 @@ def _strict_json(raw: bytes, fail, what: str):
         raise fail(f"{what} is not valid JSON: {str(exc)[:120]}") from None
 
 
-def _int(value, lo: int, hi: int, what: str, fail) -> int:
+def _int(value: Any, lo: int, hi: int, what: str, fail: _Fail) -> int:
     if type(value) is not int:  # bool is an int subclass: refuse it too
         raise fail(f"{what} must be an integer, not {type(value).__name__} {str(value)[:40]!r}")
     if not lo <= value <= hi:
@@ -149,7 +155,7 @@ def _int(value, lo: int, hi: int, what: str, fail) -> int:
     return value
 
 
-def _keys(obj, required: frozenset[str] | set[str], what: str, fail) -> dict:
+def _keys(obj: Any, required: frozenset[str] | set[str], what: str, fail: _Fail) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise fail(f"{what} must be an object, not {type(obj).__name__}")
     if set(obj) != set(required):
@@ -160,7 +166,7 @@ def _keys(obj, required: frozenset[str] | set[str], what: str, fail) -> dict:
 
 
 # -- the simulated vCPU (memory/kvm/sim/sim_vcpu.py) --------------------------------
-def _check_sim(blob: bytes, fail, *, npages: int, nvcpus: int) -> None:
+def _check_sim(blob: bytes, fail: _Fail, *, npages: int, nvcpus: int) -> None:
     """:meth:`memory.kvm.sim.SimVCPUs.save_state`: ``kind``, ``smp``, ``rate``
     and one workload state per vCPU, each over its own page range
     (:func:`memory.kvm.sim.vcpu_range`)."""
@@ -188,7 +194,7 @@ def _check_sim(blob: bytes, fail, *, npages: int, nvcpus: int) -> None:
         _check_sim_workload(wl, fail, share=hi - lo, gfn_base=lo, what=f"vCPU {v}")
 
 
-def _check_sim_workload(wl, fail, *, share: int, gfn_base: int, what: str) -> None:
+def _check_sim_workload(wl: Any, fail: _Fail, *, share: int, gfn_base: int, what: str) -> None:
     name = wl.get("name") if isinstance(wl, dict) else None
     if not isinstance(name, str) or name not in _WORKLOAD_FIELDS:
         raise fail(f"{what}: unknown workload {str(name)[:40]!r}")
@@ -208,7 +214,7 @@ def _check_sim_workload(wl, fail, *, share: int, gfn_base: int, what: str) -> No
         _int(wl["cursor"], 0, ws - 1, f"{what} stream cursor", fail)
 
 
-def _check_pcg64(rng, fail) -> None:
+def _check_pcg64(rng: Any, fail: _Fail) -> None:
     rng = _keys(rng, {"bit_generator", "state", "has_uint32", "uinteger"}, "rng state", fail)
     if rng["bit_generator"] != "PCG64":
         raise fail(f"rng bit_generator {str(rng['bit_generator'])[:40]!r} is not PCG64")
@@ -220,7 +226,7 @@ def _check_pcg64(rng, fail) -> None:
 
 
 # -- the real KVM vCPUs (memory/kvm/real/vcpu.py) --------------------------------------
-def _check_kvm(blob: bytes, fail, *, nvcpus: int) -> None:
+def _check_kvm(blob: bytes, fail: _Fail, *, nvcpus: int) -> None:
     if len(blob) < 12:
         raise fail(f"kvm vCPU state truncated ({len(blob)} bytes)")
     (hlen,) = struct.unpack_from("<I", blob, 8)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 import time
 
 import trio
@@ -109,7 +110,7 @@ class SimVCPUs:
         self._booted = False
         #: called when a vCPU waits in a dirty-ring-full exit (QEMU's reaper:
         #: the KVM listener's reap), if the VM uses the dirty ring
-        self.on_ring_full = None
+        self.on_ring_full: Callable[[], object] | None = None
 
     # -- compatibility with the single-vCPU interface -------------------------
     @property
