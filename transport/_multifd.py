@@ -160,8 +160,8 @@ def encode_packet_header(out: NDArray[np.uint8], *, flags: int, packet_num: int,
     return w.byte_view(out)[: _HEAD_BYTES + 8 * count]
 
 
-def parse_packet_header(raw: bytes | bytearray | memoryview, *, page_size: int, blocks: Mapping[str, int], compression: int,
-                        max_data_bytes: int | None = None) -> PacketHeader:
+def parse_packet_header(raw: bytes | bytearray | memoryview, *, page_size: int, blocks: Mapping[str, int],
+                        compression: int, max_data_bytes: int | None = None) -> PacketHeader:
     """Parse and check a packet header as QEMU's ``multifd_recv_unfill_packet`` and
     ``*_recv_pages`` do (and the offset alignment, which QEMU does not check).
 

@@ -284,9 +284,10 @@ class SourceSession:
     def device_state(self, payload: bytes) -> bytes:
         """Our ``migrator-vcpus`` section (a NATIVE stream's only device section)."""
         self._require(_Phase.RAM_DONE, what="the device section")
-        if self.kind is not StreamKind.NATIVE or self._devices:
-            raise LocalProtocolError(f"a {self.kind.value} stream carries no {w.VCPU_SECTION_IDSTR!r} section"
-                                     if self.kind is not StreamKind.NATIVE else "the device section was sent")
+        if self.kind is not StreamKind.NATIVE:
+            raise LocalProtocolError(f"a {self.kind.value} stream carries no {w.VCPU_SECTION_IDSTR!r} section")
+        if self._devices:
+            raise LocalProtocolError(f"the {w.VCPU_SECTION_IDSTR!r} section was already sent")
         sid = self._new_id()
         enc = self._enc
         out = (enc.section_full(sid, w.VCPU_SECTION_IDSTR, w.VCPU_SECTION_INSTANCE, w.VCPU_SECTION_VERSION)
@@ -348,10 +349,14 @@ class SourceSession:
         if isinstance(event, Shut):
             if event.status == 0 and not self.eof_sent:
                 raise RemoteProtocolError("SHUT(0) before the end of the stream", self._rp.offset - 8)
+            if self.eof_sent:
+                self._phase = _Phase.DECIDED  # the destination has said its last word
             return event
         assert isinstance(event, Loaded)  # the decoder accepts nothing else
-        if not self.eof_sent or self._loaded is not None:
-            raise RemoteProtocolError("LOADED before the end of the stream or twice", self._rp.offset - 12)
+        if self._phase is not _Phase.EOF:
+            raise RemoteProtocolError("LOADED before the end of the stream, twice or after SHUT", self._rp.offset - 12)
+        if self.return_path is not ReturnPath.HANDOVER:
+            return event  # a hand-over destination, and we do not hand over: the engine says so
         if event.stream_bytes != self.bytes_out:
             raise RemoteProtocolError(f"destination loaded {event.stream_bytes} stream bytes, "
                                       f"the source sent {self.bytes_out}", self._rp.offset - 12)
@@ -361,7 +366,7 @@ class SourceSession:
 
     def go(self) -> bytes:
         """``MIG_CMD_X_GO`` for the bytes the destination loaded: it owns the guest now."""
-        self._require(_Phase.LOADED, what="GO")
+        self._require(_Phase.LOADED, what="GO")  # only reached with x-handover
         assert self._loaded is not None
         self._phase = _Phase.DECIDED
         return encode_go(self._loaded)

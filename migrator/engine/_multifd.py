@@ -201,7 +201,8 @@ class _SendChannel:
                     assert self.scratch is not None  # allocated with the compressor
                     buf = self.scratch[:n]
                     np.take(job.pages, idx, axis=0, out=buf, mode="clip")  # one read of guest RAM
-                    out = self.cobj.compress(w.byte_view(buf.reshape(-1))) + self.cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+                    out = (self.cobj.compress(w.byte_view(buf.reshape(-1)))
+                           + self.cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
                     data = [memoryview(out)]
                     size = len(out)
             offsets = idx.astype(np.uint64) << np.uint64(self.shift)

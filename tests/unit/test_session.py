@@ -318,3 +318,15 @@ def test_qemu_device_sections_come_out_as_vmstate_events():
     assert [e.idstr for e in events if isinstance(e, VMStateSection)] == ["timer", "globalstate"]
     assert set(KNOWN_SECTIONS) >= {"timer", "globalstate"}
     assert not any(isinstance(e, NoGo) for e in events)
+
+
+def test_a_loaded_to_a_source_without_handover_is_reported_and_never_answered():
+    """A destination with x-handover, a source without: the source must learn
+    that the peer waits (the engine then fails and keeps the guest), never GO."""
+    src = SourceSession(NATIVE, CHANNELS["tcp"])
+    stream = source_stream(src)
+    src.receive_data(encode_loaded(len(stream) + 99))  # even with a wrong count: the mismatch is not the news
+    assert src.next_event() == Loaded(len(stream) + 99)
+    with pytest.raises(LocalProtocolError):
+        src.go()
+    assert src.nogo() == b""
