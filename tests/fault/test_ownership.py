@@ -113,6 +113,22 @@ async def test_destination_without_go_stays_paused_until_the_operator_decides(en
         assert vm.vcpus.running
 
 
+@pytest.mark.parametrize("handover", [False, True])
+async def test_destination_of_a_stock_qemu_stream_runs_at_eof_and_sends_nothing(handover):
+    """A RAM-only stream (x-ram-only) is for a stock QEMU, which opens no return
+    path: its source waits for nothing, so even with x-handover the destination
+    must not wait for a GO that never comes, and has nobody to send SHUT to."""
+    async with vcpus_running(destination_vm(memory=SMALL, handover=handover)) as vm:
+        vm.options.parameters = vm.params.apply(x_return_path_timeout=100)
+        stream, _ = build_stream(None, memory=SMALL)
+        chan = FakeChannel(stream, close=False)
+        inc = _incoming(vm)
+        with trio.fail_after(10):
+            await inc.process(chan)
+        assert vm.state.status is S.COMPLETED and vm.vcpus.running, inc.error_desc
+        assert chan.sent == [] and inc.handover == "" and not inc.undecided
+
+
 async def test_destination_told_nogo_never_runs():
     async with vcpus_running(destination_vm(memory=SMALL, handover=True)) as vm:
         inc = _incoming(vm)
