@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Final
 from . import _wire as w
 from ._decoder import ConnectionClosed, StreamDecoder
 from ._encoder import EncodedPages, StreamEncoder
-from ._events import (NEED_DATA, Configuration, DeviceState, EndOfStream, RamEOS, RamMemSize, RamPages,
+from ._events import (Configuration, DeviceState, EndOfStream, RamEOS, RamMemSize, RamPages,
                       RamZeroPages, SectionEnd, SectionFooter, SectionFull, SectionPart, SectionStart,
                       StreamHeader, VMDescription, VMStateSection)
 from ._return_path import (MIG_CMD_X_GO, MIG_CMD_X_NOGO, MIG_RP_MSG_SHUT, MIG_RP_MSG_X_LOADED, Message,

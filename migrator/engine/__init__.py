@@ -6,7 +6,8 @@ Modules: ``_source`` (OutgoingMigration), ``_destination``
 (IncomingMigration), ``_ownership`` (who may run the guest),
 ``_switchover`` (when to stop the guest), ``_convergence`` (rate windows,
 auto-converge), ``_counters``, ``_ram``, ``_multifd``, ``_devstate``,
-``_qemu_devices``, ``_history``, ``_status``, ``_machine``.
+``_qemu_devices``, ``_history``, ``_status``, ``_machine``, ``_seams`` (the VM as
+Protocols).
 
 Depends on :mod:`memory` (and :mod:`memory.kvm`), :mod:`transport` and
 :mod:`migrator.errors` only; never on :mod:`migrator.qmp`,

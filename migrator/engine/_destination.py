@@ -12,7 +12,7 @@ who owns the guest is explained in :mod:`migrator.engine._source`.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
     from transport import Channel
 
+    from ._seams import DestinationVM
+
 __all__ = ["IncomingMigration"]
 
 #: after EOF, how long the destination waits for the VM description (QEMU
@@ -53,7 +55,7 @@ class IncomingMigration:
     ``vm_start()`` / ``set_runstate()``, ``qemu_devices`` and ``log``.
     """
 
-    def __init__(self, vm: Any, uri: str) -> None:
+    def __init__(self, vm: DestinationVM, uri: str) -> None:
         self.vm = vm
         self.uri = uri
         # An incoming VM never ran and loaded no image: its RAM is fresh zeros.

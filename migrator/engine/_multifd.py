@@ -73,7 +73,6 @@ from ..errors import MigrationError
 
 if TYPE_CHECKING:
     import zstandard
-    from numpy.typing import NDArray
 
     from transport import Channel, ChannelListener
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -59,6 +59,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from transport import Channel
+
+    from ._seams import EngineParams, SourceVM
 
 __all__ = ["OutgoingMigration"]
 
@@ -85,7 +87,7 @@ class OutgoingMigration:
     ``params``, ``caps``, ``emit_event``, ``state`` (MigrationState).
     """
 
-    def __init__(self, vm: Any, uri: str) -> None:
+    def __init__(self, vm: SourceVM, uri: str) -> None:
         self.vm = vm
         self.uri = uri
         self.caps = vm.caps  # capabilities cannot change while migrating
@@ -119,7 +121,7 @@ class OutgoingMigration:
         self._stack: contextlib.AsyncExitStack | None = None
 
     @property
-    def params(self) -> Any:
+    def params(self) -> EngineParams:
         """Current parameters: QEMU lets migrate-set-parameters act mid-migration."""
         return self.vm.params
 

@@ -18,6 +18,7 @@ from memory import GLOBAL_DIRTY_DIRTY_RATE, TARGET_PAGE_SIZE
 from ..engine import IncomingMigration, OutgoingMigration
 from ..engine._history import MigrationHistory
 from ..engine._machine import AccelConfig, Machine
+from ..engine._qemu_devices import QemuDeviceState
 from ._params import MigrationOptions
 from ..engine._status import DESTINATION_TRANSITIONS, SOURCE_TRANSITIONS, MigrationState
 from ..engine._status import MigrationStatus as S
@@ -94,7 +95,7 @@ class VM:
         self.dirty_rate: dict = {"status": "unstarted"}
         #: QEMU device state (timer, slirp, run state) when this VM was loaded
         #: from a QEMU stream; None for a VM of ours (see _qemu_devices).
-        self.qemu_devices = None
+        self.qemu_devices: QemuDeviceState | None = None
         self._ran_ns = 0  # time the vCPUs ran (the timer section's clock)
         self._running_since: int | None = None
 
