@@ -183,7 +183,9 @@ class SourceSession:
     """The sending end of one migration stream; no I/O.
 
     Every method returns the bytes to write next, in order, or raises
-    :class:`LocalProtocolError` with the session unchanged.
+    :class:`LocalProtocolError` with the session unchanged (except for a
+    device payload the encoder finds malformed: the section is open by then,
+    and the stream cannot be finished).
 
     Args:
         kind: what follows the RAM (and so who can load the stream).
@@ -288,10 +290,11 @@ class SourceSession:
             raise LocalProtocolError(f"a {self.kind.value} stream carries no {w.VCPU_SECTION_IDSTR!r} section")
         if self._devices:
             raise LocalProtocolError(f"the {w.VCPU_SECTION_IDSTR!r} section was already sent")
-        sid = self._new_id()
+        sid = self._next_id
         enc = self._enc
         out = (enc.section_full(sid, w.VCPU_SECTION_IDSTR, w.VCPU_SECTION_INSTANCE, w.VCPU_SECTION_VERSION)
                + enc.device_state(payload) + enc.section_footer(sid))
+        self._new_id()
         self._devices += 1
         return self._out(out)
 
@@ -303,9 +306,10 @@ class SourceSession:
         layout = KNOWN_SECTIONS.get(idstr)
         if layout is None:
             raise LocalProtocolError(f"no layout known for QEMU section {idstr!r}")
-        sid = self._new_id()
+        sid = self._next_id
         enc = self._enc
         out = enc.section_full(sid, idstr, 0, layout.version) + enc.vmstate(payload) + enc.section_footer(sid)
+        self._new_id()
         self._devices += 1
         return self._out(out)
 
