@@ -8,6 +8,12 @@ Hierarchy::
     │   └── StateError            a command was issued in the wrong migration state
     └── LocalProtocolError        misuse of the sans-IO QMP connection (our bug, not the peer's)
 
+``LocalProtocolError`` is also :class:`transport.LocalProtocolError`: there is
+one "our own code misused a sans-IO protocol object" error in the project,
+whichever protocol (QMP here, the migration stream in ``transport``), so
+``except transport.LocalProtocolError`` sees both.  Its message is ours
+alone: subclassing adds nothing to the text a QMP client or log sees.
+
 Faults of the QMP *peer* (bad JSON, bad arguments, unknown commands) are not
 exceptions at the connection level: QEMU answers them with an error reply and
 keeps the monitor usable, and so do we.  They surface as ``QMPError`` only
@@ -19,6 +25,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from typing import Any
+
+from transport.errors import LocalProtocolError as _TransportLocalProtocolError
 
 __all__ = [
     "ErrorClass",
@@ -102,7 +110,7 @@ class StateError(QMPError):
         return f"StateError(state={self.state!r}, required={self.required!r}, desc={self.desc!r})"
 
 
-class LocalProtocolError(MigratorError):
+class LocalProtocolError(MigratorError, _TransportLocalProtocolError):
     """The sans-IO QMP connection was used incorrectly by our own code.
 
     For example: reading requests before the greeting was sent, feeding data

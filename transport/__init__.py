@@ -10,6 +10,11 @@
 * :class:`RateLimiter`: QEMU's max-bandwidth accounting in 100 ms windows.
 * :class:`MessageDecoder` and ``encode_*``: QEMU's return-path messages
   (``MIG_RP_MSG_SHUT``) and our hand-over messages (``x-handover``).
+* :class:`SourceSession` / :class:`DestinationSession`: one migration stream
+  per end over the codec (section order and ids, device sections, EOF, the
+  VM description) and its return path, decided once by
+  :func:`decide_return_path` from the :class:`StreamKind`, the channel and
+  ``x-handover``.  No I/O.
 """
 
 from ._decoder import ConnectionClosed, StreamDecoder
@@ -48,6 +53,18 @@ from ._return_path import (
     encode_nogo,
     encode_shut,
 )
+from ._session import (
+    MACHINE_NAME,
+    DestinationSession,
+    GoAhead,
+    Loaded,
+    NoGo,
+    ReturnPath,
+    Shut,
+    SourceSession,
+    StreamKind,
+    decide_return_path,
+)
 from ._wire import (
     QEMU_VM_FILE_MAGIC,
     QEMU_VM_FILE_VERSION,
@@ -80,6 +97,16 @@ from .errors import (
 )
 
 __all__ = [
+    "MACHINE_NAME",
+    "DestinationSession",
+    "GoAhead",
+    "Loaded",
+    "NoGo",
+    "ReturnPath",
+    "Shut",
+    "SourceSession",
+    "StreamKind",
+    "decide_return_path",
     "Sentinel",
     "MIG_CMD_X_GO",
     "MIG_CMD_X_NOGO",

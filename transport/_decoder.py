@@ -33,7 +33,7 @@ into the decoder (``next_event``, ``get_buffer``, ``receive_data``).
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -137,7 +137,7 @@ class StreamDecoder:
         self._max_block_bytes = dict(max_block_bytes) if max_block_bytes is not None else None
         self._max_device_state = max_device_state_bytes
         self._buf = np.empty(max(buffer_bytes, 2 * self._rec), dtype=np.uint8)
-        self._mv = memoryview(self._buf)
+        self._mv = w.byte_view(self._buf)
         self._start = 0  # first unparsed byte in _buf
         self._end = 0  # end of received bytes in _buf
         self._base = 0  # stream offset of _buf[0]
@@ -155,7 +155,7 @@ class StreamDecoder:
         self._devices: list[tuple[str, int, int, int]] = []
         self._full: tuple[str, int, int] | None = None  # the open FULL section
         #: the parsed VM description (after VMDescription)
-        self.vmdesc: dict | None = None
+        self.vmdesc: dict[str, Any] | None = None
 
     # -- input -----------------------------------------------------------
     def get_buffer(self, sizehint: int = -1) -> memoryview:
@@ -183,7 +183,7 @@ class StreamDecoder:
                 new = np.empty(max(2 * cap, live + want), dtype=np.uint8)
                 new[:live] = self._buf[self._start : self._end]
                 self._buf = new
-                self._mv = memoryview(new)
+                self._mv = w.byte_view(new)
             self._base += self._start
             self._start, self._end = 0, live
         return self._mv[self._end :]
@@ -273,7 +273,7 @@ class StreamDecoder:
         p = self._start
         if not self._have(8, "the file header"):
             return NEED_DATA
-        magic, version = w.FILE_HEADER.unpack_from(self._buf, p)
+        magic, version = w.FILE_HEADER.unpack_from(self._mv, p)
         if magic != w.QEMU_VM_FILE_MAGIC:
             raise self._fail(f"bad magic {magic:#010x}, expected {w.QEMU_VM_FILE_MAGIC:#010x} ('QEVM')", p)
         if version == w.QEMU_VM_FILE_VERSION_COMPAT:
@@ -293,7 +293,7 @@ class StreamDecoder:
             return self._p_top()
         if not self._have(5, "the configuration section"):
             return NEED_DATA
-        (length,) = w.BE32.unpack_from(self._buf, p + 1)
+        (length,) = w.BE32.unpack_from(self._mv, p + 1)
         if length > w.MAX_MACHINE_NAME_BYTES:
             raise self._fail(f"machine name length {length} exceeds {w.MAX_MACHINE_NAME_BYTES}", p + 1)
         if not self._have(5 + length, "the configuration section"):
@@ -322,7 +322,7 @@ class StreamDecoder:
         if kind in (w.QEMU_VM_SECTION_PART, w.QEMU_VM_SECTION_END):
             if not self._have(5, "a section header"):
                 return NEED_DATA
-            (sid,) = w.BE32.unpack_from(self._buf, p + 1)
+            (sid,) = w.BE32.unpack_from(self._mv, p + 1)
             sec = self._sections.get(sid)
             if sec is not _Sec.RAM_OPEN:
                 why = "was ended" if sec is _Sec.RAM_ENDED else "is not a started iterative section"
@@ -344,12 +344,12 @@ class StreamDecoder:
         what = "a section header"
         if not self._have(6, what):
             return NEED_DATA
-        sid = w.BE32.unpack_from(self._buf, p + 1)[0]
+        sid = w.BE32.unpack_from(self._mv, p + 1)[0]
         length = self._mv[p + 5]
         if not self._have(6 + length + 8, what):
             return NEED_DATA
         idstr = self._idstr(p + 5, "section idstr")
-        instance_id, version_id = w.SECTION_TAIL.unpack_from(self._buf, p + 6 + length)
+        instance_id, version_id = w.SECTION_TAIL.unpack_from(self._mv, p + 6 + length)
         if sid in self._sections:
             raise self._fail(f"section id {sid} is already in use", p + 1)
         start = kind == w.QEMU_VM_SECTION_START
@@ -390,7 +390,7 @@ class StreamDecoder:
             raise self._fail(f"missing footer for section {self._cur}: got byte {self._mv[p]:#04x}", p)
         if not self._have(5, "a section footer"):
             return NEED_DATA
-        (sid,) = w.BE32.unpack_from(self._buf, p + 1)
+        (sid,) = w.BE32.unpack_from(self._mv, p + 1)
         if sid != self._cur:
             raise self._fail(f"mismatched section id in footer: read {sid}, expected {self._cur}", p + 1)
         self._start = p + 5
@@ -402,7 +402,7 @@ class StreamDecoder:
         p = self._start
         if not self._have(4, "device state"):
             return NEED_DATA
-        (length,) = w.BE32.unpack_from(self._buf, p)
+        (length,) = w.BE32.unpack_from(self._mv, p)
         if length > self._max_device_state:
             raise self._fail(f"device state length {length} exceeds {self._max_device_state}", p)
         if not self._have(4 + length, "device state"):
@@ -410,7 +410,8 @@ class StreamDecoder:
         data = bytes(self._mv[p + 4 : p + 4 + length])
         self._start = p + 4 + length
         self._state = _State.FOOTER
-        self._devices.append((*self._full, 4 + length))  # type: ignore[arg-type]
+        assert self._full is not None  # set with the DEVICE state
+        self._devices.append((*self._full, 4 + length))
         return DeviceState(data)
 
     def _p_vmstate(self) -> Event | _Sentinel:
@@ -441,7 +442,7 @@ class StreamDecoder:
             raise self._fail(f"data after the end of the stream (byte {self._mv[p]:#04x})", p)
         if not self._have(5, "the VM description"):
             return NEED_DATA
-        (length,) = w.BE32.unpack_from(self._buf, p + 1)
+        (length,) = w.BE32.unpack_from(self._mv, p + 1)
         if length > w.DEFAULT_MAX_VMDESC_BYTES:
             raise self._fail(f"VM description length {length} exceeds {w.DEFAULT_MAX_VMDESC_BYTES}", p + 1)
         if not self._have(5 + length, "the VM description"):
@@ -461,7 +462,7 @@ class StreamDecoder:
         p = self._start
         if not self._have(8, "a RAM record header"):
             return NEED_DATA
-        (hdr,) = w.BE64.unpack_from(self._buf, p)
+        (hdr,) = w.BE64.unpack_from(self._mv, p)
         flags = hdr & self._mask
         if self._last_block is not None:
             if flags == w.PAGE_CONT and self._end - p >= 2 * self._rec:
@@ -469,9 +470,9 @@ class StreamDecoder:
                 if run is not None:
                     return run
             elif flags == w.ZERO_CONT and self._end - p >= 18:
-                run = self._zero_run(p)
-                if run is not None:
-                    return run
+                zrun = self._zero_run(p)
+                if zrun is not None:
+                    return zrun
         addr = hdr & ~self._mask
         if flags & ~w.RAM_SAVE_FLAGS_DEFINED:
             raise self._fail(f"RAM record offset {hdr:#x} is not page aligned", p)
@@ -503,7 +504,7 @@ class StreamDecoder:
             if not self._have(q + 1 + n + 8 - p, "a MEM_SIZE record", p):
                 return NEED_DATA
             name = self._idstr(q, "RAM block idstr")
-            (length,) = w.BE64.unpack_from(self._buf, q + 1 + n)
+            (length,) = w.BE64.unpack_from(self._mv, q + 1 + n)
             if name in blocks:
                 raise self._fail(f"MEM_SIZE lists block {name!r} twice", q)
             if length == 0 or length & self._mask:

@@ -327,7 +327,8 @@ class StreamEncoder:
                                           stage=False)
         return enc, nonzero
 
-    def _encode_pages(self, block_idstr, block_pages, page_indices, *, detect_zero: bool, stage: bool):
+    def _encode_pages(self, block_idstr: str, block_pages: NDArray[np.uint8], page_indices: ArrayLike, *,
+                      detect_zero: bool, stage: bool) -> tuple[EncodedPages, NDArray[np.intp]]:
         self._require(_State.RAM, what="page records")
         if self._blocks is None:
             raise LocalProtocolError("page records before MEM_SIZE")
@@ -399,7 +400,7 @@ class StreamEncoder:
             zrec = self._zstage[:nzero]
             zrec["hdr"] = (zi.astype(np.uint64) << np.uint64(self._shift)) | np.uint64(w.ZERO_CONT)
             zrec["fill"] = 0
-            zbytes = memoryview(zrec.view(np.uint8).reshape(-1))
+            zbytes = w.byte_view(zrec.view(np.uint8).reshape(-1))
             buffers += self._name_first(block_idstr, zbytes, int(zi[0]), w.RAM_SAVE_FLAG_ZERO)
             first = False
         pi = (np.concatenate(sent_idx) if len(sent_idx) > 1 else sent_idx[0]) if sent_idx else idx[:0]
@@ -410,7 +411,7 @@ class StreamEncoder:
         if k:
             hdr_col = np.ndarray((k,), dtype=_BE64, buffer=self._stage, offset=0, strides=(rec,))
             hdr_col[:] = (pi.astype(np.uint64) << np.uint64(self._shift)) | np.uint64(w.PAGE_CONT)
-            pbytes = memoryview(self._stage)[: k * rec]
+            pbytes = w.byte_view(self._stage)[: k * rec]
             if first and self._last_block != block_idstr:
                 buffers += self._name_first(block_idstr, pbytes, int(pi[0]), w.RAM_SAVE_FLAG_PAGE)
             else:
@@ -427,13 +428,14 @@ class StreamEncoder:
 
     def _zero_mask(self, scratch: NDArray[np.uint8]) -> NDArray[np.bool_]:
         """Which pages of ``scratch`` are all zero (QEMU's ``buffer_is_zero``)."""
-        words = scratch.view(np.uint64)
-        cand = words[:, 0] == 0  # prefilter: most non-zero pages fail here
+        words: NDArray[np.uint64] = scratch.view(np.uint64)
+        cand: NDArray[np.bool_] = words[:, 0] == 0  # prefilter: most non-zero pages fail here
         ncand = int(np.count_nonzero(cand))
         if ncand == 0:
             return cand
         if 2 * ncand >= len(cand):
-            return np.bitwise_or.reduce(words, axis=1) == 0
+            full: NDArray[np.bool_] = np.bitwise_or.reduce(words, axis=1) == 0
+            return full
         where = np.flatnonzero(cand)
         cand[where] = np.bitwise_or.reduce(words[where], axis=1) == 0
         return cand

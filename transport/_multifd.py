@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Final
 
 import numpy as np
 
+from . import _wire as w
 from .errors import RemoteProtocolError
 
 if TYPE_CHECKING:
@@ -120,7 +121,7 @@ def parse_init(raw: bytes, *, channels: int, uuid: bytes = bytes(16)) -> int:
     if cid >= channels:
         raise RemoteProtocolError(f"multifd: received channel id {cid} is greater than number of "
                                   f"channels {channels}", 24)
-    return cid
+    return int(cid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,16 +152,16 @@ def encode_packet_header(out: NDArray[np.uint8], *, flags: int, packet_num: int,
     raw = block.encode()
     if len(raw) > 255:
         raise ValueError(f"ramblock idstr too long: {block!r}")
-    _HEAD.pack_into(out, 0, MULTIFD_MAGIC, MULTIFD_VERSION, flags, count, n, next_packet_size,
+    _HEAD.pack_into(w.byte_view(out), 0, MULTIFD_MAGIC, MULTIFD_VERSION, flags, count, n, next_packet_size,
                     packet_num, raw)
     offs = out[_HEAD_BYTES:_HEAD_BYTES + 8 * count].view(">u8")
     offs[:n] = offsets
     offs[n:] = 0
-    return memoryview(out)[: _HEAD_BYTES + 8 * count]
+    return w.byte_view(out)[: _HEAD_BYTES + 8 * count]
 
 
-def parse_packet_header(raw, *, page_size: int, blocks: Mapping[str, int], compression: int,
-                        max_data_bytes: int | None = None) -> PacketHeader:
+def parse_packet_header(raw: bytes | bytearray | memoryview, *, page_size: int, blocks: Mapping[str, int],
+                        compression: int, max_data_bytes: int | None = None) -> PacketHeader:
     """Parse and check a packet header as QEMU's ``multifd_recv_unfill_packet`` and
     ``*_recv_pages`` do (and the offset alignment, which QEMU does not check).
 

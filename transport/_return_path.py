@@ -32,7 +32,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from ._events import NEED_DATA
+from ._events import NEED_DATA, Sentinel
 from ._wire import QEMU_VM_VMDESCRIPTION
 from .errors import RemoteProtocolError
 
@@ -157,7 +157,7 @@ class MessageDecoder:
             self._eof = True
         self._buf += data
 
-    def next_message(self) -> Message | PeerClosed | object:
+    def next_message(self) -> Message | PeerClosed | Sentinel:
         """A :class:`Message`, :class:`PeerClosed` or ``NEED_DATA``."""
         if self._error is not None:
             raise self._error
@@ -171,7 +171,7 @@ class MessageDecoder:
         del self._buf[:n]
         self._pos += n
 
-    def _next(self):
+    def _next(self) -> Message | PeerClosed | Sentinel:
         buf = self._buf
         if self._maybe_vmdesc and buf:
             if buf[0] == QEMU_VM_VMDESCRIPTION:
@@ -202,5 +202,5 @@ class MessageDecoder:
             value = 0
         return Message(mtype, value)
 
-    def _need(self):
+    def _need(self) -> PeerClosed | Sentinel:
         return PeerClosed(len(self._buf)) if self._eof else NEED_DATA

@@ -44,7 +44,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    import numpy as np
+    from numpy.typing import NDArray
+
+    #: any indexable byte buffer the layouts are measured in
+    _Bytes: TypeAlias = bytes | bytearray | memoryview | NDArray[np.uint8]
 
 from . import _wire as w
 
@@ -159,7 +168,7 @@ class LayoutError(ValueError):
         self.offset = offset
 
 
-def _measure_vmsd(buf, pos: int, end: int, vmsd: Vmsd, base: int) -> Measured | None:
+def _measure_vmsd(buf: _Bytes, pos: int, end: int, vmsd: Vmsd, base: int) -> Measured | None:
     q = pos + vmsd.fields_size
     if q > end:
         return None
@@ -194,7 +203,7 @@ def _measure_vmsd(buf, pos: int, end: int, vmsd: Vmsd, base: int) -> Measured | 
         q += 6 + n + inner.length
 
 
-def measure_section(buf, pos: int, end: int, layout: SectionLayout) -> Measured | None:
+def measure_section(buf: _Bytes, pos: int, end: int, layout: SectionLayout) -> Measured | None:
     """Length of the section payload at ``buf[pos:end]``; None if more bytes are needed.
 
     ``buf`` is any indexable byte buffer (bytes, memoryview, uint8 array).
@@ -223,8 +232,8 @@ def measure_section(buf, pos: int, end: int, layout: SectionLayout) -> Measured 
 
 
 # -- descriptions --------------------------------------------------------------
-def _field_desc(f: Field) -> dict:
-    d: dict = {"name": f.name}
+def _field_desc(f: Field) -> dict[str, Any]:
+    d: dict[str, Any] = {"name": f.name}
     if f.count > 1:
         d["array_len"] = f.count
     d["type"] = f.type
@@ -232,17 +241,17 @@ def _field_desc(f: Field) -> dict:
     return d
 
 
-def _vmsd_desc(vmsd: Vmsd, measured: Measured, fields: list[dict] | None = None) -> dict:
-    d: dict = {"vmsd_name": vmsd.name, "version": vmsd.version,
+def _vmsd_desc(vmsd: Vmsd, measured: Measured, fields: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    d: dict[str, Any] = {"vmsd_name": vmsd.name, "version": vmsd.version,
                "fields": fields if fields is not None else [_field_desc(f) for f in vmsd.fields]}
     if measured.subsections:
         d["subsections"] = [_vmsd_desc(s, m) for s, m in measured.subsections]
     return d
 
 
-def describe_section(idstr: str, instance_id: int, layout: SectionLayout, measured: Measured) -> dict:
+def describe_section(idstr: str, instance_id: int, layout: SectionLayout, measured: Measured) -> dict[str, Any]:
     """The ``devices`` entry QEMU writes for this section (see the module doc)."""
-    head: dict = {"name": idstr, "instance_id": instance_id}
+    head: dict[str, Any] = {"name": idstr, "instance_id": instance_id}
     if layout.kind == "slirp":
         n = measured.length
         return {**head, "size": n, "fields": [{"name": "data", "size": n, "type": "buffer"}]}
@@ -254,7 +263,7 @@ def describe_section(idstr: str, instance_id: int, layout: SectionLayout, measur
     return {**head, **_vmsd_desc(layout.vmsd, measured)}
 
 
-def configuration_desc(machine: str) -> dict:
+def configuration_desc(machine: str) -> dict[str, Any]:
     """The ``configuration`` entry (QEMU >= 8.2): fields ``len`` and ``name``."""
     return {"vmsd_name": "configuration", "version": CONFIGURATION_VERSION,
             "fields": [{"name": "len", "type": "uint32", "size": 4},
@@ -266,11 +275,11 @@ class VMDescWriter:
 
     def __init__(self, page_size: int) -> None:
         self.page_size = page_size
-        self.configuration: dict | None = None
-        self.devices: list[dict] = []
+        self.configuration: dict[str, Any] | None = None
+        self.devices: list[dict[str, Any]] = []
 
     def json_bytes(self) -> bytes:
-        top: dict = {}
+        top: dict[str, Any] = {}
         if self.configuration is not None:
             top["configuration"] = self.configuration
         top["page_size"] = self.page_size
@@ -279,7 +288,7 @@ class VMDescWriter:
 
 
 # -- validating a description against the stream ------------------------------
-def described_size(desc: dict) -> int:
+def described_size(desc: dict[str, Any]) -> int:
     """Bytes a description entry says were written (fields x array_len + subsections)."""
     total = 0
     for f in desc.get("fields", ()):
@@ -290,7 +299,7 @@ def described_size(desc: dict) -> int:
 
 
 def validate_vmdesc(raw: bytes, *, page_size: int, machine: str | None,
-                    sections: list[tuple[str, int, int, int]]) -> dict:
+                    sections: list[tuple[str, int, int, int]]) -> dict[str, Any]:
     """Check a VMDESCRIPTION against what the stream carried.
 
     ``sections`` lists the FULL (device) sections read, in order, as

@@ -64,7 +64,11 @@ migration/ram.c (7.2 and master agree on everything used here):
 from __future__ import annotations
 
 import struct
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
 
 QEMU_VM_FILE_MAGIC: Final = 0x5145564D
 QEMU_VM_FILE_VERSION: Final = 3
@@ -170,3 +174,10 @@ def encode_idstr(idstr: str) -> bytes:
     if not raw or len(raw) > MAX_IDSTR_BYTES:
         raise ValueError(f"idstr must be 1..{MAX_IDSTR_BYTES} bytes: {idstr!r}")
     return bytes((len(raw),)) + raw
+
+
+def byte_view(array: NDArray[np.uint8]) -> memoryview:
+    """A ``memoryview`` of a byte array (no copy), typed for ``struct`` and sockets."""
+    # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12, so on
+    # 3.11 mypy does not see an ndarray as a Buffer, though it is one.
+    return memoryview(array)  # type: ignore[arg-type]

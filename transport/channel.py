@@ -51,7 +51,7 @@ import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import trio
 
@@ -91,6 +91,9 @@ class TcpAddress:
     host: str  #: "" = all addresses (listen side only)
     port: int
 
+    #: a socket carries bytes both ways: QEMU's return path rides on it
+    bidirectional: ClassVar[bool] = True
+
     @property
     def uri(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -101,6 +104,8 @@ class TcpAddress:
 class UnixAddress:
     path: str
 
+    bidirectional: ClassVar[bool] = True
+
     @property
     def uri(self) -> str:
         return f"unix:{self.path}"
@@ -110,6 +115,9 @@ class UnixAddress:
 class FileAddress:
     path: str
     offset: int = 0
+
+    #: a file is written by one side and read later by the other: no return path
+    bidirectional: ClassVar[bool] = False
 
     @property
     def uri(self) -> str:
@@ -224,6 +232,17 @@ def _as_bytes_views(buffers: Sequence[Any]) -> list[memoryview]:
 
 
 # -- channels ----------------------------------------------------------------
+class BufferedReceiver(Protocol):
+    """What :meth:`Channel.receive_into` reads into: a :class:`StreamDecoder`
+    or a :class:`DestinationSession` (asyncio's ``BufferedProtocol`` shape)."""
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview: ...
+
+    def buffer_updated(self, nbytes: int) -> None: ...
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None: ...
+
+
 class Channel(ABC):
     """One end of a migration stream.
 
@@ -254,7 +273,7 @@ class Channel(ABC):
         """
 
     @abstractmethod
-    async def receive_into(self, decoder: StreamDecoder, sizehint: int = RECV_CHUNK_BYTES) -> int:
+    async def receive_into(self, decoder: BufferedReceiver, sizehint: int = RECV_CHUNK_BYTES) -> int:
         """Read once into ``decoder``'s buffer; at end of stream report EOF to it.
 
         Returns:
@@ -329,7 +348,7 @@ class SocketChannel(Channel):
                     self.partial_sends += 1
                 i = _advance(views, i, sent)
 
-    async def receive_into(self, decoder: StreamDecoder, sizehint: int = RECV_CHUNK_BYTES) -> int:
+    async def receive_into(self, decoder: BufferedReceiver, sizehint: int = RECV_CHUNK_BYTES) -> int:
         self._check_open()
         view = decoder.get_buffer(sizehint)
         with _translate(f"receive from {self.peer}"):
@@ -453,7 +472,7 @@ class FileChannel(Channel):
             i = _advance(views, i, n)
         return total
 
-    async def receive_into(self, decoder: StreamDecoder, sizehint: int = FILE_CHUNK_BYTES) -> int:
+    async def receive_into(self, decoder: BufferedReceiver, sizehint: int = FILE_CHUNK_BYTES) -> int:
         self._check_open(write=False)
         view = decoder.get_buffer(sizehint)
         with _translate(f"read from {self.path}"):

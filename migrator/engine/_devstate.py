@@ -25,6 +25,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 from memory import TARGET_PAGE_SIZE
 from memory.kvm.real import VCPUStateError, validate_vcpu_states
@@ -35,7 +36,7 @@ from transport import RemoteProtocolError
 
 from ._machine import SMP_MAX
 
-__all__ = ["DeviceStateError", "ValidDeviceState", "validate_device_state"]
+__all__ = ["DeviceStateError", "ValidDeviceState", "pack_device_state", "validate_device_state"]
 
 #: our device section's largest sane payload (the decoder allows 64 MiB)
 MAX_SIM_STATE_BYTES = 64 << 10
@@ -61,8 +62,18 @@ _WORKLOAD_FIELDS = {
 assert set(_WORKLOAD_FIELDS) == set(WORKLOADS)
 
 
+def pack_device_state(running: bool, vcpu_state: bytes) -> bytes:
+    """Our device section's payload: one JSON line (the source's run state, the
+    role QEMU's "globalstate" section plays), then the vCPU controller's blob."""
+    return json.dumps({"running": bool(running)}).encode() + b"\n" + vcpu_state
+
+
 class DeviceStateError(RemoteProtocolError):
     """The device section is malformed or does not fit this VM."""
+
+
+#: builds the error for one detail (with the section's stream offset)
+_Fail = Callable[[str], DeviceStateError]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,13 +117,13 @@ def validate_device_state(payload: bytes, *, offset: int, accel: str, npages: in
 
 
 # -- helpers -------------------------------------------------------------------
-def _strict_json(raw: bytes, fail, what: str):
+def _strict_json(raw: bytes, fail: _Fail, what: str) -> Any:
     """JSON without NaN/Infinity, duplicate keys or invalid UTF-8."""
-    def no_constant(name):
+    def no_constant(name: str) -> NoReturn:
         raise ValueError(f"{name} is not a number JSON allows")
 
-    def no_duplicates(pairs):
-        out = {}
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for key, value in pairs:
             if key in out:
                 raise ValueError(f"duplicate key {key!r}")
@@ -125,7 +136,7 @@ def _strict_json(raw: bytes, fail, what: str):
         raise fail(f"{what} is not valid JSON: {str(exc)[:120]}") from None
 
 
-def _int(value, lo: int, hi: int, what: str, fail) -> int:
+def _int(value: Any, lo: int, hi: int, what: str, fail: _Fail) -> int:
     if type(value) is not int:  # bool is an int subclass: refuse it too
         raise fail(f"{what} must be an integer, not {type(value).__name__} {str(value)[:40]!r}")
     if not lo <= value <= hi:
@@ -133,7 +144,7 @@ def _int(value, lo: int, hi: int, what: str, fail) -> int:
     return value
 
 
-def _keys(obj, required: frozenset[str] | set[str], what: str, fail) -> dict:
+def _keys(obj: Any, required: frozenset[str] | set[str], what: str, fail: _Fail) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise fail(f"{what} must be an object, not {type(obj).__name__}")
     if set(obj) != set(required):
@@ -144,7 +155,7 @@ def _keys(obj, required: frozenset[str] | set[str], what: str, fail) -> dict:
 
 
 # -- the simulated vCPU (memory/kvm/sim/sim_vcpu.py) --------------------------------
-def _check_sim(blob: bytes, fail, *, npages: int, nvcpus: int) -> None:
+def _check_sim(blob: bytes, fail: _Fail, *, npages: int, nvcpus: int) -> None:
     """:meth:`memory.kvm.sim.SimVCPUs.save_state`: ``kind``, ``smp``, ``rate``
     and one workload state per vCPU, each over its own page range
     (:func:`memory.kvm.sim.vcpu_range`)."""
@@ -172,7 +183,7 @@ def _check_sim(blob: bytes, fail, *, npages: int, nvcpus: int) -> None:
         _check_sim_workload(wl, fail, share=hi - lo, gfn_base=lo, what=f"vCPU {v}")
 
 
-def _check_sim_workload(wl, fail, *, share: int, gfn_base: int, what: str) -> None:
+def _check_sim_workload(wl: Any, fail: _Fail, *, share: int, gfn_base: int, what: str) -> None:
     name = wl.get("name") if isinstance(wl, dict) else None
     if not isinstance(name, str) or name not in _WORKLOAD_FIELDS:
         raise fail(f"{what}: unknown workload {str(name)[:40]!r}")
@@ -192,7 +203,7 @@ def _check_sim_workload(wl, fail, *, share: int, gfn_base: int, what: str) -> No
         _int(wl["cursor"], 0, ws - 1, f"{what} stream cursor", fail)
 
 
-def _check_pcg64(rng, fail) -> None:
+def _check_pcg64(rng: Any, fail: _Fail) -> None:
     rng = _keys(rng, {"bit_generator", "state", "has_uint32", "uinteger"}, "rng state", fail)
     if rng["bit_generator"] != "PCG64":
         raise fail(f"rng bit_generator {str(rng['bit_generator'])[:40]!r} is not PCG64")
@@ -204,7 +215,7 @@ def _check_pcg64(rng, fail) -> None:
 
 
 # -- the real KVM vCPUs (memory/kvm/real) ---------------------------------------------
-def _check_kvm(blob: bytes, fail: Callable[[str], DeviceStateError], *, nvcpus: int) -> None:
+def _check_kvm(blob: bytes, fail: _Fail, *, nvcpus: int) -> None:
     try:
         validate_vcpu_states(blob, nvcpus)
     except VCPUStateError as exc:

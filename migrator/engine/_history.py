@@ -55,16 +55,22 @@ Which number is which (the engine knows exact figures; QEMU's
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
 
 HISTORY_SCHEMA_VERSION = 1
 
+#: a JSON object as json.loads returns it
+JSON = dict[str, Any]
 
-def _to_json(obj) -> dict:
-    return {f.name.replace("_", "-"): v for f, v in zip(fields(obj), asdict(obj).values())}
+_R = TypeVar("_R", bound="_Record")
 
 
-def _from_json(cls, data: dict):
-    names = {f.name for f in fields(cls)}
+def _to_json(obj: Any) -> JSON:
+    return {f.name.replace("_", "-"): v for f, v in zip(fields(obj), asdict(obj).values(), strict=True)}
+
+
+def _from_json(cls: type[_R], data: JSON) -> _R:
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]  # every _Record subclass is a dataclass
     kwargs = {}
     for key, value in data.items():
         name = key.replace("-", "_")
@@ -76,11 +82,11 @@ def _from_json(cls, data: dict):
 class _Record:
     """JSON with QAPI-style hyphenated keys; unknown keys are ignored on load."""
 
-    def to_json(self) -> dict:
+    def to_json(self) -> JSON:
         return _to_json(self)
 
     @classmethod
-    def from_json(cls, data: dict):
+    def from_json(cls: type[_R], data: JSON) -> _R:
         return _from_json(cls, data)
 
 
@@ -189,7 +195,7 @@ class DestinationTimeline(_Record):
 class MigrationHistory:
     label: str = ""
     status: str = "none"
-    setup: dict = field(default_factory=dict)
+    setup: JSON = field(default_factory=dict)
     iterations: list[IterationRecord] = field(default_factory=list)
     downtime: DowntimeBreakdown | None = None
     total_time_ms: float | None = None
@@ -198,7 +204,7 @@ class MigrationHistory:
     destination: DestinationTimeline | None = None
     start_unix_ms: float | None = None
 
-    def to_json(self) -> dict:
+    def to_json(self) -> JSON:
         return {
             "schema": HISTORY_SCHEMA_VERSION,
             "label": self.label,
@@ -215,7 +221,7 @@ class MigrationHistory:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> "MigrationHistory":
+    def from_json(cls, data: JSON) -> MigrationHistory:
         if data.get("schema") != HISTORY_SCHEMA_VERSION:
             raise ValueError(f"unsupported history schema {data.get('schema')!r}")
         return cls(

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from typing import TYPE_CHECKING
-
-from memory import MemoryRegion, RAMBlock
+from memory.kvm.sim.sim_vcpu import SimVCPUs
 
 if TYPE_CHECKING:
+    from memory.kvm import RealKVM, RealVCPUs, SimKVM
+
     from ._seams import VCPUController
+
+from memory import MemoryRegion, RAMBlock
 
 #: multipliers of qemu_strtosz's one-letter suffixes (binary: K is 1024)
 _SIZE_SUFFIX = {"B": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
@@ -70,7 +73,7 @@ def parse_size(text: str, *, default_suffix: str = "B") -> int:
     if fraction.strip("0") and shift == 0:
         raise ValueError(f"invalid size {text!r}: a fraction of a byte")
     # exact arithmetic: integral << shift plus the fraction's share, truncated
-    value = (int(integral) << shift) + ((int(fraction or "0") << shift) // 10 ** len(fraction))
+    value = (int(integral) << shift) + ((int(fraction or "0") << shift) // int(10 ** len(fraction)))
     if value >= SIZE_LIMIT:
         raise ValueError(f"invalid size {text!r}: too large (at most {SIZE_LIMIT - 1} bytes)")
     return value
@@ -185,7 +188,7 @@ class Machine:
     vcpus: VCPUController
 
     def __init__(self, *, memory_bytes: int, accel: AccelConfig, workload: str = "idle",
-                 workload_opts: dict | None = None, prefault: bool = False,
+                 workload_opts: dict[str, Any] | None = None, prefault: bool = False,
                  serial_path: str | None = None, destination: bool = False, smp: int = 1) -> None:
         from memory import MemorySystem
         from memory.kvm import KVMMemoryListener
@@ -202,7 +205,12 @@ class Machine:
         accel.smp = self.smp
         self.ms = MemorySystem()
         self.ram_mr = self.ms.memory_region_init_ram(self.RAM_IDSTR, memory_bytes)
-        self.ram_block: RAMBlock = self.ram_mr.ram_block
+        block = self.ram_mr.ram_block
+        assert block is not None  # a RAM region has its block
+        self.ram_block: RAMBlock = block
+        self.kvm: SimKVM | RealKVM
+        self.vcpus: SimVCPUs | RealVCPUs
+        self._dirty_ring = False
         if prefault:
             self.ram_block.prefault()
         if accel.kind == "sim":
@@ -211,9 +219,9 @@ class Machine:
             self._init_kvm(serial_path)
         self.kvm_listener = KVMMemoryListener(
             self.ms, self.kvm, write_protect_all=self._wp_all, manual_protect=self._manual,
-            **self._listener_extra)
-        if self._listener_extra.get("dirty_ring") and accel.kind == "sim":
-            self._sim_vcpus.on_ring_full = self.kvm_listener._dirty_ring_reap
+            dirty_ring=self._dirty_ring)
+        if self._dirty_ring and isinstance(self.vcpus, SimVCPUs):
+            self.vcpus.on_ring_full = self.kvm_listener._dirty_ring_reap
         self.ms.memory_listener_register(self.kvm_listener, self.ms.address_space_memory)
         self.ms.memory_region_transaction_begin()
         self.ms.system_memory.add_subregion(0, self.ram_mr)
@@ -222,7 +230,7 @@ class Machine:
     def _init_sim(self) -> None:
         from memory.kvm import SimKVM
         from memory.kvm.sim._sim_shm import Params
-        from memory.kvm.sim.sim_vcpu import DEFAULT_FAULT_COST, FAULT_COSTS, SimVCPUs
+        from memory.kvm.sim.sim_vcpu import DEFAULT_FAULT_COST, FAULT_COSTS
 
         a = self.accel
         npages = self.memory_bytes >> 12
@@ -231,16 +239,15 @@ class Machine:
         params = Params(nr_vcpus=self.smp, l1_rows=4 * (npages // 512) + 1024, l2_rows=4 * (npages >> 18) + 256,
                         l3_rows=64, arena_bytes=4 * npages + (1 << 24),
                         ring_entries=a.dirty_ring_size if ring else 0)
-        self.kvm = SimKVM(pml=a.pml, nr_vcpus=self.smp, params=params)
+        self.kvm = kvm = SimKVM(pml=a.pml, nr_vcpus=self.smp, params=params)
         self._wp_all = False if ring else a.write_protect_all
         self._manual = False if ring else a.manual_protect
-        self._listener_extra = {}
+        self._dirty_ring = ring
         if ring:
             # as with real KVM: the ring before any vCPU (and memslot)
-            self.kvm.enable_dirty_ring(a.dirty_ring_size)
-            self._listener_extra = {"dirty_ring": True}
+            kvm.enable_dirty_ring(a.dirty_ring_size)
         cost = a.fault_cost if a.fault_cost is not None else FAULT_COSTS[DEFAULT_FAULT_COST]
-        self.vcpus = self._sim_vcpus = SimVCPUs(self.kvm, self.ram_block, self.workload_name, smp=self.smp,
+        self.vcpus = SimVCPUs(kvm, self.ram_block, self.workload_name, smp=self.smp,
                               seed=self.workload_opts.get("seed", 0), rate=self.workload_opts.get("rate"),
                               fault_cost=cost)
 
@@ -259,19 +266,19 @@ class Machine:
         a = self.accel
         if self.smp > LAYOUT["VCPU_MAX"]:
             raise ValueError(f"--smp {self.smp}: the kvm test guests have room for at most {LAYOUT['VCPU_MAX']} vCPUs")
-        self.kvm = RealKVM()
+        self.kvm = kvm = RealKVM()
         if a.dirty_log == "ring":
-            self.kvm.enable_dirty_ring(a.dirty_ring_size)
+            kvm.enable_dirty_ring(a.dirty_ring_size)
         self._wp_all = False
         self._manual = a.dirty_log == "clear"
-        self._listener_extra = {"dirty_ring": a.dirty_log == "ring"}
+        self._dirty_ring = a.dirty_log == "ring"
         program = self.workload_name if self.workload_name in ("ab", "selftest") else "ab"
         # --smp N: N vCPU threads; the ab guest splits its data range per vCPU
         try:
-            vcpus, _entry = create_vcpus(self.kvm, self.smp, ram=self.ram_block,
+            vcpus, _entry = create_vcpus(kvm, self.smp, ram=self.ram_block,
                                          program=None if self.destination else program)
         except BaseException:
-            self.kvm.close()
+            kvm.close()
             raise
         self.vcpus = RealVCPUs(vcpus, program=program, ram=self.ram_block, serial_path=serial_path)
 

@@ -56,17 +56,27 @@ import contextlib
 import errno
 import os
 import socket
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import trio
 
 from transport import ProtocolError, RemoteProtocolError
 from transport import _multifd as mf
-from transport.channel import _advance  # the shared partial-iovec helper
+from transport import _wire as w
+from transport.channel import SocketChannel, _advance  # the shared partial-iovec helper
 from transport.errors import ChannelError
 
 from ..errors import MigrationError
+
+if TYPE_CHECKING:
+    import zstandard
+
+    from transport import Channel, ChannelListener
+
+    from ._ram import RAMLoadState
 
 __all__ = ["MultifdReceiver", "MultifdSender", "accept_channels", "connect_channels"]
 
@@ -90,7 +100,8 @@ def _runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _page_views(pages: np.ndarray, idx: np.ndarray) -> list[memoryview]:
     """Views of guest RAM for ``idx`` (ascending), one per run of consecutive pages."""
     starts, ends = _runs(idx)
-    return [memoryview(pages[idx[a]:idx[a] + (b - a)]).cast("B") for a, b in zip(starts.tolist(), ends.tolist())]
+    return [w.byte_view(pages[idx[a]:idx[a] + (b - a)]).cast("B")
+            for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
 
 
 def _sendmsg_all(sock: socket.socket, views: list[memoryview]) -> int:
@@ -122,7 +133,7 @@ def _set_buffers(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
 
 
-def _compressor(compression: str, level: int):
+def _compressor(compression: str, level: int) -> zstandard.ZstdCompressionObj | None:
     if compression == "none":
         return None
     if compression == "zstd":
@@ -178,6 +189,7 @@ class _SendChannel:
             data: list[memoryview] = []
             size = 0
             if n:
+                assert job.pages is not None  # only a bare SYNC has no pages, and no indices
                 flags |= self.flag
                 if self.cobj is None:
                     data = _page_views(job.pages, idx)  # guest RAM itself: no user-space copy
@@ -185,9 +197,11 @@ class _SendChannel:
                 else:
                     import zstandard
 
+                    assert self.scratch is not None  # allocated with the compressor
                     buf = self.scratch[:n]
                     np.take(job.pages, idx, axis=0, out=buf, mode="clip")  # one read of guest RAM
-                    out = self.cobj.compress(buf) + self.cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+                    out = (self.cobj.compress(w.byte_view(buf.reshape(-1)))
+                           + self.cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
                     data = [memoryview(out)]
                     size = len(out)
             offsets = idx.astype(np.uint64) << np.uint64(self.shift)
@@ -213,7 +227,7 @@ class MultifdSender:
     """
 
     def __init__(self, socks: list[socket.socket], *, compression: str, level: int, page_size: int,
-                 on_sent=None) -> None:
+                 on_sent: Callable[[int], None] | None = None) -> None:
         self._on_sent = on_sent  # called with the bytes of each packet once written
         self.channels = [_SendChannel(s, i, compression=compression, level=level, page_size=page_size)
                          for i, s in enumerate(socks)]
@@ -268,7 +282,7 @@ class MultifdSender:
 
 @contextlib.asynccontextmanager
 async def multifd_sender(socks: list[socket.socket], *, compression: str, level: int, page_size: int,
-                         on_sent=None):
+                         on_sent: Callable[[int], None] | None = None) -> AsyncIterator[MultifdSender]:
     """Run a :class:`MultifdSender` over ``socks`` for the body of the ``async with``.
 
     On a normal exit the channels write what is queued and stop; on an error
@@ -325,7 +339,7 @@ class _RecvChannel:
         self.shift = page_size.bit_length() - 1
         self.flag = mf.COMPRESSION_FLAGS[compression]
         self.header = bytearray(mf.packet_header_bytes(page_size))
-        self.dobj = None
+        self.dobj: zstandard.ZstdDecompressionObj | None = None
         if compression == "zstd":
             import zstandard
 
@@ -333,7 +347,7 @@ class _RecvChannel:
         self.packets = 0
         self.pages = 0
 
-    def recv_many_blocking(self, ram) -> mf.PacketHeader | None:
+    def recv_many_blocking(self, ram: RAMLoadState) -> mf.PacketHeader | None:
         """Runs in a worker thread: packets until a SYNC (returned), EOF (None)
         or RECV_PACKETS of them (the last header): one thread hand-off per
         many packets."""
@@ -343,7 +357,7 @@ class _RecvChannel:
                 return hdr
         return hdr
 
-    def recv_blocking(self, ram) -> mf.PacketHeader | None:
+    def recv_blocking(self, ram: RAMLoadState) -> mf.PacketHeader | None:
         """Runs in a worker thread: one packet into guest RAM; None at a clean EOF."""
         got = _recv_exact_into(self.sock, [memoryview(self.header)])
         if got == 0:
@@ -367,7 +381,7 @@ class _RecvChannel:
                     raise RemoteProtocolError(f"multifd channel {self.cid}: EOF inside packet data", 0)
             else:  # offsets out of order or repeated: read to a buffer, then place in order
                 buf = np.empty((n, ps), dtype=np.uint8)
-                if _recv_exact_into(self.sock, [memoryview(buf).cast("B")]) != n * ps:
+                if _recv_exact_into(self.sock, [w.byte_view(buf).cast("B")]) != n * ps:
                     raise RemoteProtocolError(f"multifd channel {self.cid}: EOF inside packet data", 0)
                 block.pages[idx] = buf  # numpy applies repeats in order: the last copy wins
         else:
@@ -387,7 +401,8 @@ class _RecvChannel:
 class MultifdReceiver:
     """The destination's N channels; ``sync()`` at every EOS of the main channel."""
 
-    def __init__(self, socks: list[socket.socket], ram, *, compression: str, page_size: int) -> None:
+    def __init__(self, socks: list[socket.socket], ram: RAMLoadState, *, compression: str,
+                 page_size: int) -> None:
         self.channels = [_RecvChannel(s, i, compression=compression, page_size=page_size)
                          for i, s in enumerate(socks)]
         self.ram = ram
@@ -397,7 +412,7 @@ class MultifdReceiver:
         self._failed_event = trio.Event()
         self.bytes_received = 0
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run every channel until it reaches EOF (or fails: then raise)."""
         try:
             async with trio.open_nursery() as nursery:
@@ -426,7 +441,7 @@ class MultifdReceiver:
         for _ in self.channels:
             with trio.CancelScope() as scope:
                 async with trio.open_nursery() as n:
-                    async def fail_watch():
+                    async def fail_watch() -> None:
                         await self._failed_event.wait()
                         scope.cancel()
                     n.start_soon(fail_watch)
@@ -444,7 +459,7 @@ class MultifdReceiver:
             ch.sock.close()
 
 
-async def accept_channels(listener, n: int) -> tuple:
+async def accept_channels(listener: ChannelListener, n: int) -> tuple[Channel, list[socket.socket]]:
     """Accept the main channel and N multifd channels on one listener, told apart
     by their first 4 bytes (QEMU >= 8.0 does the same; 7.2 connects the main
     channel first, so both orders work).  Returns ``(main, [sockets by id])``."""
@@ -453,6 +468,9 @@ async def accept_channels(listener, n: int) -> tuple:
     try:
         while main is None or len(socks) < n:
             chan = await listener.accept(keep_listening=True)
+            if not isinstance(chan, SocketChannel):  # listen_channel gives sockets for tcp:/unix:
+                await chan.aclose()
+                raise MigrationError("multifd needs a tcp: or unix: incoming URI")
             magic = await chan.peek(4)
             if magic == mf.MAIN_MAGIC.to_bytes(4, "big") and main is None:
                 main = chan

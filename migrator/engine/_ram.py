@@ -40,10 +40,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from memory import TARGET_PAGE_BITS, TARGET_PAGE_SIZE
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from numpy.typing import NDArray
+
+    from memory import MemoryRegion, MemorySystem, RAMBlock
 
 _ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -58,7 +66,7 @@ class SyncResult:
 
 
 class _BlockState:
-    def __init__(self, block, mr, clear_bitmap_shift: int) -> None:
+    def __init__(self, block: RAMBlock, mr: MemoryRegion, clear_bitmap_shift: int) -> None:
         self.block = block
         self.mr = mr
         npages = block.npages
@@ -80,7 +88,8 @@ class _BlockState:
 class RAMSaveState:
     """The source's view of which pages still have to be sent."""
 
-    def __init__(self, ms, blocks, *, clear_bitmap_shift: int = 18, log_keeps_bits: bool = False) -> None:
+    def __init__(self, ms: MemorySystem, blocks: Iterable[tuple[RAMBlock, MemoryRegion]], *,
+                 clear_bitmap_shift: int = 18, log_keeps_bits: bool = False) -> None:
         from memory import DIRTY_MEMORY_MIGRATION
 
         self.ms = ms
@@ -155,10 +164,10 @@ class RAMSaveState:
 
     @property
     def pending_bytes(self) -> int:
-        return self.migration_dirty_pages * TARGET_PAGE_SIZE
+        return int(self.migration_dirty_pages) * TARGET_PAGE_SIZE
 
     # -- find and test-and-clear -----------------------------------------
-    def next_batch(self, max_pages: int):
+    def next_batch(self, max_pages: int) -> tuple[RAMBlock, NDArray[np.intp]] | None:
         """Next dirty pages: ``(block, page_indices)`` or None if all clean.
 
         Takes whole bitmap words (64 pages) from the cursor until at least
@@ -180,7 +189,7 @@ class RAMSaveState:
 
     _WINDOW_WORDS = 4096
 
-    def _take_from_block(self, bs: _BlockState, max_pages: int):
+    def _take_from_block(self, bs: _BlockState, max_pages: int) -> NDArray[np.intp] | None:
         bmap = bs.bmap
         start = bs.cursor_word
         k = (max_pages + 63) // 64
@@ -239,7 +248,8 @@ class RAMSaveState:
 class RAMLoadState:
     """Destination: validate the block list and store incoming pages."""
 
-    def __init__(self, blocks, *, fresh: bool = True) -> None:
+    def __init__(self, blocks: Iterable[RAMBlock], *, fresh: bool = True) -> None:
+        blocks = list(blocks)
         self.blocks = {b.idstr: b for b in blocks}
         self.seen_mem_size = False
         self.normal_pages = 0
@@ -261,7 +271,7 @@ class RAMLoadState:
         self.written[idstr][idx] = True
         self.normal_pages += int(idx.size)
 
-    def mem_size(self, blocks: tuple) -> None:
+    def mem_size(self, blocks: Iterable[tuple[str, int]]) -> None:
         from ..errors import MigrationError
 
         for idstr, length in blocks:
@@ -273,7 +283,7 @@ class RAMLoadState:
                     f"Length mismatch: {idstr}: 0x{length:x} in != 0x{mine.used_length:x}")
         self.seen_mem_size = True
 
-    def _block(self, idstr: str):
+    def _block(self, idstr: str) -> RAMBlock:
         from ..errors import MigrationError
 
         block = self.blocks.get(idstr)

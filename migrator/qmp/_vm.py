@@ -17,7 +17,7 @@ import trio
 from memory import GLOBAL_DIRTY_DIRTY_RATE, TARGET_PAGE_SIZE, Cause
 from memory.kvm import kvm_statistics_dict
 
-from ..engine._engine import IncomingMigration, OutgoingMigration
+from ..engine import IncomingMigration, OutgoingMigration
 from ..engine._history import MigrationHistory
 from ..engine._machine import AccelConfig, Machine
 from ..engine._qemu_devices import QemuDeviceState
@@ -380,8 +380,8 @@ class VM:
                 info["cpu-throttle-percentage"] = c.cpu_throttle_percentage
         if status is S.FAILED and c.error_desc:
             info["error-desc"] = c.error_desc
-        if mig._handover_note:
-            info["x-handover"] = mig._handover_note
+        if mig.owner.note:
+            info["x-handover"] = mig.owner.note
         return info
 
     async def qmp_pmemsave(self, val: int, size: int, filename: str, cpu_index: int | None = None) -> dict[str, Any]:

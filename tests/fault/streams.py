@@ -18,11 +18,11 @@ import json
 import numpy as np
 import trio
 
-from migrator.engine._engine import (DEVICE_SECTION, DEVICE_SECTION_VERSION, MACHINE_NAME, RAM_SECTION,
-                              RAM_SECTION_VERSION, pack_device_state)
+from migrator.engine._devstate import pack_device_state
 from migrator.engine._machine import parse_accel
 from migrator.qmp._vm import VM
-from transport import StreamEncoder
+from transport import (MACHINE_NAME, RAM_SECTION_IDSTR, RAM_SECTION_VERSION, VCPU_SECTION_IDSTR,
+                       VCPU_SECTION_VERSION, StreamEncoder)
 
 MEMORY = 2 << 20  # ab needs more than 1 MiB
 
@@ -74,7 +74,7 @@ def build_stream(device: bytes | None, *, memory: int = MEMORY, seed: int = 1) -
     out += enc.header() + enc.configuration(MACHINE_NAME)
     regions["header"] = 0
     regions["ram-start"] = len(out)
-    out += (enc.section_start(1, RAM_SECTION, 0, RAM_SECTION_VERSION) + enc.ram_mem_size([("ram", memory)])
+    out += (enc.section_start(1, RAM_SECTION_IDSTR, 0, RAM_SECTION_VERSION) + enc.ram_mem_size([("ram", memory)])
             + enc.eos() + enc.section_footer(1))
     out += enc.section_end(1)
     regions["pages"] = len(out)
@@ -84,7 +84,7 @@ def build_stream(device: bytes | None, *, memory: int = MEMORY, seed: int = 1) -
     out += enc.eos() + enc.section_footer(1)
     if device is not None:
         regions["device"] = len(out)
-        out += enc.section_full(2, DEVICE_SECTION, 0, DEVICE_SECTION_VERSION) + enc.device_state(device)
+        out += enc.section_full(2, VCPU_SECTION_IDSTR, 0, VCPU_SECTION_VERSION) + enc.device_state(device)
         regions["device-footer"] = len(out)
         out += enc.section_footer(2)
     regions["eof"] = len(out)

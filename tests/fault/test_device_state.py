@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from memory.kvm.real import VCPUStateError, validate_vcpu_states
 from memory.kvm.real.vcpu import encode_vcpu_states
 from migrator.engine._devstate import KVM_STATE_MAGIC, KVM_STATE_SECTIONS, DeviceStateError, validate_device_state
-from migrator.engine._engine import pack_device_state
+from migrator.engine._devstate import pack_device_state
 from migrator.engine._status import MigrationStatus as S
 from transport import ProtocolError, encode_shut
 
@@ -173,7 +173,7 @@ def test_kvm_state_encoder_round_trips_through_the_validator():
 # -- through the real destination path ----------------------------------------------
 async def _deliver(vm, payload: bytes):
     """Feed a whole stream with ``payload`` as device section to ``vm``'s incoming."""
-    from migrator.engine._engine import IncomingMigration
+    from migrator.engine import IncomingMigration
 
     stream, regions = build_stream(payload)
     vm.state.goto(S.SETUP)
@@ -264,7 +264,7 @@ async def test_device_section_fuzz_through_the_destination():
     """3000 structured mutants through IncomingMigration.process: each is
     either rejected (failed, paused, SHUT(1), a ProtocolError-family cause)
     or a state the guest really runs from."""
-    from migrator.engine._engine import IncomingMigration
+    from migrator.engine import IncomingMigration
 
     vm = destination_vm(start_paused=True)
     counts = {"rejected": 0, "accepted": 0}

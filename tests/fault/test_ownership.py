@@ -17,7 +17,7 @@ import trio.testing
 
 from memory import GLOBAL_DIRTY_MIGRATION
 from memory.kvm.linux_kvm import KVM_MEM_LOG_DIRTY_PAGES
-from migrator.engine._engine import IncomingMigration, OutgoingMigration
+from migrator.engine import IncomingMigration, OutgoingMigration
 from migrator.engine._status import MigrationStatus as S
 from transport import (MIG_CMD_X_GO, MIG_CMD_X_NOGO, NEED_DATA, Message, MessageDecoder,
                        StreamDecoder, VMDescription, encode_go, encode_loaded, encode_nogo, encode_shut)
@@ -111,6 +111,22 @@ async def test_destination_without_go_stays_paused_until_the_operator_decides(en
         assert chan.sent == [encode_loaded(len(stream))]
         await vm.qmp_cont()  # the operator decided: the state is complete and valid
         assert vm.vcpus.running
+
+
+@pytest.mark.parametrize("handover", [False, True])
+async def test_destination_of_a_stock_qemu_stream_runs_at_eof_and_sends_nothing(handover):
+    """A RAM-only stream (x-ram-only) is for a stock QEMU, which opens no return
+    path: its source waits for nothing, so even with x-handover the destination
+    must not wait for a GO that never comes, and has nobody to send SHUT to."""
+    async with vcpus_running(destination_vm(memory=SMALL, handover=handover)) as vm:
+        vm.options.parameters = vm.params.apply(x_return_path_timeout=100)
+        stream, _ = build_stream(None, memory=SMALL)
+        chan = FakeChannel(stream, close=False)
+        inc = _incoming(vm)
+        with trio.fail_after(10):
+            await inc.process(chan)
+        assert vm.state.status is S.COMPLETED and vm.vcpus.running, inc.error_desc
+        assert chan.sent == [] and inc.handover == "" and not inc.undecided
 
 
 async def test_destination_told_nogo_never_runs():

@@ -49,7 +49,6 @@ MAX_MODULE_LINES = 650
 #: whose module is gone, fails test_oversized_allowlist_is_current).
 OVERSIZED_ALLOWLIST = {
     "memory/kvm/sim/simulated.py",
-    "migrator/engine/_engine.py",
 }
 
 

@@ -122,6 +122,20 @@ def test_greeting_must_come_first_and_only_once():
         conn.send(Greeting())
 
 
+def test_one_local_protocol_error_for_qmp_and_the_stream():
+    """The QMP connection's misuse error is transport's too (one class
+    family), a MigratorError, and keeps its own wording."""
+    import transport
+    from migrator.errors import MigratorError
+
+    conn = QMPConnection()
+    with pytest.raises(transport.LocalProtocolError) as info:
+        conn.next_event()
+    assert isinstance(info.value, MigratorError) and isinstance(info.value, LocalProtocolError)
+    assert str(info.value) == "the greeting must be sent before reading requests"
+    assert issubclass(LocalProtocolError, transport.ProtocolError)
+
+
 def test_concatenated_requests_without_newlines():
     assert b"\n" not in STREAM  # a line-based reader would never see the first request
     conn = greeted()

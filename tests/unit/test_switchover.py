@@ -69,69 +69,76 @@ async def test_avail_switchover_bandwidth_sets_the_threshold(tmp_path):
 
 
 def _decider(*, predictive: bool, threshold: int, limit: int = 300, throughputs=(), avail: int = 0,
-             vcpus=None):
-    """An OutgoingMigration holding only what the switchover test reads."""
-    from migrator.engine._engine import MigrationCounters, OutgoingMigration
+             stop_ns=lambda: 0):
+    """The switchover model, holding only what the switchover test reads."""
+    from migrator.engine._counters import MigrationCounters
+    from migrator.engine._switchover import SwitchoverModel
     from migrator.qmp._params import MigrationParameters
 
     params = MigrationParameters().apply(downtime_limit=limit, x_predictive_switchover=predictive,
                                          avail_switchover_bandwidth=avail)
-    vm = type("StubVM", (), {"params": params, "caps": None, **({"vcpus": vcpus} if vcpus else {})})()
-    mig = OutgoingMigration(vm, "file:/nonexistent")
-    mig.counters = MigrationCounters(threshold_bytes=threshold)
+    model = SwitchoverModel(lambda: params, MigrationCounters(threshold_bytes=threshold), stop_ns)
     for t in throughputs:
-        mig._throughputs.append((t, True))
-    return mig
+        model.throughputs.append((t, True))
+    return model
 
 
 def test_qemu_rule_is_strictly_below_the_threshold():
     mig = _decider(predictive=False, threshold=1000 * 4096)
-    assert mig._fits(999 * 4096, None) and mig._fits(0, None)
-    assert not mig._fits(1000 * 4096, None)  # QEMU: pending_size < threshold_size
-    assert not mig._fits(1001 * 4096, None)
-    assert mig._may_sync(1000 * 4096) and not mig._may_sync(1001 * 4096)  # must_precopy <= threshold
+    assert mig.fits(999 * 4096, None) and mig.fits(0, None)
+    assert not mig.fits(1000 * 4096, None)  # QEMU: pending_size < threshold_size
+    assert not mig.fits(1001 * 4096, None)
+    assert mig.may_sync(1000 * 4096) and not mig.may_sync(1001 * 4096)  # must_precopy <= threshold
 
 
 def test_predictive_rule_wants_headroom_unless_stalled():
     gbps = 1e9  # 1 GB/s: 100 MB of pages take ~100 ms, plus ~7 ms of tail
     mig = _decider(predictive=True, threshold=0, throughputs=[gbps] * 5)
     mb = 1_000_000 // 4096 * 4096
-    assert mig._predict_downtime(200 * mb).total_ms == pytest.approx(200 * 1.002 + 4.19 + 3, rel=0.01)
-    assert mig._fits(150 * mb, None)  # ~158 ms <= 0.75 x 300
-    assert not mig._fits(250 * mb, 400 * mb)  # ~258 ms: fits the limit, but the pass still drains
-    assert mig._fits(250 * mb, 260 * mb)  # ... stalled (shrank < 10 %): waiting would not help
-    assert not mig._fits(350 * mb, 360 * mb)  # ~360 ms: over the limit, stalled or not
-    assert mig._may_sync(250 * mb) and not mig._may_sync(350 * mb)
-    assert not _decider(predictive=True, threshold=0)._fits(mb, None)  # nothing measured yet
+    assert mig.predict(200 * mb).total_ms == pytest.approx(200 * 1.002 + 4.19 + 3, rel=0.01)
+    assert mig.fits(150 * mb, None)  # ~158 ms <= 0.75 x 300
+    assert not mig.fits(250 * mb, 400 * mb)  # ~258 ms: fits the limit, but the pass still drains
+    assert mig.fits(250 * mb, 260 * mb)  # ... stalled (shrank < 10 %): waiting would not help
+    assert not mig.fits(350 * mb, 360 * mb)  # ~360 ms: over the limit, stalled or not
+    assert mig.may_sync(250 * mb) and not mig.may_sync(350 * mb)
+    assert not _decider(predictive=True, threshold=0).fits(mb, None)  # nothing measured yet
     # avail-switchover-bandwidth is trusted over the measurement
     slow = _decider(predictive=True, threshold=0, throughputs=[gbps], avail=100_000_000)
-    assert slow._predict_downtime(10 * mb).throughput_bytes_per_s == 100_000_000
+    assert slow.predict(10 * mb).throughput_bytes_per_s == 100_000_000
 
 
 def test_prediction_includes_the_vcpu_controllers_expected_stop():
-    class Vcpus:
-        running = True
-
-        def expected_stop_ns(self) -> int:
-            return 40_000_000  # a 40 ms stop (e.g. a vCPU slow to leave a long exit)
-
     mb = 1_000_000 // 4096 * 4096
-    base = _decider(predictive=True, threshold=0, throughputs=[1e9] * 5)._predict_downtime(200 * mb)
-    assert base.stop_vcpus_ms == 0  # a controller that cannot tell: no term
-    vcpus = Vcpus()
-    mig = _decider(predictive=True, threshold=0, limit=300, throughputs=[1e9] * 5, vcpus=vcpus)
-    pred = mig._predict_downtime(200 * mb)
+    base = _decider(predictive=True, threshold=0, throughputs=[1e9] * 5).predict(200 * mb)
+    assert base.stop_vcpus_ms == 0  # nothing to stop: no term
+    mig = _decider(predictive=True, threshold=0, limit=300, throughputs=[1e9] * 5,
+                   stop_ns=lambda: 40_000_000)  # a 40 ms stop (e.g. a vCPU slow to leave a long exit)
+    pred = mig.predict(200 * mb)
     assert pred.stop_vcpus_ms == 40 and pred.total_ms == pytest.approx(base.total_ms + 40)
-    assert mig._fits(185 * mb, None) is False  # ~193 ms of copying + 40 ms of stop > 0.75 x 300
-    assert _decider(predictive=True, threshold=0, limit=300, throughputs=[1e9] * 5)._fits(185 * mb, None)
-    vcpus.running = False  # a paused guest: the stop costs nothing
-    assert mig._predict_downtime(200 * mb).stop_vcpus_ms == 0
+    assert mig.fits(185 * mb, None) is False  # ~193 ms of copying + 40 ms of stop > 0.75 x 300
+    assert _decider(predictive=True, threshold=0, limit=300, throughputs=[1e9] * 5).fits(185 * mb, None)
     # the history carries the term (older histories without it load as 0)
     from migrator.engine._history import DowntimePrediction
 
     assert pred.to_json()["stop-vcpus-ms"] == 40
     old = {k: v for k, v in pred.to_json().items() if k != "stop-vcpus-ms"}
     assert DowntimePrediction.from_json(old).stop_vcpus_ms == 0
+
+
+def test_source_asks_the_controller_for_the_stop_only_while_it_runs():
+    from migrator.engine import OutgoingMigration
+
+    class Vcpus:
+        running = True
+
+        def expected_stop_ns(self) -> int:
+            return 40_000_000
+
+    vcpus = Vcpus()
+    vm = type("StubVM", (), {"vcpus": vcpus})()
+    assert OutgoingMigration._expected_stop_ns.__get__(type("M", (), {"vm": vm})())() == 40_000_000
+    vcpus.running = False  # a paused guest: the stop costs nothing
+    assert OutgoingMigration._expected_stop_ns.__get__(type("M", (), {"vm": vm})())() == 0
 
 
 async def test_two_vcpus_recorded_live(tmp_path):
@@ -185,11 +192,10 @@ async def test_expected_downtime_starts_at_the_limit(tmp_path):
 def test_vcpu_write_rates_from_any_controller(before, after, want):
     """Per-vCPU rates from whatever the vCPU controller reports; a controller
     that does not count gives none (and never breaks the sync)."""
-    from migrator.engine._engine import OutgoingMigration
+    from migrator.engine._convergence import VcpuWriteRates
 
     answers = iter([before, after])
     vcpus = type("VCPUs", (), {"statistics": lambda self: next(answers)})()
-    vm = type("StubVM", (), {"vcpus": vcpus, "params": None, "caps": None})()
-    mig = OutgoingMigration(vm, "file:/nonexistent")
-    assert mig._vcpu_write_rates(0.0) == []  # the first sync: only the baseline
-    assert mig._vcpu_write_rates(10.0) == want  # 10 ms later
+    rates = VcpuWriteRates()
+    assert rates.sample(vcpus, 0.0) == []  # the first sync: only the baseline
+    assert rates.sample(vcpus, 10.0) == want  # 10 ms later
