@@ -38,6 +38,7 @@ from ._compare_model import GUESTS, KVM_STATS, CompareConfig, CompareError, RunR
 
 if TYPE_CHECKING:
     from memory.kvm import KVMListenerStatistics, SimKVM
+    from memory.kvm.sim.sim_vcpu import SimVCPUs
 
     from ..qmp._vm import VM
 
@@ -105,17 +106,29 @@ async def _stop_process(proc: trio.Process) -> None:
             await proc.wait()
 
 
+def _sim_parts(vm: VM) -> tuple[SimKVM, SimVCPUs]:
+    """The simulated KVM and vCPU controller the comparison drives (narrowed
+    from the VM's seams: the comparison needs the simulator's workloads)."""
+    from memory.kvm import SimKVM
+    from memory.kvm.sim.sim_vcpu import SimVCPUs
+
+    kvm, vcpus = vm.machine.kvm, vm.vcpus
+    if not isinstance(kvm, SimKVM) or not isinstance(vcpus, SimVCPUs):
+        raise CompareError(f"the comparison drives the simulated KVM, not {type(kvm).__name__}")
+    return kvm, vcpus
+
+
 def _prewrite(vm: VM) -> None:
     """The guest writes each page of its working set once (through the
     fault path: mapped, writable), before anything logs."""
     from memory.kvm.sim._sim_vcpu_proc import GREEDY_BATCH_PAGES
 
-    kvm = vm.machine.kvm
-    for v, wl in enumerate(vm.vcpus.workloads):
+    kvm, vcpus = _sim_parts(vm)
+    for v, wl in enumerate(vcpus.workloads):
         target = wl.passes + 1
         while wl.passes < target:
             wl.step(GREEDY_BATCH_PAGES, lambda g, v=v: kvm.vcpu_write(g, v))
-    vm.vcpus.set_workloads(None)  # pushes the programs' new state to the processes
+    vcpus.set_workloads(None)  # pushes the programs' new state to the processes
 
 
 def _vcpu_totals(kvm: SimKVM) -> dict[str, int]:
@@ -152,8 +165,9 @@ async def run_case(cfg: CompareConfig, guest: str, wp_all: bool, tmp: Path, *,
     accel = AccelConfig(kind="sim", write_protect_all=wp_all, manual_protect=False, smp=cfg.smp,
                         fault_cost=parse_fault_cost(cfg.fault_cost))
     vm = VM(memory_bytes=cfg.memory_bytes, accel=accel, workload="stream", start_paused=True, label=label)
+    kvm, vcpus = _sim_parts(vm)
     ws = max(1, cfg.working_set // cfg.smp)  # each vCPU writes its share of the working set
-    vm.vcpus.set_workloads(lambda pages, base: StreamWorkload(pages, gfn_base=base,
+    vcpus.set_workloads(lambda pages, base: StreamWorkload(pages, gfn_base=base,
                                                               working_set=min(ws, pages.shape[0])))
     vm.machine.workload_name = f"stream,working-set={cfg.working_set * TARGET_PAGE_SIZE >> 20}M"
     mode = vm.kvm_listener.statistics().mode
@@ -164,8 +178,6 @@ async def run_case(cfg: CompareConfig, guest: str, wp_all: bool, tmp: Path, *,
                                       cpu_throttle_initial=cfg.cpu_throttle_initial,
                                       cpu_throttle_increment=cfg.cpu_throttle_increment)
     vm.options.migrate_set_capabilities([{"capability": "auto-converge", "state": cfg.auto_converge}])
-    kvm: SimKVM = vm.machine.kvm
-    vcpus = vm.vcpus
     if kvm_hook is not None:
         kvm_hook(kvm)
     acct = CauseAccounting(kvm.ioctl_statistics, stat_names=KVM_STATS)
