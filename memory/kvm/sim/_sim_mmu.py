@@ -36,9 +36,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ._sim_shm import FAULT_ORDERS
 from ._sim_shm import H_DIR_SEQ as H_DIR_SEQ_WORD
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from numpy.typing import NDArray
 
 #: entries per table (KVM_MMU_SP_ENTRY_NR) and its log2
@@ -84,6 +87,9 @@ WP_ALL_ENABLE_MASK = 1 << WP_ALL_ENABLE_BIT
 WP_ALL_GEN_MASK = WP_ALL_ENABLE_MASK - 1
 
 _EMPTY_I64 = np.empty(0, dtype=np.int64)
+
+#: the broken push-down order (rule 6 reversed), as a fault-order code
+ORDER_UPPER_FIRST = FAULT_ORDERS.index("upper_first")
 
 
 def is_write_protect_all_enabled(indicator: int) -> bool:
@@ -351,18 +357,44 @@ class Mmu:
         first: NDArray[np.int64] | None,
         write: bool,
         indicator: int,
+        order: int = 0,
     ) -> WalkResult:
-        """Walk the upper levels for the sorted unique pages ``u``.
+        """:meth:`walk_phases` run through: the vectorised fault path's walk."""
+        out: list[WalkResult] = []
+        for _ in self.walk_phases(u, first, write, indicator, order, out):
+            pass
+        return out[0]
+
+    def walk_phases(
+        self,
+        u: NDArray[np.int64],
+        first: NDArray[np.int64] | None,
+        write: bool,
+        indicator: int,
+        order: int,
+        out: list[WalkResult],
+    ) -> Iterator[str]:
+        """Walk the upper levels for the sorted unique pages ``u``, one phase
+        per ``yield`` (the phase's name); the :class:`WalkResult` is appended
+        to ``out`` at the end.
 
         ``first[i]`` is the position of ``u[i]``'s first occurrence in the
         batch (None: the batch was ``u`` itself).  Level by level, top-down,
         over the unique entries on the batch's paths:
 
         * a missing entry: create the child table (current generation,
-          empty) and link it writable (link_shadow_page);
+          empty) and link it writable (link_shadow_page): ``link_table_lN``;
         * on a write, a read-only entry: handle_readonly_upper_spte:
-          mmu_load_shadow_page(child) first, THEN make the entry writable.
-          Reads leave read-only entries alone.
+          mmu_load_shadow_page(child) first, THEN make the entry writable
+          (one phase, ``push_down_lN``: both under mmu_lock, and no walker
+          uses the entry before it is writable).  ``order``
+          :data:`ORDER_UPPER_FIRST` is the broken variant the tests must
+          catch: the entry first (``push_down_upper_lN``), then the child
+          (``load_child_lN``).  Reads leave read-only entries alone.
+
+        Every level re-reads its entries after the previous phase, so the
+        step model (:mod:`._sim_steps`), which lets other actors run between
+        phases, runs this same code; the vectorised path runs it through.
 
         The result is what feeding the pages one at a time would give: a
         table is loaded when its parent entry is first made writable, which
@@ -391,27 +423,42 @@ class Mmu:
         flush_firsts: list[NDArray[np.int64]] = []
         for level, e, f in ((4, e4, f4), (3, e3, f3), (2, e2, f2)):
             lev = self.levels[level]
+            child = self.levels[level - 1]
             rows = lev.lookup(e >> SPTE_ENT_SHIFT)
             flat_idx = rows * SPTE_ENT_NR + (e & (SPTE_ENT_NR - 1))
             fl = lev.flat[flat_idx]
             miss = (fl & SPTE_PRESENT) == 0
             if miss.any():
-                self.levels[level - 1].create(e[miss], gen)
+                child.create(e[miss], gen)
                 self.spte_write(level, flat_idx[miss], np.full(int(miss.sum()), UPPER_LINK), fl[miss])
                 self.stats["tables_created"] += int(miss.sum())
                 slow_firsts.append(f[miss])
-            if write:
-                ro = ~miss & ((fl & SPTE_WRITABLE) == 0)
-                if ro.any():
-                    # handle_readonly_upper_spte: protect the child BEFORE
-                    # making this entry writable (rule 6 in simulated.py)
-                    child_rows = self.levels[level - 1].lookup(e[ro])
-                    protected = self.load_tables(level - 1, child_rows, indicator)
-                    self.spte_write(level, flat_idx[ro], fl[ro] | SPTE_WRITABLE, fl[ro])
-                    self.stats["faults_push_down"] += int(ro.sum())
-                    fr = f[ro]
-                    slow_firsts.append(fr)
-                    flush_firsts.append(fr[protected > 0])
+                yield f"link_table_l{level}"
+            if not write:
+                continue
+            ro = ~miss & ((fl & SPTE_WRITABLE) == 0)
+            if not ro.any():
+                continue
+            self.stats["faults_push_down"] += int(ro.sum())
+            fr = f[ro]
+            slow_firsts.append(fr)
+            child_rows = child.lookup(e[ro])
+            if order == ORDER_UPPER_FIRST:
+                # BROKEN (rule 6 reversed, for the tests): the entry is
+                # writable while its child table still holds the writable
+                # entries of the old generation
+                self.spte_write(level, flat_idx[ro], fl[ro] | SPTE_WRITABLE, fl[ro])
+                yield f"push_down_upper_l{level}"
+                protected = self.load_tables(level - 1, child_rows, indicator)
+                flush_firsts.append(fr[protected > 0])
+                yield f"load_child_l{level}"
+                continue
+            # handle_readonly_upper_spte: protect the child BEFORE making
+            # this entry writable (rule 6 in simulated.py)
+            protected = self.load_tables(level - 1, child_rows, indicator)
+            self.spte_write(level, flat_idx[ro], fl[ro] | SPTE_WRITABLE, fl[ro])
+            flush_firsts.append(fr[protected > 0])
+            yield f"push_down_l{level}"
         rows1 = self.levels[1].lookup(e2)
         leaf_index = np.repeat(rows1 * SPTE_ENT_NR, run_lengths(s2, n)) + (u & (SPTE_ENT_NR - 1))
 
@@ -430,7 +477,7 @@ class Mmu:
                 slow[inv[sf]] = True
             if flush_firsts:
                 flushes = int(sorted_unique(np.concatenate(flush_firsts)).size)
-        return WalkResult(leaf_index, slow, flushes, upper_slow)
+        out.append(WalkResult(leaf_index, slow, flushes, upper_slow))
 
     # ------------------------------------------------------------------
     # leaves by gfn (rmap walks)

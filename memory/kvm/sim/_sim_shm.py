@@ -175,8 +175,10 @@ H_COST_FAST, H_COST_MAP, H_COST_PUSH, H_VMM_PID, H_PML, H_NR_MEMSLOTS, H_FAULT_O
 #: H_FAULT_ORDER values: the correct order of the fault paths, and the
 #: broken ones the ordering rules forbid (mutations for the tests, shared
 #: so the vCPU processes run them too): the dirty bit before the spte is
-#: writable (rule 1), the dirty bit before the rmap add (rule 2)
-FAULT_ORDERS = ("spte_first", "dirty_first", "dirty_before_rmap")
+#: writable (rule 1), the dirty bit before the rmap add (rule 2), a
+#: push-down that makes the upper entry writable before it protects the
+#: child table (rule 6)
+FAULT_ORDERS = ("spte_first", "dirty_first", "dirty_before_rmap", "upper_first")
 H_WORDS = 32
 
 #: memslot table columns (int64)

@@ -147,6 +147,7 @@ from ._sim_mmu import (
     WP_ALL_ENABLE_MASK,
     WP_ALL_GEN_MASK,
     Mmu,
+    WalkResult,
     get_write_protect_all_gen,
     is_write_protect_all_enabled,
     run_lengths,
@@ -163,6 +164,7 @@ from ._sim_check import SpteInfo
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from contextlib import AbstractContextManager
 
     from numpy.typing import NDArray
 
@@ -767,6 +769,18 @@ class SimKVM:
                 if res.flushes:
                     self._flush_remote_tlbs(res.flushes)
             return
+        for _ in self._write_phases(as_id, u, first, runs, int(self._hdr[_S.H_FAULT_ORDER]), self._mmu_lock):
+            pass
+
+    def _write_phases(self, as_id: int, u, first, runs, order: int, lock: AbstractContextManager[object]) -> Iterator[str]:  # noqa: ANN001
+        """The write faults of :meth:`_fault_batch`, one phase per ``yield``:
+        the lockless probe sorts the pages into slow (under ``lock``: the
+        walk's phases, then each slot's leaf phases) and fast (the fast page
+        fault's phases).  The vectorised path runs it through holding
+        mmu_lock; the step model (:mod:`._sim_steps`) steps it with a null
+        lock (its GET may interleave anywhere), so both run this code."""
+        mmu = self._mmus[as_id]
+        stats = self._stats
         li, f, pathw = self._probe(mmu, u)
         slow_mask = ~pathw | ((f & SPTE_PRESENT) == 0)
         if slow_mask.any():
@@ -774,8 +788,10 @@ class SimKVM:
             whole = sel.size == u.size
             us = u if whole else u[sel]
             pos = first if whole else (sel if first is None else first[sel])
-            with self._mmu_lock:
-                res = mmu.walk(us, pos, True, self._indicator)
+            with lock:
+                walked: list[WalkResult] = []
+                yield from mmu.walk_phases(us, pos, True, self._indicator, order, walked)
+                res = walked[0]
                 nslow = 0
                 for ms, a, b in runs:
                     if whole:
@@ -785,7 +801,9 @@ class SimKVM:
                     if i == j:
                         continue
                     sl = None if res.slow is None else res.slow[i:j]
-                    nslow += self._leaves_write(mmu, ms, us[i:j], res.leaf_index[i:j], sl)
+                    out = [0]
+                    yield from self._leaf_phases(mmu, ms, us[i:j], res.leaf_index[i:j], sl, order, out)
+                    nslow += out[0]
                 stats["mmu_lock_acquisitions"] += nslow
                 if res.flushes:
                     self._flush_remote_tlbs(res.flushes)
@@ -801,9 +819,8 @@ class SimKVM:
         if not fast_mask.any():
             return
         fi = np.flatnonzero(fast_mask)
-        out: list = [None]
-        for _ in self._fast_phases(mmu, runs, u, li, f, fi, int(self._hdr[_S.H_FAULT_ORDER]), out):
-            pass
+        fixed: list = [None]
+        yield from self._fast_phases(mmu, runs, u, li, f, fi, order, fixed)
 
     def _fast_fix(self, mmu: Mmu, leaves, f) -> NDArray[np.bool_]:  # noqa: ANN001
         """fast_pf_fix_direct_spte: cmpxchg W (PML: W|D) into each leaf;
@@ -938,14 +955,6 @@ class SimKVM:
             protected = self._mmus[as_id].load_root(self._indicator)
             if protected:
                 self._flush_remote_tlbs()
-
-    def _leaves_write(self, mmu: Mmu, ms: _MemSlot, u, leaves, slow) -> int:  # noqa: ANN001
-        """Write faults on the leaves of one slot (caller holds mmu_lock);
-        returns the slow-path faults.  Runs :meth:`_leaf_phases` through."""
-        out = [0]
-        for _ in self._leaf_phases(mmu, ms, u, leaves, slow, int(self._hdr[_S.H_FAULT_ORDER]), out):
-            pass
-        return out[0]
 
     def _leaf_phases(self, mmu: Mmu, ms: _MemSlot, u, leaves, slow, order: int, out: list):  # noqa: ANN001, ANN202
         """The leaf part of the slow-path write fault, one phase per ``yield``
