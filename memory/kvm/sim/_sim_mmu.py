@@ -526,11 +526,6 @@ class Mmu:
         self.stats["sptes_zapped"] += n
         return n
 
-    def upper_flags(self, gfns: NDArray[np.int64]) -> list[NDArray[np.uint8]]:
-        """Flags of the level 4, 3 and 2 entries on the paths of ``gfns`` (0: missing)."""
-        return [self._entry_flags(level, gfns >> self.levels[level].shift).astype(np.uint8)
-                for level in (4, 3, 2)]
-
     def _entry_flags(self, level: int, e: NDArray[np.int64]) -> NDArray[np.uint8]:
         """Flags of the level-``level`` entries with ids ``e`` (0: table missing)."""
         lev = self.levels[level]
@@ -558,72 +553,3 @@ class Mmu:
                 e = e >> SPTE_ENT_SHIFT
             ok &= (self._entry_flags(level, e) & UPPER_LINK) == UPPER_LINK
         return np.repeat(ok, run_lengths(s, n))
-
-    # ------------------------------------------------------------------
-    # introspection
-    # ------------------------------------------------------------------
-    def present_leaves(self) -> tuple[NDArray[np.int64], NDArray[np.uint8]]:
-        """(sorted gfns, flags) of every present leaf."""
-        lev = self.levels[1]
-        ent = lev.ent[: lev.n]
-        r, c = np.nonzero(ent & SPTE_PRESENT)
-        gfns = lev.tid[r] * SPTE_ENT_NR + c
-        flags = ent[r, c]
-        order = np.argsort(gfns, kind="stable")
-        return gfns[order], flags[order]
-
-    def snapshot(self) -> dict[int, tuple[NDArray[np.int64], NDArray[np.uint8], NDArray[np.int64], NDArray[np.int64]]]:
-        """Canonical state per level: (table ids, entries, gens, counters), by table id."""
-        out = {}
-        for level in range(1, ROOT_LEVEL + 1):
-            lev = self.levels[level]
-            rows = lev.rows_of
-            out[level] = (lev.ids.copy(), lev.ent[rows].copy(), lev.gen[rows].copy(), lev.pwc[rows].copy())
-        return out
-
-    def check(self) -> None:
-        """Structural invariants of the tables (AssertionError with evidence)."""
-        for level in range(1, ROOT_LEVEL + 1):
-            lev = self.levels[level]
-            n = lev.n
-            ent = lev.ent[:n]
-            tid = lev.tid[:n]
-            if not np.array_equal(lev.ids, np.sort(tid)) or not np.array_equal(lev.tid[lev.rows_of], lev.ids):
-                raise AssertionError(f"level {level}: table directory inconsistent")
-            p = (ent & SPTE_PRESENT) != 0
-            w = (ent & SPTE_WRITABLE) != 0
-            mw = (ent & SPTE_MMU_WRITABLE) != 0
-            d = (ent & SPTE_DIRTY) != 0
-            pw = (ent & SPTE_POSSIBLY_WRITABLE) != 0
-            bad = (w | mw | d | pw) & ~p
-            if bad.any():
-                r, c = np.argwhere(bad)[0]
-                raise AssertionError(f"level {level} table {tid[r]:#x} entry {c}: bits {ent[r, c]:#x} on a non-present spte")
-            if level == 1:
-                bad = w & ~mw
-                if bad.any():
-                    r, c = np.argwhere(bad)[0]
-                    raise AssertionError(f"leaf gfn {tid[r] * 512 + c:#x}: writable but not mmu-writable ({ent[r, c]:#x})")
-            elif (mw | d).any():
-                r, c = np.argwhere(mw | d)[0]
-                raise AssertionError(f"level {level} table {tid[r]:#x} entry {c}: leaf-only bits on an upper entry")
-            expect = p & (w | mw)
-            if not np.array_equal(expect, pw):
-                r, c = np.argwhere(expect != pw)[0]
-                raise AssertionError(
-                    f"level {level} table {tid[r]:#x} entry {c}: possible_writable bit {bool(pw[r, c])} "
-                    f"but spte {ent[r, c]:#x} is {'possibly' if expect[r, c] else 'not'} writable"
-                )
-            counts = pw.sum(axis=1)
-            if not np.array_equal(counts, lev.pwc[:n]):
-                r = int(np.flatnonzero(counts != lev.pwc[:n])[0])
-                raise AssertionError(
-                    f"level {level} table {tid[r]:#x}: possiable_writable_sptes={lev.pwc[r]} but bitmap has {counts[r]}"
-                )
-            if level > 1:
-                r, c = np.nonzero(p)
-                children = np.sort(tid[r] * SPTE_ENT_NR + c)
-                if not np.array_equal(children, self.levels[level - 1].ids):
-                    raise AssertionError(f"level {level}: present entries do not match the level {level - 1} tables")
-        if self.levels[ROOT_LEVEL].n != 1:
-            raise AssertionError("more than one root")

@@ -104,7 +104,7 @@ accesses come in vectorised batches (:meth:`SimKVM.vcpu_write`): one pass
 per level over the unique entries of the batch, then the leaves with numpy,
 each phase in the rule order (rmap for every new leaf, then every spte,
 then every dirty bit); the result equals feeding the pages one at a time,
-fault counts included.  :meth:`SimKVM._check_invariants` (:mod:`._sim_check`)
+fault counts included.  The tests' ``check_invariants`` (tests/simkit)
 checks the structures and the invariant above at rest.
 Python runs one thing at a time, so ``mmu_lock`` is accounted for
 (acquisitions, hold time) rather than enforced.  The interleavings the
@@ -153,14 +153,13 @@ from ._sim_mmu import (
     run_lengths,
     run_starts,
 )
-from . import _sim_check, _sim_memslot, _sim_steps
+from . import _sim_memslot, _sim_steps
 from . import _sim_shm as _S
 from ._sim_memslot import MemSlot as _MemSlot
 from ._sim_memslot import as_gfns as _as_gfns
 from ._sim_memslot import bitmap_pages as _bitmap_pages
 from ._sim_memslot import err as _err
 from ._sim_memslot import unique_first as _unique_first
-from ._sim_check import SpteInfo
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -170,7 +169,7 @@ if TYPE_CHECKING:
 
     from ._sim_steps import SimStep
 
-__all__ = ["SimKVM", "SpteInfo"]
+__all__ = ["SimKVM"]
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -1439,24 +1438,6 @@ class SimKVM:
 
     def _root_protected_for_all(self, as_id: int) -> bool:
         return all(self._vcpu_root_protected(v, as_id) for v in range(self.nr_vcpus))
-
-    def inspect_spte(self, gfn: int, *, as_id: int = 0) -> SpteInfo:
-        """The state of ``gfn``'s leaf spte, rmap entry and dirty bit."""
-        return _sim_check.inspect_spte(self, gfn, as_id)
-
-    def peek_dirty_log(self, slot: int) -> NDArray[np.uint64]:
-        """A copy of the slot's live dirty bitmap (no ioctl does this; tests)."""
-        return self._logged_slot(slot).dirty.copy()
-
-    def _state(self) -> dict:
-        """Canonical state (tables by id, rmaps, bitmaps, indicator) for comparisons."""
-        return _sim_check.state(self)
-
-    def _check_invariants(self, *, dirty_log: bool = True) -> None:
-        """Raise AssertionError (with evidence) if the simulated state is
-        inconsistent; see :func:`memory.kvm.sim._sim_check.check_invariants`.
-        ``dirty_log=False`` skips Marcelo's rule (structure only)."""
-        _sim_check.check_invariants(self, dirty_log=dirty_log)
 
     # ------------------------------------------------------------------
     # step-wise model (see _sim_steps and the essay above)
