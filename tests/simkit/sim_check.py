@@ -53,6 +53,11 @@ class SpteInfo:
     dirty_logged: bool
 
 
+def _root_protected_for_all(kvm: SimKVM, as_id: int) -> bool:
+    """Every vCPU must reload a root that the reload will protect."""
+    return all(kvm._vcpu_root_protected(v, as_id) for v in range(kvm.nr_vcpus))
+
+
 def inspect_spte(kvm: SimKVM, gfn: int, *, as_id: int = 0) -> SpteInfo:
     """The state of ``gfn``'s leaf spte, rmap entry and dirty bit."""
     mmu = kvm._mmus[as_id]
@@ -75,7 +80,7 @@ def inspect_spte(kvm: SimKVM, gfn: int, *, as_id: int = 0) -> SpteInfo:
         possibly_writable=bool(f & int(SPTE_POSSIBLY_WRITABLE)),
         in_rmap=bool(ms is not None and ms.rmap[idx]),
         path_writable=path,
-        effectively_writable=w and path and not kvm._root_protected_for_all(as_id),
+        effectively_writable=w and path and not _root_protected_for_all(kvm, as_id),
         dirty_logged=bool(ms is not None and ms.dirty is not None and (int(ms.dirty[idx >> 6]) >> (idx & 63)) & 1),
     )
 
@@ -126,7 +131,7 @@ def check_invariants(kvm: SimKVM, *, dirty_log: bool = True) -> None:
             inside = np.zeros(gfns.size, dtype=np.bool_)
         if not inside.all():
             raise AssertionError(f"as {as_id}: leaf for gfn {int(gfns[~inside][0]):#x} outside every slot")
-        pending = kvm._root_protected_for_all(as_id)
+        pending = _root_protected_for_all(kvm, as_id)
         for j, ms in enumerate(objs):
             sel = k == j
             idx = gfns[sel] - ms.base_gfn

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
     from numpy.typing import NDArray
 
-    from .simulated import SimKVM, _MemSlot
+    from ._sim_memslot import MemSlot as _MemSlot
+    from .simulated import SimKVM
 
 #: the correct order and the broken ones the ordering rules forbid, as the
 #: real fault code takes them (:data:`._sim_shm.FAULT_ORDERS`): the dirty

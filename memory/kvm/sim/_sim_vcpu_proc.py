@@ -93,7 +93,8 @@ class _Ctl:
 
 
 def main(config: dict) -> int:
-    from .simulated import SimKVM, _Retry
+    from ._sim_vm import _Retry
+    from .simulated import SimKVM
     from ._sim_memslot import unique_first
 
     vcpu = int(config["vcpu"])
