@@ -26,17 +26,17 @@ _CHUNK_WORDS = 1 << 14
 _U64 = np.dtype(np.uint64)
 
 
-def _take_words(ms, out: NDArray[np.uint64], quiescent: bool) -> None:  # noqa: ANN001
+def _take_words(ms: _MemSlot, out: NDArray[np.uint64], quiescent: bool) -> None:
     """``out[i] = xchg(&dirty_bitmap[i], 0)`` for every word; words read as
     zero are left alone (a bit set after the read stays for the next GET).
     ``quiescent`` (no vCPU process can set a bit meanwhile): a numpy copy +
     fill does the same at numpy speed."""
     if quiescent:
-        np.copyto(out, ms.dirty)
-        ms.dirty.fill(0)
+        np.copyto(out, ms.bitmap)
+        ms.bitmap.fill(0)
         return
     out.fill(0)
-    nz = np.flatnonzero(ms.dirty.copy())  # vCPUs set bits meanwhile: look at one snapshot
+    nz = np.flatnonzero(ms.bitmap.copy())  # vCPUs set bits meanwhile: look at one snapshot
     base = ms.dirty_addr
     xchg8 = _S.xchg8
     for w in nz.tolist():
@@ -92,7 +92,7 @@ class SimDirtyLog(SimVMCore):
         ms = self._slots.get(slot)
         if ms is None or ms.dirty is None:
             ms = self._logged_slot(slot)
-        words = ms.dirty
+        words = ms.bitmap  # the slot logs (checked above)
         if (
             type(bitmap) is not np.ndarray
             or bitmap.shape != words.shape
@@ -156,7 +156,7 @@ class SimDirtyLog(SimVMCore):
             self._stats["mmu_lock_acquisitions"] += 1
             # mask &= atomic_long_fetch_andnot(mask, p), per word given
             if self._quiescent():
-                live = ms.dirty[i0 : i0 + nwords]
+                live = ms.bitmap[i0 : i0 + nwords]
                 cleared = given & live
                 live &= ~given
             else:
@@ -168,7 +168,7 @@ class SimDirtyLog(SimVMCore):
                     cleared[w] = fetch_and8(base + 8 * w, ~m) & m
             self._protect_logged_pages(ms, cleared, first_page)
 
-    def _protect_logged_pages(self, ms, words: NDArray[np.uint64], first_page: int) -> None:
+    def _protect_logged_pages(self, ms: _MemSlot, words: NDArray[np.uint64], first_page: int) -> None:
         """kvm_arch_mmu_enable_log_dirty_pt_masked: for every page whose bit is
         set in ``words`` (bit 0 = ``first_page``), walk the rmap and
         write-protect its leaf (PML: clear its D bit instead); one TLB flush
@@ -218,7 +218,7 @@ class SimDirtyLog(SimVMCore):
         used = int(self._ctl[vcpu, _S.C_RING_PUSH]) - int(self._ctl[vcpu, _S.C_RING_RESET])
         return size - _S.RING_RSVD_ENTRIES - used
 
-    def _ring_push(self, ms, idx: NDArray[np.int64]) -> None:  # noqa: ANN001
+    def _ring_push(self, ms: _MemSlot, idx: NDArray[np.int64]) -> None:
         """kvm_dirty_ring_push for each page, in order: the entry's slot and
         offset are written BEFORE its flags say DIRTY (the release store),
         so a harvester that sees DIRTY reads a complete entry.  Past the soft

@@ -30,7 +30,10 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from contextlib import AbstractContextManager
 
-    from numpy.typing import NDArray
+    from numpy.typing import ArrayLike, NDArray
+
+#: runs of a sorted batch per memslot: (slot, start, end) positions
+Runs = list[tuple[_MemSlot, int, int]]
 
 _MAP_WRITABLE = np.uint8(int(SPTE_PRESENT | SPTE_WRITABLE | SPTE_MMU_WRITABLE))
 _MAP_READONLY_MW = np.uint8(int(SPTE_PRESENT | SPTE_MMU_WRITABLE))
@@ -87,7 +90,7 @@ class SimFaults(SimDirtyLog):
         if not 0 <= as_id < KVM_ADDRESS_SPACE_NUM:
             raise ValueError(f"bad address space {as_id}")
 
-    def _access(self, gfns, vcpu: int, as_id: int, write: bool) -> None:  # noqa: ANN001
+    def _access(self, gfns: ArrayLike, vcpu: int, as_id: int, write: bool) -> None:
         g = _as_gfns(gfns)
         self._check_vcpu(vcpu, as_id)
         if g.size == 0:
@@ -141,7 +144,8 @@ class SimFaults(SimDirtyLog):
             f = np.where(li >= 0, f, _ZERO_U8)
         return li, f, mmu.path_writable(u)
 
-    def _fault_batch(self, as_id: int, u, first, runs, write: bool) -> None:  # noqa: ANN001
+    def _fault_batch(self, as_id: int, u: NDArray[np.int64], first: NDArray[np.int64] | None, runs: Runs,
+                     write: bool) -> None:
         """One VM exit per page that needs one, for the sorted unique pages
         ``u``: the slow path (missing tables or leaves, read-only upper
         entries) under mmu_lock, the fast page fault lockless by cmpxchg.
@@ -166,7 +170,8 @@ class SimFaults(SimDirtyLog):
         for _ in self._write_phases(as_id, u, first, runs, int(self._hdr[_S.H_FAULT_ORDER]), self._mmu_lock):
             pass
 
-    def _write_phases(self, as_id: int, u, first, runs, order: int, lock: AbstractContextManager[object]) -> Iterator[str]:  # noqa: ANN001
+    def _write_phases(self, as_id: int, u: NDArray[np.int64], first: NDArray[np.int64] | None, runs: Runs, order: int,
+                      lock: AbstractContextManager[object]) -> Iterator[str]:
         """The write faults of :meth:`_fault_batch`, one phase per ``yield``:
         the lockless probe sorts the pages into slow (under ``lock``: the
         walk's phases, then each slot's leaf phases) and fast (the fast page
@@ -213,10 +218,10 @@ class SimFaults(SimDirtyLog):
         if not fast_mask.any():
             return
         fi = np.flatnonzero(fast_mask)
-        fixed: list = [None]
+        fixed: list[NDArray[np.bool_] | None] = [None]
         yield from self._fast_phases(mmu, runs, u, li, f, fi, order, fixed)
 
-    def _fast_fix(self, mmu: Mmu, leaves, f) -> NDArray[np.bool_]:  # noqa: ANN001
+    def _fast_fix(self, mmu: Mmu, leaves: NDArray[np.int64], f: NDArray[np.uint8]) -> NDArray[np.bool_]:
         """fast_pf_fix_direct_spte: cmpxchg W (PML: W|D) into each leaf;
         True where this vCPU made the change (it must then log the page:
         rule 1, the dirty bit after the spte).  A leaf someone else fixed
@@ -244,7 +249,7 @@ class SimFaults(SimDirtyLog):
             # nobody else can change these bytes meanwhile: the same test and
             # store, as numpy (no cmpxchg needed without a concurrent writer)
             cur = flat[leaves]
-            ok = (cur & np.uint8(good | need)) == np.uint8(good)
+            np.equal(cur & np.uint8(good | need), np.uint8(good), out=ok)
             flat[leaves[ok]] = cur[ok] | np.uint8(add)
             n = int(ok.sum())
             stats["pml_logged" if self.pml else "faults_fast"] += n
@@ -308,7 +313,7 @@ class SimFaults(SimDirtyLog):
         need = (SPTE_WRITABLE | SPTE_DIRTY) if self.pml else SPTE_WRITABLE
         return bool(((f & need) == need).all() and pathw.all() and (li >= 0).all())
 
-    def _resolve(self, as_id: int, u: NDArray[np.int64], write: bool) -> list[tuple[_MemSlot, int, int]]:
+    def _resolve(self, as_id: int, u: NDArray[np.int64], write: bool) -> Runs:
         """Runs of ``u`` (sorted) per slot; EFAULT before any effect."""
         bases, ends, objs = self._layout[as_id]
         n = int(u.size)
@@ -350,7 +355,8 @@ class SimFaults(SimDirtyLog):
             if protected:
                 self._flush_remote_tlbs()
 
-    def _leaf_phases(self, mmu: Mmu, ms: _MemSlot, u, leaves, slow, order: int, out: list):  # noqa: ANN001, ANN202
+    def _leaf_phases(self, mmu: Mmu, ms: _MemSlot, u: NDArray[np.int64], leaves: NDArray[np.int64],
+                     slow: NDArray[np.bool_] | None, order: int, out: list[int]) -> Iterator[str]:
         """The leaf part of the slow-path write fault, one phase per ``yield``
         (the phase's name): [rmap_add] (new leaves), set_spte, mark_dirty, in
         the order the rules require (``order`` 0), or a broken order (1:
@@ -412,7 +418,8 @@ class SimFaults(SimDirtyLog):
             mark(rest)
             yield "mark_dirty"
 
-    def _fast_phases(self, mmu: Mmu, runs, u, li, f, fi, order: int, out: list):  # noqa: ANN001, ANN202
+    def _fast_phases(self, mmu: Mmu, runs: Runs, u: NDArray[np.int64], li: NDArray[np.int64], f: NDArray[np.uint8],
+                     fi: NDArray[np.int64], order: int, out: list[NDArray[np.bool_] | None]) -> Iterator[str]:
         """The fast page fault for the pages ``u[fi]`` (lockless), one phase
         per ``yield``: fast_set_writable (or fast_cmpxchg_failed when no
         cmpxchg of ours changed an spte) then mark_dirty for the pages fixed
@@ -440,7 +447,7 @@ class SimFaults(SimDirtyLog):
             mark(fi[ok])
             yield "mark_dirty"
 
-    def _leaves_read(self, mmu: Mmu, ms: _MemSlot, u, leaves) -> int:  # noqa: ANN001
+    def _leaves_read(self, mmu: Mmu, ms: _MemSlot, u: NDArray[np.int64], leaves: NDArray[np.int64]) -> int:
         flat = mmu.levels[1].flat
         f = flat[leaves]
         miss = (f & SPTE_PRESENT) == 0
@@ -483,7 +490,8 @@ class SimFaults(SimDirtyLog):
     def gfn_to_host(self, gfn: int, *, as_id: int = 0) -> NDArray[np.uint8]:
         """The 4096-byte host view of ``gfn`` (OSError(EFAULT) if unbacked)."""
         (ms, _, _), = self._resolve(as_id, np.array([gfn], dtype=np.int64), write=False)
-        return ms.pages[int(gfn) - ms.base_gfn]
+        page: NDArray[np.uint8] = ms.host_pages[int(gfn) - ms.base_gfn]
+        return page
 
     def host_pages_for(
         self, gfns: NDArray[np.integer], *, as_id: int = 0
@@ -500,7 +508,7 @@ class SimFaults(SimDirtyLog):
             return []
         order = np.argsort(g, kind="stable")
         gs = g[order]
-        out = []
+        out: list[tuple[NDArray[np.uint8], NDArray[np.int64], NDArray[np.int64]]] = []
         for ms, a, b in self._resolve(as_id, gs, write=False):
-            out.append((ms.pages, gs[a:b] - ms.base_gfn, order[a:b]))
+            out.append((ms.host_pages, gs[a:b] - ms.base_gfn, order[a:b]))
         return out

@@ -32,7 +32,7 @@ whole tables at once and maintains both itself.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from numpy.typing import NDArray
+
+    from ._sim_shm import SharedState, StatRow
 
 #: entries per table (KVM_MMU_SP_ENTRY_NR) and its log2
 SPTE_ENT_SHIFT = 9
@@ -142,14 +144,11 @@ class _Level:
 
     __slots__ = ("level", "shift", "_ids", "_rows_of", "ent", "gen", "pwc", "tid", "_n", "_ni", "_hdr", "capacity")
 
-    def __init__(self, level: int, views: dict | None = None, n_ref=None, hdr=None) -> None:  # noqa: ANN001
+    def __init__(self, level: int, views: dict[str, NDArray[Any]], n_ref: tuple[NDArray[np.int64], int],
+                 hdr: NDArray[np.int64]) -> None:
         self.level = level
         #: entry id = gfn >> shift; table id = gfn >> (shift + 9)
         self.shift = SPTE_ENT_SHIFT * (level - 1) if level else 0
-        if views is None:  # level 0: a placeholder, never used
-            views = {k: np.zeros((1, SPTE_ENT_NR) if k == "ent" else 1, dtype=np.uint8 if k == "ent" else np.int64)
-                     for k in ("ent", "gen", "pwc", "tid", "ids", "rows_of")}
-            n_ref, hdr = (np.zeros(1, dtype=np.int64), 0), np.zeros(8, dtype=np.int64)
         self.ent: NDArray[np.uint8] = views["ent"]
         self.gen: NDArray[np.int64] = views["gen"]
         self.pwc: NDArray[np.int64] = views["pwc"]
@@ -159,6 +158,13 @@ class _Level:
         self._n, self._ni = n_ref
         self._hdr = hdr
         self.capacity = int(self.gen.size)
+
+    @classmethod
+    def placeholder(cls) -> _Level:
+        """Level 0: no tables (it keeps ``levels[L]`` indexed by level), never used."""
+        views = {k: np.zeros((1, SPTE_ENT_NR) if k == "ent" else 1, dtype=np.uint8 if k == "ent" else np.int64)
+                 for k in ("ent", "gen", "pwc", "tid", "ids", "rows_of")}
+        return cls(0, views, (np.zeros(1, dtype=np.int64), 0), np.zeros(8, dtype=np.int64))
 
     @property
     def n(self) -> int:
@@ -236,7 +242,8 @@ class WalkResult:
 
     __slots__ = ("leaf_index", "slow", "flushes", "upper_slow_faults")
 
-    def __init__(self, leaf_index, slow, flushes, upper_slow_faults) -> None:  # noqa: ANN001
+    def __init__(self, leaf_index: NDArray[np.int64], slow: NDArray[np.bool_] | None, flushes: int,
+                 upper_slow_faults: int) -> None:
         #: flat index of each page's leaf spte in level 1
         self.leaf_index: NDArray[np.int64] = leaf_index
         #: pages whose fault took the slow path because of an upper entry
@@ -250,11 +257,11 @@ class WalkResult:
 class Mmu:
     """The tables of one address space (one direct-map root, shared by vCPUs)."""
 
-    def __init__(self, stats, state, as_id: int, gen: int, *, create_root: bool) -> None:  # noqa: ANN001
+    def __init__(self, stats: StatRow, state: SharedState, as_id: int, gen: int, *, create_root: bool) -> None:
         self.stats = stats
         hdr = state["hdr"]
         n = state["level_n"][as_id]
-        levels = [_Level(0)]
+        levels = [_Level.placeholder()]
         for lv in range(1, ROOT_LEVEL + 1):
             pre = f"mmu{as_id}_l{lv}_"
             views = {k: state[pre + k] for k in ("ent", "gen", "pwc", "tid", "ids", "rows_of")}
@@ -494,7 +501,7 @@ class Mmu:
         idx = rows_rep * SPTE_ENT_NR + (gfns & (SPTE_ENT_NR - 1))
         return np.where(rows_rep < 0, -1, idx)
 
-    def _clear_leaf_bit(self, leaf_idx: NDArray[np.int64], bit: int, keep: int, stat: str) -> int:
+    def _clear_leaf_bit(self, leaf_idx: NDArray[np.int64], bit: np.uint8, keep: np.uint8, stat: str) -> int:
         """Clear ``bit`` (``keep`` = ~bit) on the leaves that have it; count them in ``stat``."""
         if leaf_idx.size == 0:
             return 0

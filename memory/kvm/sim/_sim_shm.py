@@ -67,7 +67,9 @@ import ctypes
 import mmap
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, overload
 
 import numpy as np
 
@@ -78,8 +80,8 @@ _SEQ_CST = 5
 _lib = ctypes.CDLL("libatomic.so.1", use_errno=True)
 
 
-def _fn(name: str, restype, *argtypes):  # noqa: ANN001, ANN202
-    f = getattr(_lib, name)
+def _fn(name: str, restype: type[Any] | None, *argtypes: type[Any]) -> Callable[..., Any]:
+    f = _lib[name]
     f.restype = restype
     f.argtypes = argtypes
     return f
@@ -379,12 +381,18 @@ class SharedWord:
         self.index = index
         self.__doc__ = doc
 
-    def __get__(self, obj, owner=None):  # noqa: ANN001, ANN204
+    @overload
+    def __get__(self, obj: None, owner: type[object] | None = None) -> SharedWord: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type[object] | None = None) -> int: ...
+
+    def __get__(self, obj: object, owner: type[object] | None = None) -> SharedWord | int:
         if obj is None:
             return self
         return int(getattr(obj, self.array)[self.index])
 
-    def __set__(self, obj, value: int) -> None:  # noqa: ANN001
+    def __set__(self, obj: object, value: int) -> None:
         getattr(obj, self.array)[self.index] = value
 
 

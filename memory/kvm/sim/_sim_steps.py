@@ -98,7 +98,7 @@ def _write_fault(kvm: SimKVM, runs: list[tuple[_MemSlot, int, int]], gfn: int, v
         # reload that will protect the root is served before the guest runs
         li, f = _leaf(kvm, g)
         if f & int(SPTE_WRITABLE) and mmu.path_writable(g)[0] and not kvm._vcpu_root_protected(vcpu, 0):
-            page = ms.pages[gfn - ms.base_gfn]
+            page = ms.host_pages[gfn - ms.base_gfn]
             page[0] = (int(page[0]) + 1) & 0xFF if value is None else value
             yield SimStep(actor, "store", one)
             return
@@ -117,7 +117,7 @@ def _get_dirty_log(kvm: SimKVM, ms: _MemSlot, bitmap: NDArray[np.uint64], flags:
     actor = "get_dirty_log"
     mmu = kvm._mmus[ms.as_id]
     kvm._stats["dirty_log_calls"] += 1
-    words = ms.dirty
+    words = ms.bitmap  # _logged_slot checked that the slot logs
     buf = np.zeros(words.size, dtype=np.uint64)  # dirty_bitmap_buffer
     if kvm._manual:
         np.copyto(buf, words)

@@ -216,7 +216,8 @@ class SimVMCore:
         else:
             _sim_memslot.apply_flags(self, old, flags)
 
-    def _new_slot(self, slot: int, base: int, npages: int, hva: int, host, pages) -> _MemSlot:  # noqa: ANN001
+    def _new_slot(self, slot: int, base: int, npages: int, hva: int, host: NDArray[np.uint8] | None,
+                  pages: NDArray[np.uint8] | None) -> _MemSlot:
         t = self._slot_table
         free = np.flatnonzero(t[:, _S.S_USED] == _S.SLOT_FREE)
         if free.size == 0:
@@ -240,12 +241,12 @@ class SimVMCore:
         row[_S.S_SNAPSHOT_AT] = -1
         self._hdr[_S.H_SERIAL] += 1
         row[_S.S_SERIAL] = self._hdr[_S.H_SERIAL]
-        if buf == -2:
+        if buf == -2 and pages is not None:
             self._local_pages[e] = pages
         row[_S.S_USED] = _S.SLOT_VALID
         return self._slot_obj(e)
 
-    def _host_buffer(self, host) -> tuple[int, int]:  # noqa: ANN001
+    def _host_buffer(self, host: NDArray[np.uint8] | None) -> tuple[int, int]:
         """(buffer index, offset) of ``host`` in a shareable mapping; (-1, 0)
         without host memory, (-2, 0) for memory only this process has."""
         if host is None:
@@ -267,7 +268,7 @@ class SimVMCore:
             i = int(empty[0])
             bufs[i, _S.B_FD] = fd
             bufs[i, _S.B_SIZE] = size
-            self._buf_views[i] = np.frombuffer((ctypes.c_uint8 * size).from_address(addr), dtype=np.uint8)
+            self._buf_views[i] = np.frombuffer(memoryview((ctypes.c_uint8 * size).from_address(addr)), dtype=np.uint8)
         return i, int(host.ctypes.data) - addr
 
     def _slot_obj(self, e: int) -> _MemSlot:
@@ -342,7 +343,7 @@ class SimVMCore:
                 continue
             # the marker is (generation read) + 1: a vCPU that read any generation
             # before ``gen`` has a marker <= gen
-            self._wait_while(lambda v=v: 0 < int(ctl[v, _S.C_SRCU]) <= gen, v, "synchronize_srcu")
+            self._wait_while(lambda: 0 < int(ctl[v, _S.C_SRCU]) <= gen, v, "synchronize_srcu")  # noqa: B023 (called here)
 
     def _sync_slots(self) -> None:
         """A vCPU process: rebuild the slot view if the table changed."""
@@ -359,7 +360,7 @@ class SimVMCore:
             self._rebuild_layout(as_id)
         self._slots_gen_seen = gen
 
-    def _wait_while(self, cond, vcpu: int, what: str) -> int:  # noqa: ANN001
+    def _wait_while(self, cond: Callable[[], bool], vcpu: int, what: str) -> int:
         """Spin (yielding the CPU) while ``cond()``; a vCPU process that died
         counts as having left.  Returns the ns waited."""
         if not cond():
@@ -410,7 +411,7 @@ class SimVMCore:
                 continue
             seq = int(ctl[v, _S.C_GUEST_SEQ])
             if seq & 1:
-                waited += self._wait_while(lambda v=v, seq=seq: int(ctl[v, _S.C_GUEST_SEQ]) == seq, v, "tlb flush")
+                waited += self._wait_while(lambda: int(ctl[v, _S.C_GUEST_SEQ]) == seq, v, "tlb flush")  # noqa: B023
         if waited:
             self._stats["tlb_flush_wait_ns"] += waited
 
