@@ -41,10 +41,14 @@ import json
 import os
 import sys
 import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import _sim_shm as S
+
+if TYPE_CHECKING:
+    from .workloads import Workload
 
 #: QEMU's CPU_THROTTLE_TIMESLICE_NS
 THROTTLE_TIMESLICE_S = 0.010
@@ -67,7 +71,7 @@ def vcpu_range(npages: int, nr_vcpus: int, vcpu: int) -> tuple[int, int]:
     return lo, hi
 
 
-def make_vcpu_workload(name: str, pages: np.ndarray, nr_vcpus: int, vcpu: int, seed: int):  # noqa: ANN201
+def make_vcpu_workload(name: str, pages: np.ndarray, nr_vcpus: int, vcpu: int, seed: int) -> Workload:
     from .workloads import make_workload
 
     lo, hi = vcpu_range(pages.shape[0], nr_vcpus, vcpu)
@@ -92,7 +96,7 @@ class _Ctl:
         S.store8(self.addr(word), value)
 
 
-def main(config: dict) -> int:
+def main(config: dict[str, Any]) -> int:
     from ._sim_vm import _Retry
     from .simulated import SimKVM
     from ._sim_memslot import unique_first
@@ -272,7 +276,7 @@ def main(config: dict) -> int:
             time.sleep(TICK_S)
 
 
-def _load(wl, state: dict, pages: np.ndarray, nr: int, vcpu: int):  # noqa: ANN001, ANN202
+def _load(wl: Workload, state: dict[str, Any], pages: np.ndarray, nr: int, vcpu: int) -> Workload:
     if state.get("name") != wl.name:
         # the guest's program comes with its state, as a real guest's code with its RAM
         wl = make_vcpu_workload(state["name"], pages, nr, vcpu, 0)
