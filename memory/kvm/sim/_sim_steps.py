@@ -71,12 +71,6 @@ def write_fault_steps(kvm: SimKVM, gfn: int, vcpu: int, order: str, value: int |
     return _write_fault(kvm, runs, gfn, vcpu, order, value)
 
 
-def _leaf(kvm: SimKVM, g: NDArray[np.int64]) -> tuple[int, int]:
-    mmu = kvm._mmus[0]
-    li = int(mmu.leaf_index(g)[0])
-    return li, (int(mmu.levels[1].flat[li]) if li >= 0 else 0)
-
-
 def _write_fault(kvm: SimKVM, runs: list[tuple[_MemSlot, int, int]], gfn: int, vcpu: int, order: str,
                  value: int | None) -> Iterator[SimStep]:
     actor = f"vcpu{vcpu}"
@@ -96,8 +90,8 @@ def _write_fault(kvm: SimKVM, runs: list[tuple[_MemSlot, int, int]], gfn: int, v
             yield SimStep(actor, phase, one)
         # the store retires only through a writable translation; a pending
         # reload that will protect the root is served before the guest runs
-        li, f = _leaf(kvm, g)
-        if f & int(SPTE_WRITABLE) and mmu.path_writable(g)[0] and not kvm._vcpu_root_protected(vcpu, 0):
+        _, f, pathw = kvm._probe(mmu, g)
+        if f[0] & SPTE_WRITABLE and pathw[0] and not kvm._vcpu_root_protected(vcpu, 0):
             page = ms.host_pages[gfn - ms.base_gfn]
             page[0] = (int(page[0]) + 1) & 0xFF if value is None else value
             yield SimStep(actor, "store", one)
