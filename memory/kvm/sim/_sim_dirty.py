@@ -197,7 +197,8 @@ class SimDirtyLog(SimVMCore):
         entries = int(nbytes) // K.KVM_DIRTY_GFN_SIZE
         if (nbytes % K.KVM_DIRTY_GFN_SIZE or entries < 2 * _S.RING_RSVD_ENTRIES or entries & (entries - 1)
                 or entries > self._shm.params.ring_entries):
-            raise _err(errno.EINVAL, f"dirty ring of {nbytes} bytes (max {self._shm.params.ring_entries * K.KVM_DIRTY_GFN_SIZE})")
+            most = self._shm.params.ring_entries * K.KVM_DIRTY_GFN_SIZE
+            raise _err(errno.EINVAL, f"dirty ring of {nbytes} bytes (max {most})")
         if self._slots or self._hdr[_S.H_RING_SIZE]:
             raise _err(errno.EINVAL, "dirty ring: enable it once, before any memslot")
         self._hdr[_S.H_RING_SIZE] = entries

@@ -23,7 +23,16 @@ from ._sim_memslot import MemSlot as _MemSlot
 from ._sim_memslot import as_gfns as _as_gfns
 from ._sim_memslot import err as _err
 from ._sim_memslot import unique_first as _unique_first
-from ._sim_mmu import SPTE_DIRTY, SPTE_MMU_WRITABLE, SPTE_PRESENT, SPTE_WRITABLE, Mmu, WalkResult, run_lengths, run_starts
+from ._sim_mmu import (
+    SPTE_DIRTY,
+    SPTE_MMU_WRITABLE,
+    SPTE_PRESENT,
+    SPTE_WRITABLE,
+    Mmu,
+    WalkResult,
+    run_lengths,
+    run_starts,
+)
 from ._sim_vm import KVM_ADDRESS_SPACE_NUM, _Retry
 
 if TYPE_CHECKING:

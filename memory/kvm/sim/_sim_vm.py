@@ -343,7 +343,7 @@ class SimVMCore:
                 continue
             # the marker is (generation read) + 1: a vCPU that read any generation
             # before ``gen`` has a marker <= gen
-            self._wait_while(lambda: 0 < int(ctl[v, _S.C_SRCU]) <= gen, v, "synchronize_srcu")  # noqa: B023 (called here)
+            self._wait_while(lambda: 0 < int(ctl[v, _S.C_SRCU]) <= gen, v, "synchronize_srcu")  # noqa: B023
 
     def _sync_slots(self) -> None:
         """A vCPU process: rebuild the slot view if the table changed."""

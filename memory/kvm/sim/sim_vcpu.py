@@ -96,7 +96,8 @@ class SimVCPUs:
         fault_cost: (fast ns, slow ns) charged per VM exit.
     """
 
-    def __init__(self, kvm: SimKVM, ram: RAMBlock, workload: str, *, smp: int = 1, seed: int = 0, rate: float | None = None,
+    def __init__(self, kvm: SimKVM, ram: RAMBlock, workload: str, *, smp: int = 1, seed: int = 0,
+                 rate: float | None = None,
                  fault_cost: tuple[int, int] = FAULT_COSTS[DEFAULT_FAULT_COST]) -> None:
         if smp < 1 or smp != kvm.nr_vcpus:
             raise ValueError(f"smp {smp} does not match the VM's {kvm.nr_vcpus} vCPUs")
