@@ -37,6 +37,9 @@ from ._accounting import AccountingSnapshot, CauseAccounting
 from ._compare_model import GUESTS, KVM_STATS, CompareConfig, CompareError, RunResult, aggregate, run_label
 
 if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+
     from memory.kvm import KVMListenerStatistics, SimKVM
     from memory.kvm.sim.sim_vcpu import SimVCPUs
 
@@ -122,12 +125,19 @@ def _prewrite(vm: VM) -> None:
     """The guest writes each page of its working set once (through the
     fault path: mapped, writable), before anything logs."""
     from memory.kvm.sim._sim_vcpu_proc import GREEDY_BATCH_PAGES
+    from memory.kvm.sim.workloads import StreamWorkload
 
     kvm, vcpus = _sim_parts(vm)
     for v, wl in enumerate(vcpus.workloads):
+        if not isinstance(wl, StreamWorkload):
+            raise CompareError(f"vCPU {v} runs {type(wl).__name__}, not the comparison's stream workload")
+
+        def write(gfns: NDArray[np.int64], v: int = v) -> None:
+            kvm.vcpu_write(gfns, v)
+
         target = wl.passes + 1
         while wl.passes < target:
-            wl.step(GREEDY_BATCH_PAGES, lambda g, v=v: kvm.vcpu_write(g, v))
+            wl.step(GREEDY_BATCH_PAGES, write)
     vcpus.set_workloads(None)  # pushes the programs' new state to the processes
 
 

@@ -1,5 +1,5 @@
 """The kernel's dirty_log_test verification on real KVM, one test per mode,
-plus the wrong variants it must catch (see memory/kvm/real/_real_selftest.py).
+plus the wrong variants it must catch (see tests/kvm/dirty_log_selftest.py).
 
 Every correct variant runs with the same delay between fetch and re-protect
 as the broken ones, so the only difference is the ordering under test."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from memory.kvm.real._real_selftest import run_dirty_log_selftest
+from tests.kvm.dirty_log_selftest import run_dirty_log_selftest
 
 pytestmark = pytest.mark.kvm
 DELAY_S = 0.005

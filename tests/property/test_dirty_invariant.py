@@ -49,6 +49,7 @@ from memory import (
 )
 from memory.kvm._listener import DirtyLogMode, KVMMemoryListener, RegionSyncRule
 from memory.kvm.sim.simulated import SimKVM
+from tests.simkit import inspect_spte, peek_dirty_log
 
 P = TARGET_PAGE_SIZE
 SLOT_PAGES = 16
@@ -241,7 +242,7 @@ class World:
             return
         for page in range(4):
             gfn = self.vram_gfn(page)
-            info = self.kvm.inspect_spte(gfn)
+            info = inspect_spte(self.kvm, gfn)
             assert not info.effectively_writable or info.dirty_logged, (
                 f"vram page {page} (gfn {gfn:#x}) writable but not logged: {info} ({self.kml.mode.value})"
             )
@@ -524,7 +525,7 @@ def test_manual_clear_keeps_a_write_made_after_the_get(only_fetched):
     w.migration_sync()  # GET: Q fetched, chunk 0 pending a clear
     w.write_gfns([2])  # P: clean and protected at GET time, faults now
     w.send(w.ram, np.array([1]))  # clear chunk 0 (Q's bit only), copy Q
-    kernel_bits = w.kvm.peek_dirty_log(w.kml.lookup_matching_slot(0, SLOT_PAGES * P).id)[0]
+    kernel_bits = peek_dirty_log(w.kvm, w.kml.lookup_matching_slot(0, SLOT_PAGES * P).id)[0]
     if only_fetched:
         assert kernel_bits == 1 << 2
         w.check_migration()

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from memory import RAMBlock
 from memory.kvm import KvmVM, SimKVM, UserMemoryRegion
 from memory.kvm import linux_kvm as K
+from tests.simkit import check_invariants, inspect_spte, sim_state
 
 LOG = K.KVM_MEM_LOG_DIRTY_PAGES
 WWP = K.KVM_DIRTY_LOG_WITHOUT_WRITE_PROTECT
@@ -73,7 +74,7 @@ def test_slot_ids_and_address_spaces() -> None:
     with raises_errno(errno.EEXIST):
         vm.set_user_memory_region(region(1, 63 * P, 64))  # overlaps slot 0 of as 0
     vm.set_user_memory_region(region(1, 64 * P, 64))  # adjacent is fine
-    vm._check_invariants()
+    check_invariants(vm)
 
 
 @pytest.mark.parametrize(
@@ -101,11 +102,11 @@ def test_delete_zaps_and_missing_delete_is_einval() -> None:
     with raises_errno(errno.EINVAL):
         vm.set_user_memory_region(UserMemoryRegion(5, 0, 0, 0))
     vm.vcpu_write(np.arange(10))
-    assert vm.inspect_spte(3).present
+    assert inspect_spte(vm, 3).present
     vm.set_user_memory_region(UserMemoryRegion(0, 0, 0, 0))
-    assert not vm.inspect_spte(3).present
+    assert not inspect_spte(vm, 3).present
     assert vm.statistics()["sptes_zapped"] == 10
-    vm._check_invariants()
+    check_invariants(vm)
     with raises_errno(errno.ENOENT):
         get(vm)
     with raises_errno(errno.EFAULT):
@@ -116,7 +117,7 @@ def test_delete_zaps_and_missing_delete_is_einval() -> None:
 
 def test_modify_rules() -> None:
     vm = make(128)
-    before = vm._state()
+    before = sim_state(vm)
     with raises_errno(errno.EINVAL):
         vm.set_user_memory_region(region(0, 0, 64))  # size change
     with raises_errno(errno.EINVAL):
@@ -126,7 +127,7 @@ def test_modify_rules() -> None:
     vm.set_user_memory_region(region(1, 1 << 30, 64, 0, host_off=512))
     with raises_errno(errno.EEXIST):
         vm.set_user_memory_region(region(1, 100 * P, 64, 0, host_off=512))  # move onto slot 0
-    after = vm._state()
+    after = sim_state(vm)
     np.testing.assert_equal(after, before | {"slots": after["slots"]})
     assert set(after["slots"]) == {0, 1}
     vm.set_user_memory_region(region(0, 0, 128))  # identical: nothing to do
@@ -137,14 +138,14 @@ def test_move_zaps_old_mappings_and_keeps_the_bitmap() -> None:
     vm.vcpu_write(np.array([1, 2, 70]))
     vm.set_user_memory_region(region(0, 1 << 30, 128))
     assert vm.memslot(0) == ((1 << 30) // P, 128, LOG)
-    assert not vm.inspect_spte(1).present
-    vm._check_invariants()
+    assert not inspect_spte(vm, 1).present
+    check_invariants(vm)
     with raises_errno(errno.EFAULT):
         vm.vcpu_write(np.array([1]))
     assert get(vm, npages=128) == [1, 2, 70]  # bits are per page of the slot
     vm.vcpu_write(np.array([(1 << 30) // P + 5]))
     assert get(vm, npages=128) == [5]
-    vm._check_invariants()
+    check_invariants(vm)
 
 
 def test_log_dirty_pages_on_protects_and_off_drops_the_bitmap() -> None:
@@ -152,19 +153,19 @@ def test_log_dirty_pages_on_protects_and_off_drops_the_bitmap() -> None:
     vm.vcpu_write(np.arange(128))
     with raises_errno(errno.ENOENT):
         get(vm)  # not logging: no dirty_bitmap
-    assert vm.inspect_spte(7).writable
+    assert inspect_spte(vm, 7).writable
     s0 = vm.statistics()
     vm.set_user_memory_region(region(0, 0, 128, LOG))
     d = delta(vm, s0)
     assert d["sptes_write_protected"] == 128 and d["tlb_flushes"] == 1
-    assert not vm.inspect_spte(7).writable and vm.inspect_spte(7).mmu_writable
+    assert not inspect_spte(vm, 7).writable and inspect_spte(vm, 7).mmu_writable
     assert get(vm, npages=128) == []
     vm.vcpu_write(np.array([7]))
     assert get(vm, npages=128) == [7]
     vm.set_user_memory_region(region(0, 0, 128, 0))
     with raises_errno(errno.ENOENT):
         get(vm)
-    vm._check_invariants()
+    check_invariants(vm)
 
 
 def test_manual_initially_set_log_on_protects_nothing() -> None:
@@ -182,21 +183,21 @@ def test_manual_initially_set_log_on_protects_nothing() -> None:
 def test_guest_access_errors_before_any_effect() -> None:
     vm = make(64)
     vm.set_user_memory_region(region(1, 1 << 20, 8, 0, host_off=100))
-    before = vm._state()
+    before = sim_state(vm)
     with raises_errno(errno.EFAULT):
         vm.vcpu_write(np.array([1, 2, 64]))  # 64 is in no slot
     with raises_errno(errno.EFAULT):
         vm.vcpu_read(np.array([(1 << 20) // P + 8, 3]))
     with raises_errno(errno.EBADF):
         vm.vcpu_write(np.array([1]), vcpu=1)
-    np.testing.assert_equal(vm._state(), before)
+    np.testing.assert_equal(sim_state(vm), before)
     vm.set_user_memory_region(UserMemoryRegion(2, K.KVM_MEM_READONLY, 1 << 22, 8 * P, _RAM.host[200 * P :]))
     with raises_errno(errno.EFAULT):
         vm.vcpu_write(np.array([(1 << 22) // P]))
     vm.vcpu_read(np.array([(1 << 22) // P]))
-    ro = vm.inspect_spte((1 << 22) // P)
+    ro = inspect_spte(vm, (1 << 22) // P)
     assert ro.present and not ro.writable and not ro.mmu_writable and not ro.possibly_writable
-    vm._check_invariants()
+    check_invariants(vm)
 
 
 def test_host_memory_helpers_write_in_place() -> None:
@@ -264,7 +265,7 @@ def test_legacy_get_protects_and_the_next_write_is_logged() -> None:
     vm.vcpu_write(np.array([3, 100, 3, 200]))
     assert vm.statistics()["faults_map"] == 3
     assert get(vm) == [3, 100, 200]
-    info = vm.inspect_spte(100)
+    info = inspect_spte(vm, 100)
     assert not info.writable and info.mmu_writable and info.possibly_writable and info.in_rmap
     st0 = vm.statistics()
     assert get(vm) == []
@@ -277,7 +278,7 @@ def test_legacy_get_protects_and_the_next_write_is_logged() -> None:
     assert vm.statistics()["faults_fast"] == s0["faults_fast"] + 1
     assert get(vm) == [100]
     assert vm.statistics()["sptes_write_protected"] == 4
-    vm._check_invariants()
+    check_invariants(vm)
 
 
 def test_reads_map_read_only_in_logged_slots() -> None:
@@ -285,12 +286,12 @@ def test_reads_map_read_only_in_logged_slots() -> None:
     vm.set_user_memory_region(region(1, 1 << 20, 64, 0, host_off=200))
     vm.vcpu_read(np.array([4, (1 << 20) // P + 1]))
     assert get(vm, npages=128) == []
-    assert not vm.inspect_spte(4).writable and vm.inspect_spte(4).mmu_writable
-    assert vm.inspect_spte((1 << 20) // P + 1).writable  # unlogged: writable at once
+    assert not inspect_spte(vm, 4).writable and inspect_spte(vm, 4).mmu_writable
+    assert inspect_spte(vm, (1 << 20) // P + 1).writable  # unlogged: writable at once
     vm.vcpu_write(np.array([4]))
     assert vm.statistics()["faults_fast"] == 1
     assert get(vm, npages=128) == [4]
-    vm._check_invariants()
+    check_invariants(vm)
 
 
 # ---------------------------------------------------------------------------
@@ -323,7 +324,7 @@ def test_manual_initially_set_get_reports_all_and_does_not_clear() -> None:
     vm.vcpu_write(np.array([70, 71]))
     assert vm.statistics()["faults_fast"] == 2
     assert 70 in get(vm) and 72 not in get(vm)
-    vm._check_invariants()
+    check_invariants(vm)
 
 
 def _clean_manual_slot() -> SimKVM:
@@ -342,8 +343,8 @@ def test_manual_clear_of_read_bits_keeps_a_write_between_get_and_clear() -> None
     vm.vcpu_write(np.array([20]))  # page 20 is clean (protected): faults, bit set
     clear(vm, seen)  # only the bits we read
     assert get(vm) == [20]  # reported next time: not lost
-    assert not vm.inspect_spte(10).writable
-    vm._check_invariants()
+    assert not inspect_spte(vm, 10).writable
+    check_invariants(vm)
 
 
 def test_manual_clear_with_all_ones_loses_that_write() -> None:
@@ -353,9 +354,9 @@ def test_manual_clear_with_all_ones_loses_that_write() -> None:
     vm.vcpu_write(np.array([20]))
     clear(vm, list(range(256)))  # all ones: wrong
     assert get(vm) == []  # page 20 was written but is never reported: lost
-    assert vm.inspect_spte(20).mmu_writable and not vm.inspect_spte(20).writable
+    assert inspect_spte(vm, 20).mmu_writable and not inspect_spte(vm, 20).writable
     # the kernel's state is still self-consistent: it is userspace's mistake
-    vm._check_invariants()
+    check_invariants(vm)
 
 
 def test_manual_write_to_an_already_dirty_page_before_clear_is_not_reported() -> None:
@@ -404,13 +405,13 @@ def test_write_protect_all_pushes_down_and_logs_every_write() -> None:
     vm = make(4096, nr_vcpus=2)  # 16 MiB: 8 L1 tables under one L2 table
     vm.vcpu_write(np.arange(4096))
     assert len(get(vm, flags=WWP, npages=4096)) == 4096  # snapshot + clear, nothing protected
-    assert vm.inspect_spte(9).writable
+    assert inspect_spte(vm, 9).writable
     s0 = vm.statistics()
     vm.write_protect_all(True)
     assert delta(vm, s0) == {"write_protect_all_calls": 1}  # O(1): no sptes touched
     assert vm.write_protect_all_indicator == 1 << 63 | 1
-    assert not vm.inspect_spte(9).effectively_writable  # root reload pending
-    vm._check_invariants()
+    assert not inspect_spte(vm, 9).effectively_writable  # root reload pending
+    check_invariants(vm)
 
     s0 = vm.statistics()
     vm.vcpu_write(np.array([9]))
@@ -425,7 +426,7 @@ def test_write_protect_all_pushes_down_and_logs_every_write() -> None:
     lv = vm._mmus[0].levels
     assert lv[4].pwc[0] == 1 and lv[3].pwc[lv[3].lookup(np.array([0]))[0]] == 1
     assert lv[2].pwc[lv[2].lookup(np.array([0]))[0]] == 1  # 7 other L2 entries protected
-    vm._check_invariants()
+    check_invariants(vm)
 
     s0 = vm.statistics()
     vm.vcpu_write(np.arange(4096), vcpu=1)
@@ -435,7 +436,7 @@ def test_write_protect_all_pushes_down_and_logs_every_write() -> None:
     # page 9 was protected again by the legacy GET above: it faults too
     assert d["faults_fast"] == 4096 - 7 and d["tlb_flushes"] == 7 and d["mmu_lock_acquisitions"] == 8
     assert get(vm, npages=4096) == list(range(4096))
-    vm._check_invariants()
+    check_invariants(vm)
 
 
 def test_reads_do_not_push_protection_down() -> None:
@@ -449,7 +450,7 @@ def test_reads_do_not_push_protection_down() -> None:
     assert "faults_push_down" not in d and d["root_reloads"] == 1
     vm.vcpu_write(np.array([600]))
     assert delta(vm, s0)["faults_push_down"] == 3
-    vm._check_invariants()
+    check_invariants(vm)
 
 
 def test_get_without_write_protect_alone_leaves_writes_unlogged() -> None:
@@ -459,10 +460,10 @@ def test_get_without_write_protect_alone_leaves_writes_unlogged() -> None:
     get(vm, flags=WWP)
     vm.vcpu_write(np.array([5]))
     assert get(vm, flags=WWP) == []  # not logged: page 5 is only in the first snapshot
-    vm._check_invariants()  # fine while that snapshot is outstanding (rule 4)
+    check_invariants(vm)  # fine while that snapshot is outstanding (rule 4)
     vm._wp_all_epoch += 1  # the snapshot's pages are consumed, but nothing was protected
     with pytest.raises(AssertionError, match="not dirty"):
-        vm._check_invariants()
+        check_invariants(vm)
 
 
 def test_write_protect_all_disable() -> None:
@@ -477,14 +478,14 @@ def test_write_protect_all_disable() -> None:
     vm.vcpu_write(np.array([1000]))  # read-only L2 entry: made writable, child not protected
     d = delta(vm, s0)
     assert d["faults_push_down"] == 1 and "sptes_write_protected" not in d and "tlb_flushes" not in d
-    assert vm.inspect_spte(1001).effectively_writable  # stale table left writable
+    assert inspect_spte(vm, 1001).effectively_writable  # stale table left writable
     vm.vcpu_write(np.array([1001]))
     assert get(vm, npages=2048) == [0, 1000]  # 1001's write is not logged: tracking is off
     # enabling again protects everything, stale tables included
     vm.write_protect_all(True)
     vm.vcpu_write(np.array([1002]))
     assert get(vm, npages=2048) == [1002]
-    vm._check_invariants()
+    check_invariants(vm)
 
 
 @pytest.mark.parametrize("stamp", ["current", "next"])
@@ -511,44 +512,44 @@ def test_tables_created_after_write_protect_all(stamp: str, monkeypatch: pytest.
     l1 = vm._mmus[0].levels[1]
     assert l1.gen[l1.lookup(np.array([1]))[0]] == (1 if stamp == "current" else 2)
     assert get(vm, flags=WWP, npages=2048) == [700, 701]  # snapshot; both stay writable
-    vm._check_invariants()
+    check_invariants(vm)
     vm.write_protect_all(True)  # generation 2: the new table is stale now
-    vm._check_invariants()
+    check_invariants(vm)
     vm.vcpu_write(np.array([700]))  # pushes the protection down to the new table
     vm.vcpu_write(np.array([701]))
     if stamp == "current":
         assert get(vm, npages=2048) == [700, 701]  # the load protected 701: its write faulted
-        vm._check_invariants()
+        check_invariants(vm)
     else:
         # the load skipped the "current" table: 701 was written without a fault
         assert get(vm, npages=2048) == [700]
         vm.vcpu_write(np.array([701]))
         with pytest.raises(AssertionError, match="not dirty"):
-            vm._check_invariants()
+            check_invariants(vm)
 
 
 def test_invariant_checker_catches_corruption() -> None:
     vm = make(256)
     vm.vcpu_write(np.arange(256))
-    vm._check_invariants()
+    check_invariants(vm)
     lev = vm._mmus[0].levels[1]
     lev.pwc[0] += 1
     with pytest.raises(AssertionError, match="possiable_writable_sptes"):
-        vm._check_invariants()
+        check_invariants(vm)
     lev.pwc[0] -= 1
     lev.ent[0, 3] &= np.uint8(0xEF)  # drop a possible_writable bit
     with pytest.raises(AssertionError, match="possible_writable bit"):
-        vm._check_invariants()
+        check_invariants(vm)
     lev.ent[0, 3] |= np.uint8(0x10)
     vm._slots[0].rmap[7] = False
     with pytest.raises(AssertionError, match="rmap"):
-        vm._check_invariants()
+        check_invariants(vm)
     vm._slots[0].rmap[7] = True
     get(vm)
-    vm._check_invariants()
+    check_invariants(vm)
     lev.ent[0, 9] |= np.uint8(0x02)  # a writable leaf nothing logged
     with pytest.raises(AssertionError, match="not dirty"):
-        vm._check_invariants()
+        check_invariants(vm)
 
 
 # ---------------------------------------------------------------------------
@@ -562,9 +563,9 @@ def test_pml_logs_with_dirty_bits_not_write_protection() -> None:
         get(vm, flags=WWP)
     vm.vcpu_write(np.array([1, 2]))
     vm.vcpu_read(np.array([3]))
-    assert vm.inspect_spte(3).writable and not vm.inspect_spte(3).dirty_bit
+    assert inspect_spte(vm, 3).writable and not inspect_spte(vm, 3).dirty_bit
     assert get(vm) == [1, 2]
-    info = vm.inspect_spte(1)
+    info = inspect_spte(vm, 1)
     assert info.writable and not info.dirty_bit
     assert vm.statistics()["sptes_dirty_cleared"] == 2 and vm.statistics()["sptes_write_protected"] == 0
     s0 = vm.statistics()
@@ -574,7 +575,7 @@ def test_pml_logs_with_dirty_bits_not_write_protection() -> None:
     vm.vcpu_write(np.array([1]))  # D set: nothing
     assert vm.statistics()["pml_logged"] == 2 + s0["pml_logged"]
     assert get(vm) == [1, 3]
-    vm._check_invariants()
+    check_invariants(vm)
 
 
 def test_pml_manual_clear_clears_dirty_bits() -> None:
@@ -584,10 +585,10 @@ def test_pml_manual_clear_clears_dirty_bits() -> None:
     vm.vcpu_write(np.array([5, 6]))
     assert get(vm, npages=128) == [5, 6]
     clear(vm, [5], 0, 128)
-    assert not vm.inspect_spte(5).dirty_bit and vm.inspect_spte(6).dirty_bit
+    assert not inspect_spte(vm, 5).dirty_bit and inspect_spte(vm, 6).dirty_bit
     vm.vcpu_write(np.array([5, 6]))
     assert get(vm, npages=128) == [5, 6]
-    vm._check_invariants()
+    check_invariants(vm)
 
 
 def test_pml_log_enable_clears_dirty_bits() -> None:
@@ -680,8 +681,8 @@ def test_batch_equals_one_page_at_a_time(ops: list, pml: bool, manual_flags: int
         out_b = _apply(batch, op, False)
         out_s = _apply(single, op, True)
         np.testing.assert_equal(out_b, out_s)
-        np.testing.assert_equal(batch._state(), single._state())
+        np.testing.assert_equal(sim_state(batch), sim_state(single))
         sb, ss = batch.statistics().to_dict(), single.statistics().to_dict()
         del sb["mmu_lock_hold_ns"], ss["mmu_lock_hold_ns"]
         assert sb == ss, op
-        batch._check_invariants()
+        check_invariants(batch)

@@ -35,6 +35,7 @@ import pytest
 from memory import RAMBlock
 from memory.kvm import SimKVM, UserMemoryRegion
 from memory.kvm import linux_kvm as K
+from tests.simkit import inspect_spte
 
 NPAGES = 64
 PAGE = 5  # the gfn the guest writes (slot at gpa 0)
@@ -68,7 +69,7 @@ def _setup(kind: str) -> tuple[SimKVM, np.ndarray]:
         # P mapped, then protected and clean: the next write is a fast page fault
         vm.vcpu_write(np.array([PAGE]))
         vm.get_dirty_log(0, bm)
-        assert not vm.inspect_spte(PAGE).writable and vm.inspect_spte(PAGE).mmu_writable
+        assert not inspect_spte(vm, PAGE).writable and inspect_spte(vm, PAGE).mmu_writable
     elif kind == "map":
         # P never touched, its neighbour mapped (and clean): the write maps
         # P's leaf in tables that exist
@@ -77,7 +78,7 @@ def _setup(kind: str) -> tuple[SimKVM, np.ndarray]:
     else:
         # nothing mapped: the fault also creates and links the tables
         assert kind == "map_cold"
-    assert not vm.inspect_spte(PAGE).dirty_logged
+    assert not inspect_spte(vm, PAGE).dirty_logged
     # the previous round copied everything
     return vm, _BLOCK.pages.copy()
 
@@ -121,7 +122,7 @@ def _observe(run: Run, actor: str, step) -> None:
             run.made_writable = run.marked = False  # a new fault begins
     elif action == "xchg":
         run.snapshot.update(step.gfns)
-    info = run.vm.inspect_spte(PAGE)
+    info = inspect_spte(run.vm, PAGE)
     in_window = run.made_writable and not run.marked
     if info.effectively_writable and not (info.dirty_logged or PAGE in run.snapshot or in_window):
         run.violations.append(list(run.trace))
@@ -274,7 +275,7 @@ def _setup_push_down() -> tuple[SimKVM, np.ndarray]:
     dest = _BLOCK.pages.copy()  # the snapshot's pages, copied after WP-all
     vm._enter_guest(0, 0)
     vm._enter_guest(1, 0)
-    assert vm.inspect_spte(Q).writable and not vm.inspect_spte(Q).effectively_writable
+    assert inspect_spte(vm, Q).writable and not inspect_spte(vm, Q).effectively_writable
     return vm, dest
 
 
@@ -303,7 +304,7 @@ def _explore_two_vcpus(order: str) -> list[tuple[list, list, bool]]:
             elif step.action == "store":
                 done.add(v)
             for v2, page in ((0, PAGE), (1, Q)):
-                info = vm.inspect_spte(page)
+                info = inspect_spte(vm, page)
                 if info.effectively_writable and not info.dirty_logged and not window[v2]:
                     violations.append((page, list(trace)))
         return vm, dest, trace, violations, done

@@ -15,6 +15,7 @@ from memory import RAMBlock
 from memory.kvm import SimKVM, UserMemoryRegion
 from memory.kvm.sim import _sim_shm as S
 from memory.kvm import linux_kvm as K
+from tests.simkit import check_invariants, inspect_spte
 
 P = 4096
 _RAM = RAMBlock("test-sim-shared", 1024 * P)
@@ -33,16 +34,16 @@ def test_an_attached_view_sees_the_same_mmu_and_memory() -> None:
     # a fault taken through the attached view (as a vCPU process does) ...
     other.vcpu_write(np.arange(10), 1)
     # ... is the VMM's state: leaves, rmap, dirty bits, per-vCPU statistics
-    assert vm.inspect_spte(3).writable and vm.inspect_spte(3).dirty_logged
+    assert inspect_spte(vm, 3).writable and inspect_spte(vm, 3).dirty_logged
     assert vm.vcpu_statistics(1)["faults_map"] == 10 and vm.vcpu_statistics(0)["faults_map"] == 0
     bm = np.zeros(4, np.uint64)
     vm.get_dirty_log(0, bm)
     assert np.flatnonzero(np.unpackbits(bm.view(np.uint8), bitorder="little")).tolist() == list(range(10))
-    assert not other.inspect_spte(3).writable  # protected by the VMM's GET, seen by the vCPU
+    assert not inspect_spte(other, 3).writable  # protected by the VMM's GET, seen by the vCPU
     # the host pages are the RAM block's, not a copy
     other._slots[0].pages[5, 0] = 0x5A
     assert _RAM.pages[5, 0] == 0x5A
-    vm._check_invariants()
+    check_invariants(vm)
 
 
 def test_atomics() -> None:
@@ -97,7 +98,7 @@ def test_tlb_flush_waits_for_a_vcpu_in_guest_mode() -> None:
     t, done = _in_thread(lambda: vm.get_dirty_log(0, bm))
     time.sleep(0.05)
     assert not done, "GET returned while a vCPU could still store through a writable spte it protected"
-    assert not vm.inspect_spte(5).writable  # protected already; only the flush is pending
+    assert not inspect_spte(vm, 5).writable  # protected already; only the flush is pending
     ctl[1, S.C_GUEST_SEQ] = 2  # the vCPU exits guest mode
     t.join(5)
     assert done
@@ -173,10 +174,10 @@ def test_dirty_ring_in_order_harvest_reset_and_full() -> None:
     vm.vcpu_write(np.array([2]), 1)
     slots, offs = vm.harvest_dirty_rings()
     assert offs.tolist() == [5, 3, 7, 9, 2] and set(slots.tolist()) == {0}  # vCPU 0's ring, then vCPU 1's
-    assert vm.inspect_spte(3).writable  # harvested, not yet reset
+    assert inspect_spte(vm, 3).writable  # harvested, not yet reset
     assert vm.harvest_dirty_rings()[1].size == 0  # nothing twice
     assert vm.reset_dirty_rings() == 5
-    assert not vm.inspect_spte(3).writable and not vm.inspect_spte(2).writable  # re-protected
+    assert not inspect_spte(vm, 3).writable and not inspect_spte(vm, 2).writable  # re-protected
     vm.vcpu_write(np.array([3]), 1)  # faults again, a new entry
     assert vm.harvest_dirty_rings()[1].tolist() == [3]
     vm.reset_dirty_rings()
@@ -187,7 +188,7 @@ def test_dirty_ring_in_order_harvest_reset_and_full() -> None:
     with pytest.raises(OSError) as ei:
         vm.vcpu_write(np.arange(100, 200), 0)  # 100 new faults: past the hard limit
     assert ei.value.errno == errno.ENOSPC
-    assert not vm.inspect_spte(150).present  # refused before any change
+    assert not inspect_spte(vm, 150).present  # refused before any change
     vm.harvest_dirty_rings()
     assert vm.reset_dirty_rings() == free
     assert vm.ring_free(0) == 128 - S.RING_RSVD_ENTRIES

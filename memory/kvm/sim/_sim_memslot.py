@@ -13,9 +13,9 @@ from . import _sim_shm as S
 from .. import linux_kvm as K
 
 if TYPE_CHECKING:
-    from numpy.typing import NDArray
+    from numpy.typing import ArrayLike, NDArray
 
-    from .simulated import SimKVM
+    from ._sim_vm import SimVMCore
 
 
 def err(code: int, msg: str) -> OSError:
@@ -34,7 +34,8 @@ class MemSlot:
 
     __slots__ = ("row", "_t", "e", "as_id", "id", "npages", "pages", "rmap", "_dirty")
 
-    def __init__(self, table: NDArray[np.int64], e: int, pages, rmap, dirty) -> None:  # noqa: ANN001
+    def __init__(self, table: NDArray[np.int64], e: int, pages: NDArray[np.uint8] | None, rmap: NDArray[np.bool_],
+                 dirty: NDArray[np.uint64]) -> None:
         self._t = table
         self.e = e
         self.row = table[e]
@@ -61,6 +62,19 @@ class MemSlot:
         return self._dirty if self.row[S.S_LOGGING] else None
 
     @property
+    def host_pages(self) -> NDArray[np.uint8]:
+        """:attr:`pages` of a slot that has host memory (EFAULT otherwise)."""
+        if self.pages is None:
+            raise err(errno.EFAULT, f"slot {self.id} has no host memory")
+        return self.pages
+
+    @property
+    def bitmap(self) -> NDArray[np.uint64]:
+        """The dirty bitmap's words whether or not the slot logs: for callers
+        that checked :attr:`dirty` (KVM_GET_DIRTY_LOG on a logging slot)."""
+        return self._dirty
+
+    @property
     def dirty_addr(self) -> int:
         return int(self._dirty.ctypes.data)
 
@@ -73,7 +87,7 @@ class MemSlot:
         return bool(self.row[S.S_LOGGING])
 
 
-def as_gfns(gfns) -> NDArray[np.int64]:  # noqa: ANN001
+def as_gfns(gfns: ArrayLike) -> NDArray[np.int64]:
     g = np.asarray(gfns)
     if g.dtype.kind not in "iu":
         raise TypeError(f"gfns must be integers, not {g.dtype}")
@@ -98,10 +112,11 @@ def unique_first(g: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.in
 def bitmap_pages(words: NDArray[np.uint64], word_idx: NDArray[np.int64]) -> NDArray[np.int64]:
     """Page indices of the set bits of ``words[word_idx]`` (little-endian bit order)."""
     pos = np.flatnonzero(np.unpackbits(words[word_idx].view(np.uint8), bitorder="little"))
-    return (word_idx[pos >> 6] << 6) + (pos & 63)
+    out: NDArray[np.int64] = (word_idx[pos >> 6] << 6) + (pos & 63)
+    return out
 
 
-def apply_flags(kvm: SimKVM, ms: MemSlot, flags: int) -> None:
+def apply_flags(kvm: SimVMCore, ms: MemSlot, flags: int) -> None:
     """kvm_prepare_memory_region's bitmap + kvm_mmu_slot_apply_flags.
 
     Order (the memslot update protocol): the new flags and bitmap are
@@ -144,7 +159,7 @@ def apply_flags(kvm: SimKVM, ms: MemSlot, flags: int) -> None:
             kvm._flush_remote_tlbs()
 
 
-def zap_slot(kvm: SimKVM, ms: MemSlot) -> None:
+def zap_slot(kvm: SimVMCore, ms: MemSlot) -> None:
     """kvm_arch_flush_shadow_memslot: drop every leaf of the slot (mmu_lock)."""
     with kvm._mmu_lock:
         pages = np.flatnonzero(ms.rmap)

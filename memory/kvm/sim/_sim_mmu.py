@@ -32,14 +32,19 @@ whole tables at once and maintains both itself.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._sim_shm import FAULT_ORDERS
 from ._sim_shm import H_DIR_SEQ as H_DIR_SEQ_WORD
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from numpy.typing import NDArray
+
+    from ._sim_shm import SharedState, StatRow
 
 #: entries per table (KVM_MMU_SP_ENTRY_NR) and its log2
 SPTE_ENT_SHIFT = 9
@@ -84,6 +89,9 @@ WP_ALL_ENABLE_MASK = 1 << WP_ALL_ENABLE_BIT
 WP_ALL_GEN_MASK = WP_ALL_ENABLE_MASK - 1
 
 _EMPTY_I64 = np.empty(0, dtype=np.int64)
+
+#: the broken push-down order (rule 6 reversed), as a fault-order code
+ORDER_UPPER_FIRST = FAULT_ORDERS.index("upper_first")
 
 
 def is_write_protect_all_enabled(indicator: int) -> bool:
@@ -136,14 +144,11 @@ class _Level:
 
     __slots__ = ("level", "shift", "_ids", "_rows_of", "ent", "gen", "pwc", "tid", "_n", "_ni", "_hdr", "capacity")
 
-    def __init__(self, level: int, views: dict | None = None, n_ref=None, hdr=None) -> None:  # noqa: ANN001
+    def __init__(self, level: int, views: dict[str, NDArray[Any]], n_ref: tuple[NDArray[np.int64], int],
+                 hdr: NDArray[np.int64]) -> None:
         self.level = level
         #: entry id = gfn >> shift; table id = gfn >> (shift + 9)
         self.shift = SPTE_ENT_SHIFT * (level - 1) if level else 0
-        if views is None:  # level 0: a placeholder, never used
-            views = {k: np.zeros((1, SPTE_ENT_NR) if k == "ent" else 1, dtype=np.uint8 if k == "ent" else np.int64)
-                     for k in ("ent", "gen", "pwc", "tid", "ids", "rows_of")}
-            n_ref, hdr = (np.zeros(1, dtype=np.int64), 0), np.zeros(8, dtype=np.int64)
         self.ent: NDArray[np.uint8] = views["ent"]
         self.gen: NDArray[np.int64] = views["gen"]
         self.pwc: NDArray[np.int64] = views["pwc"]
@@ -153,6 +158,13 @@ class _Level:
         self._n, self._ni = n_ref
         self._hdr = hdr
         self.capacity = int(self.gen.size)
+
+    @classmethod
+    def placeholder(cls) -> _Level:
+        """Level 0: no tables (it keeps ``levels[L]`` indexed by level), never used."""
+        views = {k: np.zeros((1, SPTE_ENT_NR) if k == "ent" else 1, dtype=np.uint8 if k == "ent" else np.int64)
+                 for k in ("ent", "gen", "pwc", "tid", "ids", "rows_of")}
+        return cls(0, views, (np.zeros(1, dtype=np.int64), 0), np.zeros(8, dtype=np.int64))
 
     @property
     def n(self) -> int:
@@ -230,7 +242,8 @@ class WalkResult:
 
     __slots__ = ("leaf_index", "slow", "flushes", "upper_slow_faults")
 
-    def __init__(self, leaf_index, slow, flushes, upper_slow_faults) -> None:  # noqa: ANN001
+    def __init__(self, leaf_index: NDArray[np.int64], slow: NDArray[np.bool_] | None, flushes: int,
+                 upper_slow_faults: int) -> None:
         #: flat index of each page's leaf spte in level 1
         self.leaf_index: NDArray[np.int64] = leaf_index
         #: pages whose fault took the slow path because of an upper entry
@@ -244,11 +257,11 @@ class WalkResult:
 class Mmu:
     """The tables of one address space (one direct-map root, shared by vCPUs)."""
 
-    def __init__(self, stats, state, as_id: int, gen: int, *, create_root: bool) -> None:  # noqa: ANN001
+    def __init__(self, stats: StatRow, state: SharedState, as_id: int, gen: int, *, create_root: bool) -> None:
         self.stats = stats
         hdr = state["hdr"]
         n = state["level_n"][as_id]
-        levels = [_Level(0)]
+        levels = [_Level.placeholder()]
         for lv in range(1, ROOT_LEVEL + 1):
             pre = f"mmu{as_id}_l{lv}_"
             views = {k: state[pre + k] for k in ("ent", "gen", "pwc", "tid", "ids", "rows_of")}
@@ -351,18 +364,44 @@ class Mmu:
         first: NDArray[np.int64] | None,
         write: bool,
         indicator: int,
+        order: int = 0,
     ) -> WalkResult:
-        """Walk the upper levels for the sorted unique pages ``u``.
+        """:meth:`walk_phases` run through: the vectorised fault path's walk."""
+        out: list[WalkResult] = []
+        for _ in self.walk_phases(u, first, write, indicator, order, out):
+            pass
+        return out[0]
+
+    def walk_phases(
+        self,
+        u: NDArray[np.int64],
+        first: NDArray[np.int64] | None,
+        write: bool,
+        indicator: int,
+        order: int,
+        out: list[WalkResult],
+    ) -> Iterator[str]:
+        """Walk the upper levels for the sorted unique pages ``u``, one phase
+        per ``yield`` (the phase's name); the :class:`WalkResult` is appended
+        to ``out`` at the end.
 
         ``first[i]`` is the position of ``u[i]``'s first occurrence in the
         batch (None: the batch was ``u`` itself).  Level by level, top-down,
         over the unique entries on the batch's paths:
 
         * a missing entry: create the child table (current generation,
-          empty) and link it writable (link_shadow_page);
+          empty) and link it writable (link_shadow_page): ``link_table_lN``;
         * on a write, a read-only entry: handle_readonly_upper_spte:
-          mmu_load_shadow_page(child) first, THEN make the entry writable.
-          Reads leave read-only entries alone.
+          mmu_load_shadow_page(child) first, THEN make the entry writable
+          (one phase, ``push_down_lN``: both under mmu_lock, and no walker
+          uses the entry before it is writable).  ``order``
+          :data:`ORDER_UPPER_FIRST` is the broken variant the tests must
+          catch: the entry first (``push_down_upper_lN``), then the child
+          (``load_child_lN``).  Reads leave read-only entries alone.
+
+        Every level re-reads its entries after the previous phase, so the
+        step model (:mod:`._sim_steps`), which lets other actors run between
+        phases, runs this same code; the vectorised path runs it through.
 
         The result is what feeding the pages one at a time would give: a
         table is loaded when its parent entry is first made writable, which
@@ -391,27 +430,42 @@ class Mmu:
         flush_firsts: list[NDArray[np.int64]] = []
         for level, e, f in ((4, e4, f4), (3, e3, f3), (2, e2, f2)):
             lev = self.levels[level]
+            child = self.levels[level - 1]
             rows = lev.lookup(e >> SPTE_ENT_SHIFT)
             flat_idx = rows * SPTE_ENT_NR + (e & (SPTE_ENT_NR - 1))
             fl = lev.flat[flat_idx]
             miss = (fl & SPTE_PRESENT) == 0
             if miss.any():
-                self.levels[level - 1].create(e[miss], gen)
+                child.create(e[miss], gen)
                 self.spte_write(level, flat_idx[miss], np.full(int(miss.sum()), UPPER_LINK), fl[miss])
                 self.stats["tables_created"] += int(miss.sum())
                 slow_firsts.append(f[miss])
-            if write:
-                ro = ~miss & ((fl & SPTE_WRITABLE) == 0)
-                if ro.any():
-                    # handle_readonly_upper_spte: protect the child BEFORE
-                    # making this entry writable (rule 6 in simulated.py)
-                    child_rows = self.levels[level - 1].lookup(e[ro])
-                    protected = self.load_tables(level - 1, child_rows, indicator)
-                    self.spte_write(level, flat_idx[ro], fl[ro] | SPTE_WRITABLE, fl[ro])
-                    self.stats["faults_push_down"] += int(ro.sum())
-                    fr = f[ro]
-                    slow_firsts.append(fr)
-                    flush_firsts.append(fr[protected > 0])
+                yield f"link_table_l{level}"
+            if not write:
+                continue
+            ro = ~miss & ((fl & SPTE_WRITABLE) == 0)
+            if not ro.any():
+                continue
+            self.stats["faults_push_down"] += int(ro.sum())
+            fr = f[ro]
+            slow_firsts.append(fr)
+            child_rows = child.lookup(e[ro])
+            if order == ORDER_UPPER_FIRST:
+                # BROKEN (rule 6 reversed, for the tests): the entry is
+                # writable while its child table still holds the writable
+                # entries of the old generation
+                self.spte_write(level, flat_idx[ro], fl[ro] | SPTE_WRITABLE, fl[ro])
+                yield f"push_down_upper_l{level}"
+                protected = self.load_tables(level - 1, child_rows, indicator)
+                flush_firsts.append(fr[protected > 0])
+                yield f"load_child_l{level}"
+                continue
+            # handle_readonly_upper_spte: protect the child BEFORE making
+            # this entry writable (rule 6 in simulated.py)
+            protected = self.load_tables(level - 1, child_rows, indicator)
+            self.spte_write(level, flat_idx[ro], fl[ro] | SPTE_WRITABLE, fl[ro])
+            flush_firsts.append(fr[protected > 0])
+            yield f"push_down_l{level}"
         rows1 = self.levels[1].lookup(e2)
         leaf_index = np.repeat(rows1 * SPTE_ENT_NR, run_lengths(s2, n)) + (u & (SPTE_ENT_NR - 1))
 
@@ -430,7 +484,7 @@ class Mmu:
                 slow[inv[sf]] = True
             if flush_firsts:
                 flushes = int(sorted_unique(np.concatenate(flush_firsts)).size)
-        return WalkResult(leaf_index, slow, flushes, upper_slow)
+        out.append(WalkResult(leaf_index, slow, flushes, upper_slow))
 
     # ------------------------------------------------------------------
     # leaves by gfn (rmap walks)
@@ -447,7 +501,7 @@ class Mmu:
         idx = rows_rep * SPTE_ENT_NR + (gfns & (SPTE_ENT_NR - 1))
         return np.where(rows_rep < 0, -1, idx)
 
-    def _clear_leaf_bit(self, leaf_idx: NDArray[np.int64], bit: int, keep: int, stat: str) -> int:
+    def _clear_leaf_bit(self, leaf_idx: NDArray[np.int64], bit: np.uint8, keep: np.uint8, stat: str) -> int:
         """Clear ``bit`` (``keep`` = ~bit) on the leaves that have it; count them in ``stat``."""
         if leaf_idx.size == 0:
             return 0
@@ -479,11 +533,6 @@ class Mmu:
         self.stats["sptes_zapped"] += n
         return n
 
-    def upper_flags(self, gfns: NDArray[np.int64]) -> list[NDArray[np.uint8]]:
-        """Flags of the level 4, 3 and 2 entries on the paths of ``gfns`` (0: missing)."""
-        return [self._entry_flags(level, gfns >> self.levels[level].shift).astype(np.uint8)
-                for level in (4, 3, 2)]
-
     def _entry_flags(self, level: int, e: NDArray[np.int64]) -> NDArray[np.uint8]:
         """Flags of the level-``level`` entries with ids ``e`` (0: table missing)."""
         lev = self.levels[level]
@@ -511,72 +560,3 @@ class Mmu:
                 e = e >> SPTE_ENT_SHIFT
             ok &= (self._entry_flags(level, e) & UPPER_LINK) == UPPER_LINK
         return np.repeat(ok, run_lengths(s, n))
-
-    # ------------------------------------------------------------------
-    # introspection
-    # ------------------------------------------------------------------
-    def present_leaves(self) -> tuple[NDArray[np.int64], NDArray[np.uint8]]:
-        """(sorted gfns, flags) of every present leaf."""
-        lev = self.levels[1]
-        ent = lev.ent[: lev.n]
-        r, c = np.nonzero(ent & SPTE_PRESENT)
-        gfns = lev.tid[r] * SPTE_ENT_NR + c
-        flags = ent[r, c]
-        order = np.argsort(gfns, kind="stable")
-        return gfns[order], flags[order]
-
-    def snapshot(self) -> dict[int, tuple[NDArray[np.int64], NDArray[np.uint8], NDArray[np.int64], NDArray[np.int64]]]:
-        """Canonical state per level: (table ids, entries, gens, counters), by table id."""
-        out = {}
-        for level in range(1, ROOT_LEVEL + 1):
-            lev = self.levels[level]
-            rows = lev.rows_of
-            out[level] = (lev.ids.copy(), lev.ent[rows].copy(), lev.gen[rows].copy(), lev.pwc[rows].copy())
-        return out
-
-    def check(self) -> None:
-        """Structural invariants of the tables (AssertionError with evidence)."""
-        for level in range(1, ROOT_LEVEL + 1):
-            lev = self.levels[level]
-            n = lev.n
-            ent = lev.ent[:n]
-            tid = lev.tid[:n]
-            if not np.array_equal(lev.ids, np.sort(tid)) or not np.array_equal(lev.tid[lev.rows_of], lev.ids):
-                raise AssertionError(f"level {level}: table directory inconsistent")
-            p = (ent & SPTE_PRESENT) != 0
-            w = (ent & SPTE_WRITABLE) != 0
-            mw = (ent & SPTE_MMU_WRITABLE) != 0
-            d = (ent & SPTE_DIRTY) != 0
-            pw = (ent & SPTE_POSSIBLY_WRITABLE) != 0
-            bad = (w | mw | d | pw) & ~p
-            if bad.any():
-                r, c = np.argwhere(bad)[0]
-                raise AssertionError(f"level {level} table {tid[r]:#x} entry {c}: bits {ent[r, c]:#x} on a non-present spte")
-            if level == 1:
-                bad = w & ~mw
-                if bad.any():
-                    r, c = np.argwhere(bad)[0]
-                    raise AssertionError(f"leaf gfn {tid[r] * 512 + c:#x}: writable but not mmu-writable ({ent[r, c]:#x})")
-            elif (mw | d).any():
-                r, c = np.argwhere(mw | d)[0]
-                raise AssertionError(f"level {level} table {tid[r]:#x} entry {c}: leaf-only bits on an upper entry")
-            expect = p & (w | mw)
-            if not np.array_equal(expect, pw):
-                r, c = np.argwhere(expect != pw)[0]
-                raise AssertionError(
-                    f"level {level} table {tid[r]:#x} entry {c}: possible_writable bit {bool(pw[r, c])} "
-                    f"but spte {ent[r, c]:#x} is {'possibly' if expect[r, c] else 'not'} writable"
-                )
-            counts = pw.sum(axis=1)
-            if not np.array_equal(counts, lev.pwc[:n]):
-                r = int(np.flatnonzero(counts != lev.pwc[:n])[0])
-                raise AssertionError(
-                    f"level {level} table {tid[r]:#x}: possiable_writable_sptes={lev.pwc[r]} but bitmap has {counts[r]}"
-                )
-            if level > 1:
-                r, c = np.nonzero(p)
-                children = np.sort(tid[r] * SPTE_ENT_NR + c)
-                if not np.array_equal(children, self.levels[level - 1].ids):
-                    raise AssertionError(f"level {level}: present entries do not match the level {level - 1} tables")
-        if self.levels[ROOT_LEVEL].n != 1:
-            raise AssertionError("more than one root")

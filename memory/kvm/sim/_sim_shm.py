@@ -67,7 +67,9 @@ import ctypes
 import mmap
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, overload
 
 import numpy as np
 
@@ -78,8 +80,8 @@ _SEQ_CST = 5
 _lib = ctypes.CDLL("libatomic.so.1", use_errno=True)
 
 
-def _fn(name: str, restype, *argtypes):  # noqa: ANN001, ANN202
-    f = getattr(_lib, name)
+def _fn(name: str, restype: type[Any] | None, *argtypes: type[Any]) -> Callable[..., Any]:
+    f = _lib[name]
     f.restype = restype
     f.argtypes = argtypes
     return f
@@ -180,8 +182,10 @@ H_COST_FAST, H_COST_MAP, H_COST_PUSH, H_VMM_PID, H_PML, H_NR_MEMSLOTS, H_FAULT_O
 #: H_FAULT_ORDER values: the correct order of the fault paths, and the
 #: broken ones the ordering rules forbid (mutations for the tests, shared
 #: so the vCPU processes run them too): the dirty bit before the spte is
-#: writable (rule 1), the dirty bit before the rmap add (rule 2)
-FAULT_ORDERS = ("spte_first", "dirty_first", "dirty_before_rmap")
+#: writable (rule 1), the dirty bit before the rmap add (rule 2), a
+#: push-down that makes the upper entry writable before it protects the
+#: child table (rule 6)
+FAULT_ORDERS = ("spte_first", "dirty_first", "dirty_before_rmap", "upper_first")
 H_WORDS = 32
 
 #: memslot table columns (int64)
@@ -384,12 +388,18 @@ class SharedWord:
         self.index = index
         self.__doc__ = doc
 
-    def __get__(self, obj, owner=None):  # noqa: ANN001, ANN204
+    @overload
+    def __get__(self, obj: None, owner: type[object] | None = None) -> SharedWord: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type[object] | None = None) -> int: ...
+
+    def __get__(self, obj: object, owner: type[object] | None = None) -> SharedWord | int:
         if obj is None:
             return self
         return int(getattr(obj, self.array)[self.index])
 
-    def __set__(self, obj, value: int) -> None:  # noqa: ANN001
+    def __set__(self, obj: object, value: int) -> None:
         getattr(obj, self.array)[self.index] = value
 
 

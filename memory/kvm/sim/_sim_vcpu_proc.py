@@ -53,10 +53,14 @@ import json
 import os
 import sys
 import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import _sim_shm as S
+
+if TYPE_CHECKING:
+    from .workloads import Workload
 
 #: QEMU's CPU_THROTTLE_TIMESLICE_NS
 THROTTLE_TIMESLICE_S = 0.010
@@ -82,7 +86,7 @@ def vcpu_range(npages: int, nr_vcpus: int, vcpu: int) -> tuple[int, int]:
     return lo, hi
 
 
-def make_vcpu_workload(name: str, pages: np.ndarray, nr_vcpus: int, vcpu: int, seed: int):  # noqa: ANN201
+def make_vcpu_workload(name: str, pages: np.ndarray, nr_vcpus: int, vcpu: int, seed: int) -> Workload:
     from .workloads import make_workload
 
     lo, hi = vcpu_range(pages.shape[0], nr_vcpus, vcpu)
@@ -133,8 +137,9 @@ def ring_doorbell(addr: int) -> None:
     S.futex_wake(addr)
 
 
-def main(config: dict) -> int:
-    from .simulated import SimKVM, _Retry
+def main(config: dict[str, Any]) -> int:
+    from ._sim_vm import _Retry
+    from .simulated import SimKVM
     from ._sim_memslot import unique_first
 
     vcpu = int(config["vcpu"])
@@ -325,7 +330,7 @@ def main(config: dict) -> int:
             bell.wait(seen, TICK_S)
 
 
-def _load(wl, state: dict, pages: np.ndarray, nr: int, vcpu: int):  # noqa: ANN001, ANN202
+def _load(wl: Workload, state: dict[str, Any], pages: np.ndarray, nr: int, vcpu: int) -> Workload:
     if state.get("name") != wl.name:
         # the guest's program comes with its state, as a real guest's code with its RAM
         wl = make_vcpu_workload(state["name"], pages, nr, vcpu, 0)

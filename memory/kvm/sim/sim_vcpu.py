@@ -41,18 +41,27 @@ run the guest (see the README's model).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-import trio
+import trio  # type: ignore[import-untyped,unused-ignore]  # trio < 0.23 ships no py.typed
 
 from . import _sim_shm as S
 from ._sim_vcpu_proc import (CMD_LOAD, CMD_QUIT, CMD_SAVE, IDLE_TIMEOUT_S, make_vcpu_workload, ring_doorbell,
                              vcpu_range)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..._ramblock import RAMBlock
+    from .simulated import SimKVM
+    from .workloads import Workload
 
 __all__ = ["FAULT_COSTS", "SimVCPUs", "parse_fault_cost", "vcpu_range"]
 
@@ -107,7 +116,8 @@ class SimVCPUs:
             tests (the vCPUs sleep on C_RUN and miss commands).
     """
 
-    def __init__(self, kvm, ram, workload: str, *, smp: int = 1, seed: int = 0, rate: float | None = None,  # noqa: ANN001
+    def __init__(self, kvm: SimKVM, ram: RAMBlock, workload: str, *, smp: int = 1, seed: int = 0,
+                 rate: float | None = None,
                  fault_cost: tuple[int, int] = FAULT_COSTS[DEFAULT_FAULT_COST],
                  idle_timeout_s: float = IDLE_TIMEOUT_S, wait_word: str = "doorbell") -> None:
         if smp < 1 or smp != kvm.nr_vcpus:
@@ -128,7 +138,7 @@ class SimVCPUs:
         self._epoch = 0  # even: stopped
         self._dirty_state = [True] * smp  # the process has not got this state yet
         self._cmd_seq = 0
-        self._procs: list = []
+        self._procs: list[Any] = []  # trio.Process
         self._booted = False
         #: called when a vCPU waits in a dirty-ring-full exit (QEMU's reaper:
         #: the KVM listener's reap), if the VM uses the dirty ring
@@ -142,10 +152,10 @@ class SimVCPUs:
 
     # -- compatibility with the single-vCPU interface -------------------------
     @property
-    def workload(self):  # noqa: ANN201
+    def workload(self) -> Workload:
         return self.workloads[0]
 
-    def set_workloads(self, factory) -> None:  # noqa: ANN001
+    def set_workloads(self, factory: Callable[[np.ndarray, int], Workload] | None) -> None:
         """Replace every vCPU's program: ``factory(pages, gfn_base)`` per range
         (stopped); ``None``: keep the programs, whose state this process
         changed, and send it to the vCPUs at the next vm_start."""
@@ -171,7 +181,7 @@ class SimVCPUs:
     def _addr(self, v: int, word: int) -> int:
         return self._shm.addr("vcpu_ctl", v * S.C_WORDS + word)
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the vCPU processes (stopped), then supervise them."""
         shm = self._shm
         self._notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -219,7 +229,7 @@ class SimVCPUs:
             if self.on_ring_full is not None and self._ctl[:, S.C_RING_FULL].any():
                 self.on_ring_full()
 
-    async def _watch(self, v: int, proc) -> None:  # noqa: ANN001
+    async def _watch(self, v: int, proc: Any) -> None:  # proc: trio.Process
         status = await proc.wait()
         raise RuntimeError(f"simulated vCPU {v} (pid {proc.pid}) died with status {status}")
 
@@ -282,9 +292,10 @@ class SimVCPUs:
         self._shm["mbox"][v, : len(data)] = np.frombuffer(data, dtype=np.uint8)
         self._ctl[v, S.C_MBOX_LEN] = len(data)
 
-    def _mbox_get(self, v: int) -> dict:
+    def _mbox_get(self, v: int) -> dict[str, Any]:
         n = int(self._ctl[v, S.C_MBOX_LEN])
-        return json.loads(bytes(self._shm["mbox"][v, :n]))
+        state: dict[str, Any] = json.loads(bytes(self._shm["mbox"][v, :n]))
+        return state
 
     # -- the controller interface -------------------------------------------
     def boot(self) -> None:
@@ -293,7 +304,7 @@ class SimVCPUs:
         if self._booted:
             return
         for v, wl in enumerate(self.workloads):
-            wl.boot(lambda g, v=v: self.kvm.vcpu_write(g, v))
+            wl.boot(functools.partial(self.kvm.vcpu_write, vcpu=v))
             self._dirty_state[v] = True
         self._booted = True
 
@@ -387,7 +398,7 @@ class SimVCPUs:
         self._dirty_state = [True] * self.smp
         self._booted = True
 
-    def statistics(self) -> list[dict]:
+    def statistics(self) -> list[dict[str, Any]]:
         """One object per vCPU (x-query-accel-stats' ``vcpus``)."""
         out = []
         for v in range(self.smp):

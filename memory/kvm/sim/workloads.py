@@ -32,6 +32,7 @@ State (cursor, pass value, RNG state) is JSON-able, so it migrates.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -79,10 +80,10 @@ class Workload:
         return int(idx.size)
 
     # -- migration of the workload's own state (vCPU "registers") ----------
-    def get_state(self) -> dict:
+    def get_state(self) -> dict[str, Any]:
         return {"name": self.name, "rng": self.rng.bit_generator.state, "pages_written": self.pages_written}
 
-    def set_state(self, state: dict) -> None:
+    def set_state(self, state: dict[str, Any]) -> None:
         if state.get("name") != self.name:
             raise ValueError(f"workload state is for {state.get('name')!r}, not {self.name!r}")
         self.rng.bit_generator.state = state["rng"]
@@ -122,7 +123,7 @@ class ABWorkload(Workload):
         span = self.npages - self.first
         n = min(n, span)  # never wrap onto the same page twice in one batch
         start = self.cursor - self.first
-        idx = (np.arange(start, start + n, dtype=np.int64) % span) + self.first
+        idx: np.ndarray = (np.arange(start, start + n, dtype=np.int64) % span) + self.first
         return idx
 
     def store(self, idx: np.ndarray) -> None:
@@ -138,10 +139,10 @@ class ABWorkload(Workload):
             self.passes += 1
         self.cursor = self.first if end >= self.npages else end
 
-    def get_state(self) -> dict:
+    def get_state(self) -> dict[str, Any]:
         return super().get_state() | {"cursor": self.cursor, "passes": self.passes}
 
-    def set_state(self, state: dict) -> None:
+    def set_state(self, state: dict[str, Any]) -> None:
         super().set_state(state)
         self.cursor = int(state["cursor"])
         self.passes = int(state["passes"])
@@ -168,10 +169,10 @@ class RandomWorkload(Workload):
         self._words[idx, 0] = np.arange(self.seq + 1, self.seq + 1 + idx.size, dtype=np.uint64)
         self.seq += int(idx.size)
 
-    def get_state(self) -> dict:
+    def get_state(self) -> dict[str, Any]:
         return super().get_state() | {"seq": self.seq}
 
-    def set_state(self, state: dict) -> None:
+    def set_state(self, state: dict[str, Any]) -> None:
         super().set_state(state)
         self.seq = int(state["seq"])
 
@@ -251,11 +252,11 @@ class StreamWorkload(Workload):
         self.passes += end // self.working_set
         self.cursor = end % self.working_set
 
-    def get_state(self) -> dict:
+    def get_state(self) -> dict[str, Any]:
         return super().get_state() | {"cursor": self.cursor, "passes": self.passes, "seq": self.seq,
                                       "working_set": self.working_set}
 
-    def set_state(self, state: dict) -> None:
+    def set_state(self, state: dict[str, Any]) -> None:
         super().set_state(state)
         ws = int(state["working_set"])
         if not 1 <= ws <= self.npages:
@@ -266,15 +267,15 @@ class StreamWorkload(Workload):
         self.seq = int(state["seq"])
 
 
-_CLASSES = {"stream": StreamWorkload, "fill": FillWorkload, "idle": IdleWorkload, "ab": ABWorkload, "random": RandomWorkload, "hotset": HotsetWorkload}
+_CLASSES: dict[str, type[Workload]] = {"stream": StreamWorkload, "fill": FillWorkload, "idle": IdleWorkload, "ab": ABWorkload, "random": RandomWorkload, "hotset": HotsetWorkload}
 
 
-def parse_workload(spec: str) -> tuple[str, dict]:
+def parse_workload(spec: str) -> tuple[str, dict[str, Any]]:
     """``NAME[,rate=PAGES_PER_S][,seed=N]`` -> (name, options)."""
     name, *opts = spec.split(",")
     if name not in _CLASSES:
         raise ValueError(f"unknown workload {name!r} (choose from {', '.join(WORKLOADS)})")
-    options: dict = {}
+    options: dict[str, Any] = {}
     for opt in opts:
         key, sep, value = opt.partition("=")
         if not sep:

@@ -1,6 +1,7 @@
 """The kernel's KVM dirty_log_test, ported to the ``selftest`` guest and
 :class:`RealVCPUs` (tools/testing/selftests/kvm/dirty_log_test.c; our own
-code, same verification rules).
+code, same verification rules).  Test-only: tests/kvm/test_dirty_log_selftest.py
+runs it against /dev/kvm.
 
 Layout: slot 0 maps [0, 1 MiB) (page tables, code; not logged), slot
 ``TEST_SLOT`` = 1 maps the test range [1 MiB, 1 MiB + test size) with
@@ -42,11 +43,11 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
-from .. import linux_kvm as K
-from .._backend import UserMemoryRegion
-from .guests import LAYOUT, Ctrl, HostRAM, load_guest_image
-from .real import RealKVM
-from .vcpu import RealVCPU, RealVCPUs
+from memory import RAMBlock
+from memory.kvm import linux_kvm as K
+from memory.kvm import UserMemoryRegion
+from memory.kvm.real import RealKVM, RealVCPU, RealVCPUs
+from memory.kvm.real.guests import LAYOUT, Ctrl, HostRAM, load_guest_image
 
 TEST_SLOT = 1
 MODES = ("bitmap", "clear", "ring")
@@ -120,7 +121,6 @@ async def run_dirty_log_selftest(
         raise ValueError(f"mode {mode!r} / broken {broken!r}")
     if broken == "clear_all_ones" and mode != "clear":
         raise ValueError("clear_all_ones only applies to the clear mode")
-    from ..._ramblock import RAMBlock
 
     low = LAYOUT["DATA_START"]
     ram = RAMBlock("selftest.ram", low + test_bytes)
