@@ -354,7 +354,7 @@ class KVMMemoryListener(MemoryListener):
                     # Harvest before the bitmap dies with the slot.  Protecting
                     # fetch: the pages are about to be unmapped anyway.
                     if self.dirty_ring:
-                        self._dirty_ring_reap()
+                        self.dirty_ring_reap()
                     else:
                         self._slot_get_dirty_log(mem, 0)
                     self._slot_sync_dirty_pages(mem)
@@ -555,9 +555,13 @@ class KVMMemoryListener(MemoryListener):
         window &= ~full
 
     # -- dirty ring ------------------------------------------------------------------
-    def _dirty_ring_reap(self) -> int:
+    def dirty_ring_reap(self) -> int:
         """``kvm_dirty_ring_reap``: harvest every ring, reset (re-protect), then
-        mark the entries in the slots' ``dirty_bmap``.  Returns the entry count."""
+        mark the entries in the slots' ``dirty_bmap``.  Returns the entry count.
+
+        Public because QEMU's reaper calls it from outside the listener too:
+        a vCPU that exits with ``KVM_EXIT_DIRTY_RING_FULL`` waits for it
+        (``SimVCPUs.on_ring_full``)."""
         assert self._ring is not None
         t0 = time.perf_counter_ns()
         slots, offsets = self._ring(self.ms.cost_meter)
@@ -575,7 +579,7 @@ class KVMMemoryListener(MemoryListener):
         token = 0 if is_global else meter.begin(Cause.REGION_SYNC)
         t0 = time.perf_counter_ns()
         try:
-            self._dirty_ring_reap()
+            self.dirty_ring_reap()
             for mem in list(self._slots.values()):
                 if mem.flags & KVM_MEM_LOG_DIRTY_PAGES and mem.dirty_bmap is not None:
                     self._slot_sync_dirty_pages(mem)

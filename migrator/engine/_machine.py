@@ -221,7 +221,7 @@ class Machine:
             self.ms, self.kvm, write_protect_all=self._wp_all, manual_protect=self._manual,
             dirty_ring=self._dirty_ring)
         if self._dirty_ring and isinstance(self.vcpus, SimVCPUs):
-            self.vcpus.on_ring_full = self.kvm_listener._dirty_ring_reap
+            self.vcpus.on_ring_full = self.kvm_listener.dirty_ring_reap
         self.ms.memory_listener_register(self.kvm_listener, self.ms.address_space_memory)
         self.ms.memory_region_transaction_begin()
         self.ms.system_memory.add_subregion(0, self.ram_mr)
@@ -287,6 +287,5 @@ class Machine:
 
     def boot(self) -> None:
         """Boot-time guest work (source only; a destination gets memory by migration)."""
-        boot = getattr(self.vcpus, "boot", None)
-        if boot is not None:
-            boot()
+        if isinstance(self.vcpus, SimVCPUs):  # real KVM's guest programs boot in their first KVM_RUN
+            self.vcpus.boot()

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from memory import GLOBAL_DIRTY_MIGRATION, TARGET_PAGE_SIZE
+from memory.kvm import DirtyLogMode
 from transport import (NEED_DATA, Loaded, PeerClosed, ProtocolError, ReturnPath, Shut, SourceSession,
                        StreamKind, open_channel)
 
@@ -242,9 +243,10 @@ class OutgoingMigration:
         if self.caps.multifd:
             await self._open_multifd()
         # ram_save_setup
-        mode = getattr(getattr(vm, "kvm_listener", None), "mode", None)
+        # manual protect keeps fetched bits in KVM until cleared (rule 4)
+        keeps = vm.kvm_listener.mode is DirtyLogMode.MANUAL_PROTECT
         self.ram = ram = RAMSaveState(vm.ms, vm.ram_blocks(), clear_bitmap_shift=self.params.x_clear_bitmap_shift,
-                                      log_keeps_bits=getattr(mode, "value", None) == "manual-protect")
+                                      log_keeps_bits=keeps)
         vm.ms.memory_global_dirty_log_start(GLOBAL_DIRTY_MIGRATION)
         self._dirty_log_started = True
         self._period_start_ns = time.perf_counter_ns()

@@ -418,7 +418,7 @@ class VM:
         seconds = calc_time / (1000.0 if calc_time_unit == "millisecond" else 1.0)
         if not 0 < seconds <= 60:
             raise _generic("Parameter 'calc-time' is out of range[1, 60].")
-        if mode == "dirty-ring" and not getattr(self.kvm_listener, "dirty_ring", False):
+        if mode == "dirty-ring" and not self.kvm_listener.dirty_ring:
             raise _generic("mode dirty-ring is not enabled, use other method instead.")
         if self._migration_running():
             raise _generic("Dirty rate measurement is not supported during migration")

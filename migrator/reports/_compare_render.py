@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from ._compare_model import SEED, SEED_SETUP, CompareConfig, RunResult
+from ._tables import md_table, text_table
 
 _ROWS = (
     ("status", "status", "{}"),
@@ -138,17 +139,11 @@ How to read this against the seed (what transfers, what does not):
 
 
 def _md_table(headers: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(out)
+    return "\n".join(md_table(headers, rows))
 
 
 def _text_table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(headers), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+    return "\n".join(text_table(headers, rows))
 
 
 def setup_text(cfg: CompareConfig) -> str:

@@ -40,6 +40,7 @@ from ..engine._history import DowntimeBreakdown, MigrationHistory
 from ._plots import DOWNTIME_PARTS, MIB, PLOTS, PlotRun, dirty_rates_pages_per_s, exact_recorded, \
     page_size_bytes, parameter, render_plots, thresholds_bytes
 from ._report_input import ReportInputError, history_from_document, is_number, load_history
+from ._tables import md_table
 
 __all__ = [
     "DEFAULT_TITLE",
@@ -333,17 +334,6 @@ def _setup_line(history: MigrationHistory) -> str:
     return "; ".join(bits)
 
 
-def _md_cell(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(_md_cell(h) for h in headers) + " |",
-           "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
-    out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-    return out
-
-
 # --------------------------------------------------------------------------
 # Rendering
 
@@ -363,7 +353,7 @@ def _render_markdown(title: str, labels: list[str], histories: list[MigrationHis
     lines = [f"# {title}", "", "## How to read this", "", HOW_TO_READ, ""]
     lines += ["Which number is which:", ""] + [f"- **{name}**: {text}" for name, text in COLUMNS]
     lines += ["", "## Summary", ""]
-    lines += _md_table(["", *labels], [[name, *(fmt(s) for s in summaries)]
+    lines += md_table(["", *labels], [[name, *(fmt(s) for s in summaries)]
                                        for name, fmt in _SUMMARY_ROWS])
     lines += ["", "## Plots", ""]
     for name, caption in PLOTS.items():
@@ -375,12 +365,12 @@ def _render_markdown(title: str, labels: list[str], histories: list[MigrationHis
                 lines += [extra, ""]
         if history.downtime is not None:
             lines += ["Downtime breakdown:", ""]
-            lines += _md_table(["phase", "ms"], [list(r) for r in _downtime_rows(history.downtime)])
+            lines += md_table(["phase", "ms"], [list(r) for r in _downtime_rows(history.downtime)])
             lines.append("")
         else:
             lines += [f"No downtime: the run ended {history.status} without a switchover.", ""]
         if history.iterations:
-            lines += _md_table(*_iteration_table(history))
+            lines += md_table(*_iteration_table(history))
         else:
             lines.append("No iterations recorded.")
         lines.append("")
