@@ -5,7 +5,7 @@ Each run is a fresh :class:`memory.kvm.real.vcpu.RealMachine` (one memslot, the
 ``ab`` guest split over the vCPUs, see ``vcpu_ranges``): the vCPUs run for
 ``--warmup`` s (first touch of every page), then for ``--seconds`` s while
 the rate is taken from the guest's own per-vCPU page-write count
-(``pages-written`` of ``vcpu_statistics``).  Tracked runs fetch the dirty log
+(``pages_written`` of ``vcpu_statistics``).  Tracked runs fetch the dirty log
 every 10 ms (KVM_GET_DIRTY_LOG, which re-protects the dirty pages, so every
 write after a fetch faults).  Runs of the different vCPU counts alternate
 (order reversed every repeat) and the median of ``--repeats`` is printed,
@@ -54,8 +54,8 @@ async def _one(size: int, smp: int, tracked: bool, warmup: float, seconds: float
             dt = time.perf_counter() - t0
             await m.vcpus.vm_stop()
             nursery.cancel_scope.cancel()
-    per = [(b["pages-written"] - a["pages-written"]) / dt for a, b in zip(before, after)]
-    faults = {k: sum(b["faults"].get(k, 0) - a["faults"].get(k, 0) for a, b in zip(before, after))
+    per = [((b.pages_written or 0) - (a.pages_written or 0)) / dt for a, b in zip(before, after)]
+    faults = {k: sum(b.faults.get(k, 0) - a.faults.get(k, 0) for a, b in zip(before, after))
               for k in ("pf_taken", "pf_fixed", "pf_fast", "pf_spurious", "pf_emulate")}
     return {"pages_per_s": sum(per), "per_vcpu_pages_per_s": per, "faults": faults}
 

@@ -1,6 +1,7 @@
 """KVM behind one small interface (:class:`KvmVM`), with two backends."""
 
-from ._backend import DirtyRingBackend, DirtyRingReaper, KvmStatistics, KvmVM, UserMemoryRegion, kvm_statistics_dict
+from ._backend import (DirtyRingBackend, DirtyRingReaper, KvmStatistics, KvmVM, UserMemoryRegion, VCPUControllerStatistics,
+                       VCPUCounters, kvm_statistics_dict)
 from . import linux_kvm
 from .sim import SimKVM
 
@@ -11,6 +12,8 @@ __all__ = [
     "KvmVM",
     "SimKVM",
     "UserMemoryRegion",
+    "VCPUControllerStatistics",
+    "VCPUCounters",
     "kvm_statistics_dict",
     "linux_kvm",
 ]

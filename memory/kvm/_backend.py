@@ -37,14 +37,23 @@ vCPU threads also reap on ``KVM_EXIT_DIRTY_RING_FULL``) is preferred over
 ``statistics()`` returns a frozen :class:`KvmStatistics` record: a read-only
 mapping of counter names (backend-specific) to integers, with
 :meth:`KvmStatistics.to_dict` for JSON (``x-query-accel-stats``).
+
+The vCPU controllers (the simulator's vCPU processes, real KVM's vCPU
+threads) report frozen records too: :class:`VCPUControllerStatistics`, the
+controller's totals and one :class:`VCPUCounters` per vCPU.  The fields every
+accelerator has are typed (``pages_written``, ``run_ns``,
+``mmu_lock_wait_ns``, which are ``None`` where the accelerator cannot tell);
+the rest are read-only mappings with the backend's names.  Each backend
+subclasses both to add its own fields and its ``x-query-accel-stats`` JSON
+layout (``to_json``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -107,6 +116,115 @@ class KvmStatistics(Mapping[str, int]):
 def kvm_statistics_dict(stats: Mapping[str, int]) -> dict[str, int]:
     """``statistics()`` of any backend (a record, or a test fake's dict) as a dict."""
     return stats.to_dict() if isinstance(stats, KvmStatistics) else {str(k): int(v) for k, v in stats.items()}
+
+
+def _frozen_counts(counts: Mapping[str, int]) -> Mapping[str, int]:
+    """A private copy of ``counts`` behind a read-only view."""
+    return MappingProxyType({str(k): int(v) for k, v in counts.items()})
+
+
+def _json_name(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VCPUCounters:
+    """One vCPU's counters at one instant (an element of
+    :attr:`VCPUControllerStatistics.vcpus`).
+
+    ``pages_written``: the pages the guest program wrote (``None``: the
+    program does not count, e.g. a real-KVM guest other than ``ab``);
+    ``run_ns``: time in the guest (``None``: not measured);
+    ``mmu_lock_wait_ns``: time the vCPU waited for the MMU lock (``None``:
+    real KVM exposes no such counter); ``faults`` by kind, ``exits`` by exit
+    reason and the other ``counters``: read-only, the backend's names.
+    """
+
+    index: int
+    pages_written: int | None
+    run_ns: int | None = None
+    mmu_lock_wait_ns: int | None = None
+    throttle_sleep_ns: int = 0
+    faults: Mapping[str, int] = field(default_factory=dict)
+    exits: Mapping[str, int] = field(default_factory=dict)
+    counters: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("faults", "exits", "counters"):
+            object.__setattr__(self, name, _frozen_counts(getattr(self, name)))
+
+    def to_json(self) -> dict[str, Any]:
+        """This vCPU's ``x-query-accel-stats`` object.  The neutral layout
+        here; each backend's subclass gives its own."""
+        out: dict[str, Any] = {
+            "cpu-index": self.index, "pages-written": self.pages_written, "run-ns": self.run_ns,
+            "mmu-lock-wait-ns": self.mmu_lock_wait_ns, "throttle-sleep-ns": self.throttle_sleep_ns,
+            "faults": dict(self.faults), "exits": dict(self.exits),
+        }
+        out.update((_json_name(k), v) for k, v in self.counters.items())
+        return out
+
+
+def _total(values: Iterator[int | None]) -> int | None:
+    total = 0
+    for v in values:
+        if v is None:
+            return None
+        total += v
+    return total
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VCPUControllerStatistics:
+    """A vCPU controller's counters at one instant (its ``statistics()``).
+
+    ``vcpus``: one :class:`VCPUCounters` per vCPU, in index order;
+    ``throttle_pct``: the cpu-throttle in force; ``counters``: the
+    controller's own totals (backend names: e.g. ``stops``,
+    ``stop_ns_total``/``_max``/``_last``), ``exits`` summed over the vCPUs.
+    """
+
+    vcpus: tuple[VCPUCounters, ...]
+    throttle_pct: int = 0
+    counters: Mapping[str, int] = field(default_factory=dict)
+    exits: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vcpus", tuple(self.vcpus))
+        for name in ("counters", "exits"):
+            object.__setattr__(self, name, _frozen_counts(getattr(self, name)))
+
+    @property
+    def pages_written(self) -> int | None:
+        """Pages written by every vCPU (``None`` if one does not count)."""
+        return _total(v.pages_written for v in self.vcpus)
+
+    @property
+    def run_ns(self) -> int | None:
+        """Guest time of every vCPU summed (``None`` if one is not measured)."""
+        return _total(v.run_ns for v in self.vcpus)
+
+    @property
+    def stops(self) -> int:
+        """How many ``vm_stop`` the controller counted (0 if it does not count)."""
+        return self.counters.get("stops", 0)
+
+    def controller_json(self) -> dict[str, Any] | None:
+        """The controller's totals as JSON (``x-query-accel-stats``'
+        ``"vcpu-controller"``), ``None`` for a controller that reports only
+        its vCPUs."""
+        out: dict[str, Any] = dict(self.counters)
+        out["exits"] = dict(self.exits)
+        out["throttle_pct"] = self.throttle_pct
+        out["smp"] = len(self.vcpus)
+        return out
+
+    def to_json(self) -> Any:
+        """The whole record as JSON: the totals with the vCPUs' objects
+        under ``"vcpus"`` (each backend's subclass may lay it out its own way)."""
+        out = self.controller_json() or {}
+        out["vcpus"] = [v.to_json() for v in self.vcpus]
+        return out
 
 
 @runtime_checkable

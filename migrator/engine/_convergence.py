@@ -17,12 +17,14 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from transport import RateLimiter
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from memory.kvm import VCPUControllerStatistics
 
     from ._counters import MigrationCounters
     from ._switchover import SwitchoverModel
@@ -123,7 +125,7 @@ class ThrottleParams(Protocol):
 class VcpuStatistics(Protocol):
     """A vCPU controller, as far as its counters go."""
 
-    def statistics(self) -> Any: ...
+    def statistics(self) -> VCPUControllerStatistics: ...
 
 
 class AutoConverge:
@@ -164,24 +166,17 @@ class VcpuWriteRates:
     def sample(self, vcpus: VcpuStatistics, interval_ms: float) -> list[float]:
         """Rates in pages/s since the previous sample ([] for the first one).
 
-        From the vCPU controller's statistics: a ``"vcpus"`` list of per-vCPU
-        dicts with ``pages-written`` (or ``pages_written``), or one
-        ``pages_written`` for a single vCPU; [] if it counts nothing.
+        From the vCPU controller's statistics record: each vCPU's
+        ``pages_written``; [] if one does not count (``None``).
         """
         try:
             st = vcpus.statistics()
         except Exception:  # noqa: BLE001 - statistics are best effort
             return []
-        per = st if isinstance(st, list) else st.get("vcpus") if isinstance(st, dict) else None
-        values: list[object]
-        if isinstance(per, list) and per:
-            values = [v.get("pages-written", v.get("pages_written")) if isinstance(v, dict) else None
-                      for v in per]
-        elif isinstance(st, dict):
-            values = [st.get("pages_written")]
-        else:
-            values = [None]
-        written = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+        values = [v.pages_written for v in st.vcpus]
+        if not values:
+            return []
+        written = [v for v in values if v is not None]
         if len(written) != len(values):
             return []  # a vCPU that does not count (e.g. a real-KVM program other than ab)
         prev, self._prev = self._prev, written

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     import trio
 
     from memory import MemoryRegion, MemorySystem, RAMBlock
-    from memory.kvm import DirtyLogMode, KVMListenerStatistics, KVMMemoryListener, RealVCPUs, SimVCPUs
+    from memory.kvm import (DirtyLogMode, KVMListenerStatistics, KVMMemoryListener, RealVCPUs, SimVCPUs,
+                            VCPUControllerStatistics)
 
     from ._machine import Machine
     from ._qemu_devices import QemuDeviceState
@@ -45,11 +46,10 @@ __all__ = [
     "MigrationVM", "RAMBlocks", "SourceVM", "VCPUController", "VCPUStatistics",
 ]
 
-#: A controller's statistics: one JSON-able object per vCPU (the simulator),
-#: or the controller's totals with the per-vCPU objects under ``"vcpus"``
-#: (real KVM).  Per-vCPU objects may carry ``pages-written`` (an int, or None
-#: when the guest program does not count).
-VCPUStatistics: TypeAlias = "list[dict[str, Any]] | dict[str, Any]"
+#: A controller's statistics: a frozen record of its totals and one
+#: ``VCPUCounters`` per vCPU (``pages_written``: an int, or None when the
+#: guest program does not count); ``to_json()`` for x-query-accel-stats.
+VCPUStatistics: TypeAlias = "VCPUControllerStatistics"
 
 #: The VM's RAM blocks with the memory region each one backs.
 RAMBlocks: TypeAlias = "Sequence[tuple[RAMBlock, MemoryRegion]]"

@@ -470,16 +470,13 @@ class VM:
         return mig.counters.history.to_json()
 
     async def qmp_x_query_accel_stats(self) -> dict[str, Any]:
-        controller = self.vcpus.statistics()
+        rec = self.vcpus.statistics()
         stats: dict[str, Any] = {"kvm": kvm_statistics_dict(self.machine.kvm.statistics()), "listener": self.kvm_listener_stats()}
-        if isinstance(controller, list):  # sim: one object per vCPU process
-            stats["vcpus"] = controller
-        elif isinstance(controller.get("vcpus"), list):
-            # one object per vCPU under "vcpus", the controller's totals beside it
-            stats["vcpus"] = controller.pop("vcpus")
-            stats["vcpu-controller"] = controller
-        else:
-            stats["vcpus"] = controller
+        # one object per vCPU; a controller with totals of its own (real KVM) beside them
+        stats["vcpus"] = [v.to_json() for v in rec.vcpus]
+        totals = rec.controller_json()
+        if totals is not None:
+            stats["vcpu-controller"] = totals
         out: dict[str, Any] = _jsonable(stats)
         return out
 

@@ -207,7 +207,8 @@ async def run_case(cfg: CompareConfig, guest: str, wp_all: bool, tmp: Path, *,
             # the guest starts once logging has started (setup done)
             while vm.state.status in (S.NONE, S.SETUP):
                 await trio.sleep(0.001)
-            written0, run_ns0 = vcpus.stats["pages_written"], vcpus.stats["run_ns"]
+            start = vcpus.statistics()
+            written0, run_ns0 = start.pages_written or 0, start.run_ns or 0
             t_cont_ns = time.perf_counter_ns()
             await vm.qmp_cont()
             # The vCPUs are processes: on a loaded host one may be scheduled
@@ -215,7 +216,7 @@ async def run_case(cfg: CompareConfig, guest: str, wp_all: bool, tmp: Path, *,
             # log then finds nothing.  Hold the sender to a trickle until the
             # guest has written its first batch (normally a few ms).
             deadline = time.perf_counter() + 10
-            while vcpus.stats["pages_written"] == written0 and time.perf_counter() < deadline:
+            while (vcpus.statistics().pages_written or 0) == written0 and time.perf_counter() < deadline:
                 await trio.sleep(0.001)
             vm.options.migrate_set_parameters(max_bandwidth=cfg.max_bandwidth)
             with trio.move_on_after(cfg.timeout_s):
@@ -228,12 +229,12 @@ async def run_case(cfg: CompareConfig, guest: str, wp_all: bool, tmp: Path, *,
             snap = acct.snapshot()
             stopped_ns = snap[Cause.VM_STOP].first_begin_ns
             t_end_ns = stopped_ns if stopped_ns is not None else time.perf_counter_ns()
-            written = vcpus.stats["pages_written"] - written0
-            run_ns = vcpus.stats["run_ns"] - run_ns0
+            per_vcpu = vcpus.statistics()
+            written = (per_vcpu.pages_written or 0) - written0
+            run_ns = (per_vcpu.run_ns or 0) - run_ns0
             kvm_after = kvm.statistics()
             guest_now = _vcpu_totals(kvm)
             vdelta = {k: v - guest0.get(k, 0) for k, v in guest_now.items()}
-            per_vcpu = vcpus.statistics()
             nursery.cancel_scope.cancel()
     vm.ms.cost_meter = NO_METER
     mig = vm.last_outgoing
@@ -250,7 +251,7 @@ async def run_case(cfg: CompareConfig, guest: str, wp_all: bool, tmp: Path, *,
     metrics["smp"] = cfg.smp
     metrics["vcpu-mmu-lock-wait-ns"] = vdelta["mmu_lock_wait_ns"]
     metrics["vcpu-fault-cost-ms"] = vdelta["fault_cost_ns"] / 1e6
-    metrics["vcpus"] = per_vcpu
+    metrics["vcpus"] = per_vcpu.to_json()
     metrics["prewrite"] = guest == "pre-written"
     if mig.counters.error_desc:
         metrics["error"] = mig.counters.error_desc

@@ -165,9 +165,9 @@ async def test_two_vcpu_processes_lose_nothing(mode):
     assert lost_mig.size == 0, f"{mode}: migration lost pages {lost_mig[:20].tolist()} ops={st.ops}"
     assert lost_disp.size == 0, f"{mode}: display lost pages {lost_disp[:20].tolist()}"
     # it was a real race: both vCPUs wrote and faulted while the VMM synced
-    for v in st.stats:
-        assert v["pages-written"] > 10 * NPAGES, st.stats
-        assert v["faults-fast"] + v["faults-map"] + v["pml-logged"] > NPAGES // 4, st.stats
+    for v in st.stats.vcpus:
+        assert v.pages_written is not None and v.pages_written > 10 * NPAGES, st.stats
+        assert v.faults["fast"] + v.faults["map"] + v.counters["pml_logged"] > NPAGES // 4, st.stats
     assert st.ops["sync"] > 20 and st.ops["move"] > 5 and st.ops["display"] > 10, st.ops
 
 
@@ -275,14 +275,15 @@ async def test_a_vcpu_writing_outside_ram_exits_and_goes_on():
         await trio.sleep(0.2)
         await m.vcpus.vm_stop()
         assert bytes(m.ram_block.host) == before  # no store without a mapping
-        st = m.vcpus.statistics()[0]
-        assert st["mmio-exits"] > 0
+        st = m.vcpus.statistics().vcpus[0]
+        assert st.exits["mmio"] > 0
         with m.ms.transaction():
             m.ms.system_memory.add_subregion(0, m.ram_mr)
-        w0 = m.vcpus.statistics()[0]["pages-written"]
+        w0 = m.vcpus.statistics().vcpus[0].pages_written
         await m.vcpus.vm_start()
         await trio.sleep(0.2)
         await m.vcpus.vm_stop()
-        assert m.vcpus.statistics()[0]["pages-written"] > w0
+        w1 = m.vcpus.statistics().vcpus[0].pages_written
+        assert w0 is not None and w1 is not None and w1 > w0
         assert all(m.vcpus._alive(v) for v in range(1))
         nursery.cancel_scope.cancel()

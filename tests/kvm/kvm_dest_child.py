@@ -41,7 +41,7 @@ async def main(ram_file: str, state_file: str, size: int, min_passes: int) -> di
             "rip": regs.rip,
             "rbx": regs.rbx,
             "serial": m.vcpus.serial_output.decode(),
-            "msr_rejected": m.vcpus.statistics()["msr_rejected"],
+            "msr_rejected": list(m.vcpus.statistics().msr_rejected),
         }
 
 

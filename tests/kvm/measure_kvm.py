@@ -188,7 +188,7 @@ async def stop_latency(cycles: int = 50) -> dict:
                 await m.vcpus.vm_start()
                 await trio.sleep(0.005)
                 await m.vcpus.vm_stop()
-                lat.append(m.vcpus.statistics()["stop_ns_last"])
+                lat.append(m.vcpus.statistics().counters["stop_ns_last"])
             nursery.cancel_scope.cancel()
     return {"stop_median_us": statistics.median(lat) / 1e3, "stop_max_us": max(lat) / 1e3}
 

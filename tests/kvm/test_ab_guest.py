@@ -40,9 +40,9 @@ async def test_ab_runs_natively_prints_and_keeps_its_invariant(require_kvm, tmp_
             await trio.sleep(0.05)
             assert np.array_equal(snap, m.ram.host) and m.ctrl["pass"] == passes
             st = m.vcpus.statistics()
-            assert st["passes"] == passes and st["exits"]["io"] == len(out) and st["stops"] == 1
+            assert st.passes == passes and st.exits["io"] == len(out) and st.stops == 1
             # the guest's work ran natively: one emulated instruction per 'out'
-            assert m.vm.statistics()["insn_emulation"] <= st["exits"]["io"] + 2
+            assert m.vm.statistics()["insn_emulation"] <= st.exits["io"] + 2
             nursery.cancel_scope.cancel()
     assert serial_file.read_bytes() == out
 
@@ -65,7 +65,7 @@ async def test_stop_resume_cycles_are_exact(require_kvm):
                 # pages hold pass or pass+1 (the pass being run)
                 assert r.first_value in (m.ctrl["pass"] % 256, (m.ctrl["pass"] + 1) % 256)
                 last = m.ctrl["pass"]
-            assert m.vcpus.statistics()["stops"] == 15
+            assert m.vcpus.statistics().stops == 15
             nursery.cancel_scope.cancel()
 
 
@@ -81,7 +81,7 @@ async def test_hlt_through_gp_stub_and_wake(require_kvm):
             r = _check(m)
             assert r.bad == 0 and not r.hit_edge  # halted at a pass boundary: every page equal
             assert r.first_value == halted_at % 256
-            assert m.ctrl["halts"] == 1 and m.vcpus.statistics()["halts"] == 1
+            assert m.ctrl["halts"] == 1 and m.vcpus.statistics().counters["halts"] == 1
             await trio.sleep(0.02)
             assert m.ctrl["pass"] == halted_at
             m.ctrl["halt_req"] = 0
@@ -98,11 +98,11 @@ async def test_throttle_makes_the_vcpu_sleep(require_kvm):
             await nursery.start(m.vcpus.run)
             m.vcpus.set_throttle(50)
             await m.vcpus.vm_start()
-            await _wait_for(lambda: m.vcpus.statistics().get("throttle_sleep_ns", 0) > 0)
+            await _wait_for(lambda: m.vcpus.statistics().counters.get("throttle_sleep_ns", 0) > 0)
             m.vcpus.set_throttle(0)
             await m.vcpus.vm_stop()
             st = m.vcpus.statistics()
-            assert st["exits"].get("intr", 0) >= 2  # throttle kicks + the stop
+            assert st.exits.get("intr", 0) >= 2  # throttle kicks + the stop
             assert _check(m).bad == 0
             with pytest.raises(ValueError):
                 m.vcpus.set_throttle(100)
@@ -151,5 +151,5 @@ async def test_ab_precopy_into_a_local_copy(require_kvm, mode):
         assert np.array_equal(dst, m.ram.pages)
         assert check_guests_ram(dst.reshape(-1), START, size).bad == 0
         if mode == "ring":
-            assert m.vcpus.statistics()["exits"].get("dirty_ring_full", 0) > 0
+            assert m.vcpus.statistics().exits.get("dirty_ring_full", 0) > 0
             assert vm.statistics()["ring_full_reaps"] > 0

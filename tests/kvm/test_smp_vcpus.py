@@ -104,25 +104,26 @@ async def test_two_vcpus_run_their_shares_and_vm_stop_is_exact(require_kvm):
             assert np.array_equal(snap, m.ram.host), f"a vCPU kept writing after vm_stop (cycle {cycle})"
             assert _bad(m, 2) == [0, 0]
         st = m.vcpus.statistics()
-        per = st["vcpus"]
-        assert st["smp"] == 2 and len(per) == 2 and st["stops"] == 5
-        assert st["passes"] == sum(v["passes"] for v in per) == m.ctrl["pass"]
+        per = st.vcpus
+        assert len(per) == 2 and st.stops == 5
+        assert st.passes == sum(v.passes or 0 for v in per) == m.ctrl["pass"]
         for i, ((a, b), v) in enumerate(zip(vcpu_ranges(START, 8 << 20, 2), per)):
             # pages-written (the published count plus the pass in progress read
             # from RAM) against the stopped vCPU's registers: rbx passes done,
             # rdi the next page (the page at rdi may already be written: the
             # stop fell between its store and the add)
             regs = m.vcpus.vcpus[i].get_regs()
-            share, pw = (b - a) // 4096, v["pages-written"]
+            share, pw = (b - a) // 4096, v.pages_written
+            assert pw is not None
             assert regs.r15 == vcpu_slot_gpa(i) and a <= regs.rdi <= b and regs.r9 == share
             if regs.rdi < b:
                 assert pw - share * (regs.rbx + 1) - (regs.rdi - a) // 4096 in (0, 1), (i, pw, regs.rbx, regs.rdi)
             else:  # the pass's last page is written; rbx counts it or not yet
                 assert pw in (share * (regs.rbx + 1), share * (regs.rbx + 2)), (i, pw, regs.rbx)
-            assert v["faults"]["pf_taken"] >= 1 and v["mmu-lock-wait-ns"] is None
-            assert v["exits"]["intr"] == 5  # each vCPU thread honoured each stop
+            assert v.faults["pf_taken"] >= 1 and v.mmu_lock_wait_ns is None
+            assert v.exits["intr"] == 5  # each vCPU thread honoured each stop
         # only vCPU 0 prints
-        assert per[1]["exits"].get("io", 0) == 0 and per[0]["exits"]["io"] == st["serial_bytes"]
+        assert per[1].exits.get("io", 0) == 0 and per[0].exits["io"] == st.counters["serial_bytes"]
 
 
 async def test_statistics_of_running_vcpus_do_not_block(require_kvm):
@@ -138,7 +139,7 @@ async def test_statistics_of_running_vcpus_do_not_block(require_kvm):
         with trio.fail_after(2):  # abandoned on timeout: the stop at teardown unblocks it
             for _ in range(20):
                 per = await trio.to_thread.run_sync(read_all, abandon_on_cancel=True)
-        assert all(v["faults"] for v in per)
+        assert all(v.faults for v in per)
         await m.vcpus.vm_stop()
 
 
@@ -171,7 +172,7 @@ async def test_every_vcpu_halts_and_resumes(require_kvm):
         await _wait_for(lambda: all(m.ctrl.vcpu(i, "pass") > at[i] + 2 for i in range(2)))
         await m.vcpus.vm_stop()
         assert _bad(m, 2) == [0, 0]
-        assert m.vcpus.statistics()["halts"] == 2
+        assert m.vcpus.statistics().counters["halts"] == 2
         # a vCPU woken from hlt runs guest code again: vm_stop must wait for it
         for _ in range(5):
             m.ctrl["halt_req"] = 1
@@ -192,7 +193,7 @@ async def test_throttle_sleeps_every_vcpu(require_kvm):
     async with _running(4 << 20) as m:
         m.vcpus.set_throttle(50)
         await m.vcpus.vm_start()
-        await _wait_for(lambda: all(v["throttle-sleep-ns"] > 0 for v in m.vcpus.vcpu_statistics()))
+        await _wait_for(lambda: all(v.throttle_sleep_ns > 0 for v in m.vcpus.vcpu_statistics()))
         m.vcpus.set_throttle(0)
         await m.vcpus.vm_stop()
         assert _bad(m, 2) == [0, 0]

@@ -8,7 +8,9 @@ This test runs mypy (``--strict``, imported modules analysed but their own
 errors not reported, so the check does not wait for the rest of the tree to
 be clean) over those two modules and over a broken controller written here,
 one that lacks ``throttle_pct`` (the member the engine once probed with
-``hasattr``): the product must pass and the broken variant must be refused.
+``hasattr``) and one whose ``statistics()`` is the old JSON list instead of
+the frozen ``VCPUControllerStatistics``: the product must pass and the
+broken variants must be refused.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip("mypy")
 
 BROKEN_CONTROLLER = textwrap.dedent('''\
-    """A vCPU controller with every member but throttle_pct."""
+    """A vCPU controller with every member but throttle_pct, and one whose
+    statistics are today's JSON instead of the frozen record."""
 
     from __future__ import annotations
 
@@ -33,6 +36,7 @@ BROKEN_CONTROLLER = textwrap.dedent('''\
 
     import trio
 
+    from memory.kvm import VCPUControllerStatistics
     from migrator.engine._seams import VCPUController
 
 
@@ -45,10 +49,22 @@ BROKEN_CONTROLLER = textwrap.dedent('''\
         def set_throttle(self, pct: int) -> None: ...
         def save_state(self) -> bytes: return b""
         def load_state(self, data: bytes) -> None: ...
-        def statistics(self) -> list[dict[str, Any]]: return []
+        def statistics(self) -> VCPUControllerStatistics: return VCPUControllerStatistics(vcpus=())
+        def expected_stop_ns(self) -> int: return 0
 
 
     def is_a_controller(v: NoThrottlePct) -> VCPUController:
+        return v
+
+
+    class DictStatistics(NoThrottlePct):
+        throttle_pct = 0
+
+        def statistics(self) -> list[dict[str, Any]]:  # type: ignore[override]
+            return []
+
+
+    def dicts_are_not_a_controller(v: DictStatistics) -> VCPUController:
         return v
     ''')
 
@@ -68,4 +84,7 @@ def test_implementations_satisfy_the_seams_and_a_broken_controller_is_refused(tm
     assert any('"NoThrottlePct" is missing following "VCPUController" protocol member' in line
                for line in refused), proc.stdout
     assert any(line.endswith("throttle_pct") for line in refused), proc.stdout
+    # the old JSON-shaped statistics() no longer satisfies the seam
+    assert any("DictStatistics" in line and "VCPUController" in line and "incompatible" in line.lower()
+               for line in refused), proc.stdout
     assert proc.returncode == 1

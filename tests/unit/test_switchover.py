@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import trio
 
+from memory.kvm import VCPUControllerStatistics, VCPUCounters
 from migrator.engine._history import MigrationHistory
 from migrator.engine._machine import AccelConfig
 from migrator.engine._status import MigrationStatus as S
@@ -181,17 +182,20 @@ async def test_expected_downtime_starts_at_the_limit(tmp_path):
     assert seen and seen[0] == 123
 
 
+def _rec(*written: int | None) -> VCPUControllerStatistics:
+    return VCPUControllerStatistics(vcpus=tuple(VCPUCounters(index=i, pages_written=w) for i, w in enumerate(written)))
+
+
 @pytest.mark.parametrize("before, after, want", [
-    ({"vcpus": [{"pages-written": 0}, {"pages-written": 5}]},
-     {"vcpus": [{"pages-written": 10}, {"pages-written": 35}]}, [1000.0, 3000.0]),
-    ({"pages_written": 0}, {"pages_written": 20}, [2000.0]),
-    ({"vcpus": [{"pages-written": None}]}, {"vcpus": [{"pages-written": None}]}, []),  # real KVM, not ab
-    ({"vcpus": [{"cpu-index": 0}]}, {"vcpus": [{"cpu-index": 0}]}, []),
-    ({}, {}, []),
-], ids=["two", "one", "none-count", "no-key", "empty"])
+    (_rec(0, 5), _rec(10, 35), [1000.0, 3000.0]),
+    (_rec(0), _rec(20), [2000.0]),
+    (_rec(None), _rec(None), []),  # real KVM, not ab
+    (_rec(3, None), _rec(7, None), []),  # one vCPU that does not count: no per-vCPU series
+    (_rec(), _rec(), []),
+], ids=["two", "one", "none-count", "one-none", "empty"])
 def test_vcpu_write_rates_from_any_controller(before, after, want):
-    """Per-vCPU rates from whatever the vCPU controller reports; a controller
-    that does not count gives none (and never breaks the sync)."""
+    """Per-vCPU rates from the vCPU controller's record; a controller that
+    does not count gives none (and never breaks the sync)."""
     from migrator.engine._convergence import VcpuWriteRates
 
     answers = iter([before, after])
@@ -199,3 +203,12 @@ def test_vcpu_write_rates_from_any_controller(before, after, want):
     rates = VcpuWriteRates()
     assert rates.sample(vcpus, 0.0) == []  # the first sync: only the baseline
     assert rates.sample(vcpus, 10.0) == want  # 10 ms later
+
+
+def test_vcpu_write_rates_survive_a_failing_controller():
+    from migrator.engine._convergence import VcpuWriteRates
+
+    def boom(self):
+        raise OSError("vCPU stats fd gone")
+
+    assert VcpuWriteRates().sample(type("VCPUs", (), {"statistics": boom})(), 10.0) == []

@@ -62,16 +62,18 @@ import sys
 import threading
 import time
 from collections import Counter, deque
+from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable
 
 import trio
 
 from .. import linux_kvm as K
+from .._backend import VCPUControllerStatistics, VCPUCounters
 from ._state import VCPUStateError, VCPUStateImage, VCPUStateRecord, encode_vcpu_states, validate_vcpu_states
 from ._vcpu_fd import RealVCPU, VCPUError, install_kick_handler
 from .guests import LAYOUT, Ctrl, HostRAM, ab_pages_written
 
-__all__ = ["THROTTLE_TIMESLICE_S", "RealVCPUs"]
+__all__ = ["THROTTLE_TIMESLICE_S", "KvmVCPUCounters", "KvmVCPUStatistics", "RealVCPUs"]
 
 #: QEMU's CPU_THROTTLE_TIMESLICE_NS
 THROTTLE_TIMESLICE_S = 0.010
@@ -427,59 +429,103 @@ class RealVCPUs:
             ctl.halted = st.halted
 
     # ------------------------------------------------------------ statistics
-    def vcpu_statistics(self) -> list[dict[str, Any]]:
-        """One object per vCPU (``x-query-accel-stats`` ``"vcpus"``).
+    def vcpu_statistics(self) -> tuple[KvmVCPUCounters, ...]:
+        """One record per vCPU (``x-query-accel-stats`` ``"vcpus"``).
 
-        ``pages-written``: the ab guest's own count (VC_WRITES of the vCPU's
+        ``pages_written``: the ab guest's own count (VC_WRITES of the vCPU's
         control slot, published by the guest once per pass, plus the pages
         of the pass in progress read from RAM: :func:`ab_pages_written`); it
         lives in guest RAM and registers, so it migrates with the guest;
         ``None`` for other programs.  ``faults``: the
         ``pf_*`` statistics of the vCPU's KVM_GET_STATS_FD, names as the
-        kernel spells them.  ``mmu-lock-wait-ns``: ``None``, KVM exposes no
+        kernel spells them.  ``mmu_lock_wait_ns``: ``None``, KVM exposes no
         mmu_lock wait time (neither in the binary stats nor elsewhere
-        without tracing).
+        without tracing); ``run_ns``: ``None``, not measured.
         """
         ram = self.ram if self.program == "ab" else None
         ctrl = Ctrl(ram) if ram is not None else None
         out = []
         for i, ctl in enumerate(self._ctls):
             kstats = ctl.vcpu.kernel_stats()
-            out.append({
-                "cpu-index": ctl.vcpu.vcpu_id,
-                "pages-written": None if ctrl is None or ram is None else ab_pages_written(
+            out.append(KvmVCPUCounters(
+                index=ctl.vcpu.vcpu_id,
+                pages_written=None if ctrl is None or ram is None else ab_pages_written(
                     ram.host, ctrl.vcpu(i, "start"), ctrl.vcpu(i, "end"), ctrl.vcpu(i, "writes")),
-                "passes": ctrl.vcpu(i, "pass") if ctrl is not None else None,
-                "faults": {k: v for k, v in kstats.items() if k.startswith("pf_")},
-                "mmu-lock-wait-ns": None,
-                "exits": {_EXIT_NAMES.get(r, str(r)): n for r, n in ctl.exit_reasons.items()},
-                "kvm-exits": kstats.get("exits"),
-                "throttle-sleep-ns": ctl.stats["throttle_sleep_ns"],
-                "halted": ctl.halted,
-            })
-        return out
+                passes=ctrl.vcpu(i, "pass") if ctrl is not None else None,
+                faults={k: v for k, v in kstats.items() if k.startswith("pf_")},
+                exits={_EXIT_NAMES.get(r, str(r)): n for r, n in ctl.exit_reasons.items()},
+                kvm_exits=kstats.get("exits"),
+                throttle_sleep_ns=ctl.stats["throttle_sleep_ns"],
+                halted=ctl.halted,
+            ))
+        return tuple(out)
 
-    def statistics(self) -> dict[str, Any]:
-        """Controller totals (exits, serial bytes, stops, throttle...) and
-        ``"vcpus"``: :meth:`vcpu_statistics`."""
+    def statistics(self) -> KvmVCPUStatistics:
+        """Controller totals (stops, serial bytes, throttle...), the exits
+        summed over the vCPUs, and :meth:`vcpu_statistics`."""
         totals: Counter[str] = Counter()
         exits: Counter[int] = Counter()
         for ctl in self._ctls:
             totals.update(ctl.stats)  # adds
             exits.update(ctl.exit_reasons)
-        out: dict[str, Any] = dict(self._stats)
-        out.update(totals)
-        out["exits"] = {_EXIT_NAMES.get(r, str(r)): n for r, n in exits.items()}
-        out["exits_total"] = sum(exits.values())
-        out["serial_bytes"] = out.get("serial_bytes", 0)
-        out["msr_rejected"] = list(self._msr_rejected)
+        counters: dict[str, int] = dict(self._stats)
+        counters.update(totals)
+        counters.setdefault("serial_bytes", 0)
+        return KvmVCPUStatistics(
+            vcpus=self.vcpu_statistics(), throttle_pct=self.throttle_pct, counters=counters,
+            exits={_EXIT_NAMES.get(r, str(r)): n for r, n in exits.items()},
+            msr_rejected=tuple(self._msr_rejected),
+            passes=Ctrl(self.ram)["pass"] if self.ram is not None and self.program == "ab" else None,
+            guest_syncs=Ctrl(self.ram)["syncs"] if self.ram is not None and self.program == "selftest" else None)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KvmVCPUCounters(VCPUCounters):
+    """One real-KVM vCPU thread's counters: ``faults`` are the kernel's
+    ``pf_*`` statistics, ``exits`` the exit reasons this thread saw;
+    ``passes``: the ab guest's pass count (``None`` for other programs),
+    ``kvm_exits``: the kernel's ``exits`` statistic, ``halted``: in HLT."""
+
+    passes: int | None = None
+    kvm_exits: int | None = None
+    halted: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cpu-index": self.index, "pages-written": self.pages_written, "passes": self.passes,
+            "faults": dict(self.faults), "mmu-lock-wait-ns": self.mmu_lock_wait_ns, "exits": dict(self.exits),
+            "kvm-exits": self.kvm_exits, "throttle-sleep-ns": self.throttle_sleep_ns, "halted": self.halted,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KvmVCPUStatistics(VCPUControllerStatistics):
+    """:meth:`RealVCPUs.statistics`.  ``counters``: ``stops``,
+    ``stop_ns_total``/``_max``/``_last`` (after a stop) and the vCPU threads'
+    counters summed (``halts``, ``serial_bytes``, ``throttle_sleep_ns``...);
+    ``msr_rejected``: MSRs KVM refused at load; ``passes`` (ab) and
+    ``guest_syncs`` (selftest): the guest's own counters."""
+
+    msr_rejected: tuple[int, ...] = ()
+    passes: int | None = None
+    guest_syncs: int | None = None
+
+    def controller_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.counters)
+        out["exits"] = dict(self.exits)
+        out["exits_total"] = sum(self.exits.values())
+        out["msr_rejected"] = list(self.msr_rejected)
         out["throttle_pct"] = self.throttle_pct
-        out["smp"] = len(self._ctls)
-        if self.ram is not None and self.program == "ab":
-            out["passes"] = Ctrl(self.ram)["pass"]
-        if self.ram is not None and self.program == "selftest":
-            out["guest_syncs"] = Ctrl(self.ram)["syncs"]
-        out["vcpus"] = self.vcpu_statistics()
+        out["smp"] = len(self.vcpus)
+        if self.passes is not None:
+            out["passes"] = self.passes
+        if self.guest_syncs is not None:
+            out["guest_syncs"] = self.guest_syncs
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.controller_json()
+        out["vcpus"] = [v.to_json() for v in self.vcpus]
         return out
 
 

@@ -7,12 +7,13 @@
 :func:`create_vcpus` and :class:`GuestPageWriter` in :mod:`._machine`.
 """
 
-from ._control import DEFAULT_STOP_NS, STOP_HISTORY, THROTTLE_TIMESLICE_S, RealVCPUs
+from ._control import DEFAULT_STOP_NS, STOP_HISTORY, THROTTLE_TIMESLICE_S, KvmVCPUCounters, KvmVCPUStatistics, RealVCPUs
 from ._machine import GuestPageWriter, RealMachine, create_vcpus
 from ._state import (STATE_MAGIC, STATE_SECTIONS, VCPUStateError, VCPUStateImage, VCPUStateRecord,
                      encode_vcpu_states, validate_vcpu_states)
 from ._vcpu_fd import RealVCPU, VCPUError, cpuid_for_vcpu, install_kick_handler
 
-__all__ = ["DEFAULT_STOP_NS", "STATE_MAGIC", "STATE_SECTIONS", "STOP_HISTORY", "THROTTLE_TIMESLICE_S", "GuestPageWriter", "RealMachine", "RealVCPU",
+__all__ = ["DEFAULT_STOP_NS", "STATE_MAGIC", "STATE_SECTIONS", "STOP_HISTORY", "THROTTLE_TIMESLICE_S", "GuestPageWriter", "KvmVCPUCounters",
+           "KvmVCPUStatistics", "RealMachine", "RealVCPU",
            "RealVCPUs", "VCPUError", "VCPUStateError", "VCPUStateImage", "VCPUStateRecord", "cpuid_for_vcpu",
            "create_vcpus", "encode_vcpu_states", "install_kick_handler", "validate_vcpu_states"]

@@ -4,7 +4,7 @@
 (:mod:`.workloads`)."""
 
 from ._sim_vcpu_proc import vcpu_range
-from .sim_vcpu import SimVCPUs
+from .sim_vcpu import SimVCPUCounters, SimVCPUStatistics, SimVCPUs
 from .simulated import SimKVM
 
-__all__ = ["SimKVM", "SimVCPUs", "vcpu_range"]
+__all__ = ["SimKVM", "SimVCPUCounters", "SimVCPUStatistics", "SimVCPUs", "vcpu_range"]

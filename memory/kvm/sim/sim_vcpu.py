@@ -48,10 +48,12 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio  # type: ignore[import-untyped,unused-ignore]  # trio < 0.23 ships no py.typed
 
+from .._backend import VCPUControllerStatistics, VCPUCounters
 from . import _sim_shm as S
 from ._sim_vcpu_proc import (CMD_LOAD, CMD_QUIT, CMD_SAVE, IDLE_TIMEOUT_S, make_vcpu_workload, ring_doorbell,
                              vcpu_range)
@@ -63,7 +65,7 @@ if TYPE_CHECKING:
     from .simulated import SimKVM
     from .workloads import Workload
 
-__all__ = ["FAULT_COSTS", "SimVCPUs", "parse_fault_cost", "vcpu_range"]
+__all__ = ["FAULT_COSTS", "SimVCPUCounters", "SimVCPUStatistics", "SimVCPUs", "parse_fault_cost", "vcpu_range"]
 
 #: per-fault cost profiles in ns: (fast page fault, slow-path fault).
 #: ``host``: measured on this nested host with real KVM
@@ -99,6 +101,51 @@ STOP_HANDSHAKE_NS = 1_000_000
 _LIVENESS_POLL_S = 0.05
 
 _CHILD = "import sys, json; from memory.kvm.sim._sim_vcpu_proc import main; sys.exit(main(json.loads(sys.argv[1])))"
+
+
+#: the simulated MMU's fault kinds (``VCPUCounters.faults`` keys)
+SIM_FAULT_KINDS = ("fast", "map", "push_down")
+#: the other per-vCPU counters a record carries (``VCPUCounters.counters``)
+SIM_VCPU_COUNTERS = ("mmu_lock_acquisitions", "pml_logged", "fast_pf_cas_failed", "root_reloads",
+                     "fault_cost_ns", "store_retries", "batches")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimVCPUCounters(VCPUCounters):
+    """One simulated vCPU process's counters: its pid and guest program beside
+    the neutral ones (faults ``fast``/``map``/``push_down``, exits
+    ``mmio``/``dirty_ring_full``, counters :data:`SIM_VCPU_COUNTERS`)."""
+
+    pid: int = 0
+    workload: str = ""
+    throttle_pct: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        f, e, c = self.faults, self.exits, self.counters
+        return {
+            "cpu-index": self.index, "pid": self.pid, "workload": self.workload,
+            "pages-written": self.pages_written, "mmu-lock-wait-ns": self.mmu_lock_wait_ns,
+            "mmu-lock-acquisitions": c["mmu_lock_acquisitions"],
+            "faults-fast": f["fast"], "faults-map": f["map"], "faults-push-down": f["push_down"],
+            "pml-logged": c["pml_logged"], "fast-pf-cmpxchg-failed": c["fast_pf_cas_failed"],
+            "root-reloads": c["root_reloads"], "fault-cost-ns": c["fault_cost_ns"],
+            "store-retries": c["store_retries"], "mmio-exits": e["mmio"],
+            "dirty-ring-full-exits": e["dirty_ring_full"], "batches": c["batches"],
+            "run-ns": self.run_ns, "throttle-sleep-ns": self.throttle_sleep_ns, "throttle-pct": self.throttle_pct,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimVCPUStatistics(VCPUControllerStatistics):
+    """:meth:`SimVCPUs.statistics`: the vCPU processes' counters; no
+    controller totals in x-query-accel-stats (``to_json()`` is the list of
+    the vCPUs' objects).  ``counters`` has ``stop_ns_last`` after a stop."""
+
+    def controller_json(self) -> dict[str, Any] | None:
+        return None
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [v.to_json() for v in self.vcpus]
 
 
 class SimVCPUs:
@@ -398,31 +445,17 @@ class SimVCPUs:
         self._dirty_state = [True] * self.smp
         self._booted = True
 
-    def statistics(self) -> list[dict[str, Any]]:
-        """One object per vCPU (x-query-accel-stats' ``vcpus``)."""
-        out = []
+    def statistics(self) -> SimVCPUStatistics:
+        """Every vCPU's counters (``to_json()``: x-query-accel-stats' ``vcpus``)."""
+        vcpus = []
         for v in range(self.smp):
             st = self.kvm.vcpu_statistics(v)
-            out.append({
-                "cpu-index": v,
-                "pid": int(self._ctl[v, S.C_PID]),
-                "workload": self.workloads[v].name,
-                "pages-written": st["pages_written"],
-                "mmu-lock-wait-ns": st["mmu_lock_wait_ns"],
-                "mmu-lock-acquisitions": st["mmu_lock_acquisitions"],
-                "faults-fast": st["faults_fast"],
-                "faults-map": st["faults_map"],
-                "faults-push-down": st["faults_push_down"],
-                "pml-logged": st["pml_logged"],
-                "fast-pf-cmpxchg-failed": st["fast_pf_cas_failed"],
-                "root-reloads": st["root_reloads"],
-                "fault-cost-ns": st["fault_cost_ns"],
-                "store-retries": st["store_retries"],
-                "mmio-exits": st["mmio_exits"],
-                "dirty-ring-full-exits": st["ring_full_exits"],
-                "batches": st["batches"],
-                "run-ns": st["run_ns"],
-                "throttle-sleep-ns": st["throttle_sleep_ns"],
-                "throttle-pct": self.throttle_pct,
-            })
-        return out
+            vcpus.append(SimVCPUCounters(
+                index=v, pid=int(self._ctl[v, S.C_PID]), workload=self.workloads[v].name,
+                pages_written=st["pages_written"], run_ns=st["run_ns"], mmu_lock_wait_ns=st["mmu_lock_wait_ns"],
+                throttle_sleep_ns=st["throttle_sleep_ns"], throttle_pct=self.throttle_pct,
+                faults={kind: st[f"faults_{kind}"] for kind in SIM_FAULT_KINDS},
+                exits={"mmio": st["mmio_exits"], "dirty_ring_full": st["ring_full_exits"]},
+                counters={name: st[name] for name in SIM_VCPU_COUNTERS}))
+        stops = {"stop_ns_last": self.stop_ns[-1]} if self.stop_ns else {}
+        return SimVCPUStatistics(vcpus=tuple(vcpus), throttle_pct=self.throttle_pct, counters=stops)
