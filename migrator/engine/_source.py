@@ -435,7 +435,12 @@ class OutgoingMigration:
         t0 = time.perf_counter_ns()
         self._vm_was_running = vm.vcpus.running
         runstate = vm.runstate  # QEMU's global_state_store, before the stop
-        await vm.vm_stop("finish-migrate")
+        # Not cancellable half-way: a cancel while the vCPUs acknowledge the
+        # stop would leave them stopped with nobody to resume them (the stop
+        # is bounded; the cancel is delivered at the next checkpoint, and
+        # _finish resumes).
+        with trio.CancelScope(shield=True):
+            await vm.vm_stop("finish-migrate")
         self._stopped_vm = True
         t1 = time.perf_counter_ns()
         bd.stop_vcpus_ms = (t1 - t0) / 1e6

@@ -17,6 +17,7 @@ import trio.testing
 
 from memory import GLOBAL_DIRTY_MIGRATION
 from memory.kvm.linux_kvm import KVM_MEM_LOG_DIRTY_PAGES
+from memory.kvm.sim._sim_shm import C_RUN
 from migrator.engine import IncomingMigration, OutgoingMigration
 from migrator.engine._status import MigrationStatus as S
 from transport import (MIG_CMD_X_GO, MIG_CMD_X_NOGO, NEED_DATA, Message, MessageDecoder,
@@ -308,6 +309,28 @@ async def test_cancel_in_the_device_stage_resumes_the_source(tmp_path, handover)
 
     async with _migrate(tmp_path, "shut0", handover=handover, prepare=prepare) as (vm, mig, seen):
         assert vm.state.status is S.CANCELLED and vm.vcpus.running and vm.runstate == "running"
+        assert "stream_bytes" not in seen
+
+
+async def test_cancel_while_the_vcpus_stop_resumes_the_source(tmp_path):
+    """migrate_cancel lands while vm_stop waits for the vCPUs' acks (the stop
+    epoch is already posted): the stop must finish and the source resume.
+    Broken variant (the stop cancelled half-way): the vCPUs stay stopped
+    while the controller and the runstate still say "running"."""
+    def prepare(vm, mig):
+        real = vm.vcpus._answered
+
+        async def answered(word, values, doing):
+            if doing == "stopping":
+                mig.cancel()
+                await trio.lowlevel.checkpoint()  # the cancel is delivered while waiting
+            await real(word, values, doing)
+        vm.vcpus._answered = answered
+
+    async with _migrate(tmp_path, "shut0", handover=False, prepare=prepare) as (vm, mig, seen):
+        assert vm.state.status is S.CANCELLED and vm.runstate == "running"
+        epochs = {int(vm.vcpus._ctl[v, C_RUN]) for v in range(vm.vcpus.smp)}
+        assert vm.vcpus.running and vm.vcpus._epoch & 1 and epochs == {vm.vcpus._epoch}
         assert "stream_bytes" not in seen
 
 
