@@ -6,7 +6,7 @@ received and every section validated
 (:func:`migrator.engine._devstate.validate_device_state`); on any error the
 destination is FAILED, acknowledges SHUT(1) and its vCPUs never run.  The
 stream's grammar and the return path are :class:`transport.DestinationSession`'s;
-who owns the guest is explained in :mod:`migrator.engine._source`.
+who owns the guest is explained in :mod:`migrator.engine._ownership`.
 """
 
 from __future__ import annotations
