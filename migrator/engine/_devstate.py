@@ -65,10 +65,15 @@ _WORKLOAD_FIELDS = {
 assert set(_WORKLOAD_FIELDS) == set(WORKLOADS)
 
 
-def pack_device_state(running: bool, vcpu_state: bytes) -> bytes:
+def pack_device_state(running: bool, vcpu_state: bytes, *, handover: bool = False) -> bytes:
     """Our device section's payload: one JSON line (the source's run state, the
-    role QEMU's "globalstate" section plays), then the vCPU controller's blob."""
-    return json.dumps({"running": bool(running)}).encode() + b"\n" + vcpu_state
+    role QEMU's "globalstate" section plays, and ``"handover": true`` when the
+    source hands over: it waits for LOADED and resumes without a GO), then the
+    vCPU controller's blob."""
+    meta: dict[str, bool] = {"running": bool(running)}
+    if handover:
+        meta["handover"] = True
+    return json.dumps(meta).encode() + b"\n" + vcpu_state
 
 
 class DeviceStateError(RemoteProtocolError):
@@ -85,6 +90,8 @@ class ValidDeviceState:
 
     running: bool
     vcpu_state: bytes
+    #: the source hands over (x-handover): it resumes unless we say LOADED and get its GO
+    handover: bool = False
 
 
 def validate_device_state(payload: bytes, *, offset: int, accel: str, npages: int,
@@ -105,8 +112,10 @@ def validate_device_state(payload: bytes, *, offset: int, accel: str, npages: in
     if not sep:
         raise fail("no run-state header")
     meta = strict_json(head, "run-state header", fail)
-    if not isinstance(meta, dict) or set(meta) != {"running"} or not isinstance(meta["running"], bool):
-        raise fail(f"run-state header must be {{\"running\": true|false}}, not {head[:80]!r}")
+    if (not isinstance(meta, dict) or set(meta) not in ({"running"}, {"running", "handover"})
+            or not isinstance(meta["running"], bool) or meta.get("handover", True) is not True):
+        raise fail(f"run-state header must be {{\"running\": true|false[, \"handover\": true]}}, "
+                   f"not {head[:80]!r}")
     kind = "kvm" if blob.startswith(KVM_STATE_MAGIC) else "sim" if blob.startswith(b"{") else None
     if kind is None:
         raise fail(f"unknown vCPU state format (starts {blob[:8]!r})")
@@ -116,7 +125,7 @@ def validate_device_state(payload: bytes, *, offset: int, accel: str, npages: in
         _check_sim(blob, fail, npages=npages, nvcpus=nvcpus)
     else:
         _check_kvm(blob, fail, nvcpus=nvcpus)
-    return ValidDeviceState(meta["running"], blob)
+    return ValidDeviceState(meta["running"], blob, handover="handover" in meta)
 
 
 # -- the simulated vCPU (memory/kvm/sim/sim_vcpu.py) --------------------------------

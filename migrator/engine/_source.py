@@ -460,7 +460,9 @@ class OutgoingMigration:
             for idstr, payload in qdev.sections(ran_ns=vm.ran_ns(), runstate=runstate):
                 await self._send(session.qemu_device(idstr, payload))
         elif session.kind is StreamKind.NATIVE:
-            await self._send(session.device_state(pack_device_state(self._vm_was_running, vm.vcpus.save_state())))
+            await self._send(session.device_state(pack_device_state(
+                self._vm_was_running, vm.vcpus.save_state(),
+                handover=session.return_path is ReturnPath.HANDOVER)))
         rp = session.return_path
         self.owner.eof_due(rp)  # the send may fail after handing the byte over
         await self._send(session.eof())  # EOF, then QEMU's JSON description of every section

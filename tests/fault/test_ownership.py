@@ -130,6 +130,37 @@ async def test_destination_of_a_stock_qemu_stream_runs_at_eof_and_sends_nothing(
         assert chan.sent == [] and inc.handover == "" and not inc.undecided
 
 
+async def test_destination_without_handover_refuses_a_hand_over_source():
+    """Capabilities that differ: the source hands over (it resumes the guest
+    unless LOADED and its GO come), this destination would run at EOF and
+    only then say SHUT(0); a SHUT that is late or lost would make two copies.
+    The stream says the source hands over, so the destination refuses: it
+    never runs and says SHUT(1), on which the source resumes.  Broken
+    variant (the header's "handover" ignored): it runs and says SHUT(0)."""
+    async with vcpus_running(destination_vm(memory=SMALL, handover=False)) as vm:
+        inc = _incoming(vm)
+        stream, _ = build_stream(device_payload(sim_state("idle", memory=SMALL), handover=True), memory=SMALL)
+        chan = FakeChannel(stream, close=False)
+        with trio.fail_after(10):
+            await inc.process(chan)
+        assert vm.state.status is S.FAILED and not vm.vcpus.running
+        assert "set x-handover here too" in inc.error_desc
+        assert chan.sent == [encode_shut(1)]
+
+
+async def test_destination_with_handover_takes_a_hand_over_stream():
+    async with vcpus_running(destination_vm(memory=SMALL, handover=True)) as vm:
+        inc = _incoming(vm)
+        stream, _ = build_stream(device_payload(sim_state("idle", memory=SMALL), handover=True), memory=SMALL)
+        chan = FakeChannel(stream, close=False)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(inc.process, chan)
+            await trio.testing.wait_all_tasks_blocked()
+            assert chan.sent == [encode_loaded(len(stream))] and not vm.vcpus.running
+            chan.feed(encode_go(len(stream)))
+        assert vm.state.status is S.COMPLETED and vm.vcpus.running
+
+
 async def test_destination_told_nogo_never_runs():
     async with vcpus_running(destination_vm(memory=SMALL, handover=True)) as vm:
         inc = _incoming(vm)
