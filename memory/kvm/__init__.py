@@ -3,6 +3,7 @@
 from ._backend import (DirtyRingBackend, DirtyRingReaper, KvmStatistics, KvmVM, UserMemoryRegion, VCPUControllerStatistics,
                        VCPUCounters, kvm_statistics_dict)
 from . import linux_kvm
+from ._strict import exact_keys, int_in, strict_json
 from .sim import SimKVM
 
 __all__ = [
@@ -14,8 +15,11 @@ __all__ = [
     "UserMemoryRegion",
     "VCPUControllerStatistics",
     "VCPUCounters",
+    "exact_keys",
+    "int_in",
     "kvm_statistics_dict",
     "linux_kvm",
+    "strict_json",
 ]
 
 # real KVM (/dev/kvm): VM, vCPUs, test machine

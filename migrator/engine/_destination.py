@@ -6,7 +6,7 @@ received and every section validated
 (:func:`migrator.engine._devstate.validate_device_state`); on any error the
 destination is FAILED, acknowledges SHUT(1) and its vCPUs never run.  The
 stream's grammar and the return path are :class:`transport.DestinationSession`'s;
-who owns the guest is explained in :mod:`migrator.engine._source`.
+who owns the guest is explained in :mod:`migrator.engine._ownership`.
 """
 
 from __future__ import annotations
@@ -143,6 +143,11 @@ class IncomingMigration:
                 valid = validate_device_state(payload, offset=offset, accel=machine.accel.kind,
                                               npages=machine.ram_block.used_length // TARGET_PAGE_SIZE,
                                               nvcpus=machine.smp)
+                if valid.handover and session.return_path is not ReturnPath.HANDOVER:
+                    # It resumes the guest if no LOADED comes (a timeout, a
+                    # close): running here at EOF could make two copies.
+                    raise MigrationError("the source hands the guest over (x-handover) and waits for "
+                                         "this destination's LOADED; set x-handover here too")
                 try:
                     vm.vcpus.load_state(valid.vcpu_state)
                 except ValueError as exc:  # not for this VM (e.g. another --smp)

@@ -25,9 +25,12 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 from memory import TARGET_PAGE_SIZE
+from memory.kvm import exact_keys as _keys
+from memory.kvm import int_in as _int
+from memory.kvm import strict_json
 from memory.kvm.real import VCPUStateError, validate_vcpu_states
 from memory.kvm.real.vcpu import STATE_MAGIC, STATE_SECTIONS
 from memory.kvm.sim import vcpu_range
@@ -62,10 +65,15 @@ _WORKLOAD_FIELDS = {
 assert set(_WORKLOAD_FIELDS) == set(WORKLOADS)
 
 
-def pack_device_state(running: bool, vcpu_state: bytes) -> bytes:
+def pack_device_state(running: bool, vcpu_state: bytes, *, handover: bool = False) -> bytes:
     """Our device section's payload: one JSON line (the source's run state, the
-    role QEMU's "globalstate" section plays), then the vCPU controller's blob."""
-    return json.dumps({"running": bool(running)}).encode() + b"\n" + vcpu_state
+    role QEMU's "globalstate" section plays, and ``"handover": true`` when the
+    source hands over: it waits for LOADED and resumes without a GO), then the
+    vCPU controller's blob."""
+    meta: dict[str, bool] = {"running": bool(running)}
+    if handover:
+        meta["handover"] = True
+    return json.dumps(meta).encode() + b"\n" + vcpu_state
 
 
 class DeviceStateError(RemoteProtocolError):
@@ -82,6 +90,8 @@ class ValidDeviceState:
 
     running: bool
     vcpu_state: bytes
+    #: the source hands over (x-handover): it resumes unless we say LOADED and get its GO
+    handover: bool = False
 
 
 def validate_device_state(payload: bytes, *, offset: int, accel: str, npages: int,
@@ -101,9 +111,11 @@ def validate_device_state(payload: bytes, *, offset: int, accel: str, npages: in
     head, sep, blob = bytes(payload).partition(b"\n")
     if not sep:
         raise fail("no run-state header")
-    meta = _strict_json(head, fail, "run-state header")
-    if not isinstance(meta, dict) or set(meta) != {"running"} or not isinstance(meta["running"], bool):
-        raise fail(f"run-state header must be {{\"running\": true|false}}, not {head[:80]!r}")
+    meta = strict_json(head, "run-state header", fail)
+    if (not isinstance(meta, dict) or set(meta) not in ({"running"}, {"running", "handover"})
+            or not isinstance(meta["running"], bool) or meta.get("handover", True) is not True):
+        raise fail(f"run-state header must be {{\"running\": true|false[, \"handover\": true]}}, "
+                   f"not {head[:80]!r}")
     kind = "kvm" if blob.startswith(KVM_STATE_MAGIC) else "sim" if blob.startswith(b"{") else None
     if kind is None:
         raise fail(f"unknown vCPU state format (starts {blob[:8]!r})")
@@ -113,45 +125,7 @@ def validate_device_state(payload: bytes, *, offset: int, accel: str, npages: in
         _check_sim(blob, fail, npages=npages, nvcpus=nvcpus)
     else:
         _check_kvm(blob, fail, nvcpus=nvcpus)
-    return ValidDeviceState(meta["running"], blob)
-
-
-# -- helpers -------------------------------------------------------------------
-def _strict_json(raw: bytes, fail: _Fail, what: str) -> Any:
-    """JSON without NaN/Infinity, duplicate keys or invalid UTF-8."""
-    def no_constant(name: str) -> NoReturn:
-        raise ValueError(f"{name} is not a number JSON allows")
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                raise ValueError(f"duplicate key {key!r}")
-            out[key] = value
-        return out
-
-    try:
-        return json.loads(raw.decode("utf-8"), parse_constant=no_constant, object_pairs_hook=no_duplicates)
-    except (ValueError, RecursionError) as exc:
-        raise fail(f"{what} is not valid JSON: {str(exc)[:120]}") from None
-
-
-def _int(value: Any, lo: int, hi: int, what: str, fail: _Fail) -> int:
-    if type(value) is not int:  # bool is an int subclass: refuse it too
-        raise fail(f"{what} must be an integer, not {type(value).__name__} {str(value)[:40]!r}")
-    if not lo <= value <= hi:
-        raise fail(f"{what} {str(value)[:40]} is out of range [{lo}, {hi}]")
-    return value
-
-
-def _keys(obj: Any, required: frozenset[str] | set[str], what: str, fail: _Fail) -> dict[str, Any]:
-    if not isinstance(obj, dict):
-        raise fail(f"{what} must be an object, not {type(obj).__name__}")
-    if set(obj) != set(required):
-        missing = sorted(set(required) - set(obj))
-        extra = sorted(set(obj) - set(required))
-        raise fail(f"{what} has missing fields {missing} / unknown fields {extra}")
-    return obj
+    return ValidDeviceState(meta["running"], blob, handover="handover" in meta)
 
 
 # -- the simulated vCPU (memory/kvm/sim/sim_vcpu.py) --------------------------------
@@ -161,7 +135,7 @@ def _check_sim(blob: bytes, fail: _Fail, *, npages: int, nvcpus: int) -> None:
     (:func:`memory.kvm.sim.vcpu_range`)."""
     if len(blob) > MAX_SIM_STATE_BYTES:
         raise fail(f"sim vCPU state is {len(blob)} bytes, more than {MAX_SIM_STATE_BYTES}")
-    state = _keys(_strict_json(blob, fail, "sim vCPU state"), {"kind", "smp", "rate", "vcpus"},
+    state = _keys(strict_json(blob, "sim vCPU state", fail), {"kind", "smp", "rate", "vcpus"},
                   "sim vCPU state", fail)
     if state["kind"] != "sim":
         raise fail(f"sim vCPU state has kind {str(state['kind'])[:40]!r}")

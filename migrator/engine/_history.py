@@ -155,11 +155,12 @@ class DowntimePrediction(_Record):
     guest is not running or the controller cannot tell); the last sync
     costs what the previous one did; the pending pages (with their record
     headers, ``bytes-per-page`` as measured so far) go at
-    ``throughput_bytes_per_s``, the lowest sending throughput of the recent
-    windows (the last stage is unthrottled, and it is the receiver that sets
-    the pace); the tail is the bytes still in flight in the socket buffers at
-    that pace, plus the device state and the destination's resume and
-    acknowledgement (``resume_ms``, the last measured or a default).
+    ``throughput_bytes_per_s``, the median sending throughput of the recent
+    windows (a user's ``avail-switchover-bandwidth`` instead, if set; the
+    last stage is unthrottled, and it is the receiver that sets the pace);
+    the tail is the bytes still in flight in the socket buffers at that
+    pace, plus the device state and the destination's resume and
+    acknowledgement (``DEFAULT_RESUME_MS`` of :mod:`._switchover`).
     """
 
     pending_bytes: int = 0

@@ -17,14 +17,13 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from memory import MemoryRegion, RAMBlock
 from memory.kvm.sim.sim_vcpu import SimVCPUs
 
 if TYPE_CHECKING:
     from memory.kvm import RealKVM, RealVCPUs, SimKVM
 
     from ._seams import VCPUController
-
-from memory import MemoryRegion, RAMBlock
 
 #: multipliers of qemu_strtosz's one-letter suffixes (binary: K is 1024)
 _SIZE_SUFFIX = {"B": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}

@@ -29,6 +29,11 @@ runs before the source has passed it:
   error-desc saying so; its state is complete, so ``cont`` there starts it:
   the operator's decision, after checking that the source is not running.
   This "GO sent, fate unknown" is the only zero-copies outcome.
+  The source says it hands over in its device section's run-state header
+  (``"handover": true``): a destination *without* the capability would run
+  at EOF and only then send SHUT(0), which a hand-over source that times
+  out never waits for (it resumes), so such a destination refuses the
+  stream (SHUT(1)) and never runs.
 * **Without it** (a peer that speaks QEMU's return path only): the
   destination may run as soon as it has the whole stream (QEMU's
   ``process_incoming_migration_bh`` starts the guest, then

@@ -30,6 +30,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
+from ._convergence import RateParams, ThrottleParams
+from ._switchover import SwitchoverParams
+
 if TYPE_CHECKING:
     import trio
 
@@ -107,28 +110,14 @@ class VCPUController(Protocol):
         ...
 
 
-class MigrationParametersView(Protocol):
-    """The migration parameters the engine reads (QEMU's, plus our ``x-`` ones).
+class MigrationParametersView(RateParams, ThrottleParams, SwitchoverParams, Protocol):
+    """The migration parameters the engine reads (QEMU's, plus our ``x-`` ones):
+    what the rate windows, auto-converge and the switchover decision each
+    declare they read, and the rest below.
 
     Read again at every use: ``migrate-set-parameters`` acts mid-migration.
     """
 
-    @property
-    def downtime_limit(self) -> int: ...  # ms
-    @property
-    def max_bandwidth(self) -> int: ...  # bytes/s
-    @property
-    def avail_switchover_bandwidth(self) -> int: ...  # bytes/s, 0: use the estimate
-    @property
-    def throttle_trigger_threshold(self) -> int: ...  # percent
-    @property
-    def cpu_throttle_initial(self) -> int: ...
-    @property
-    def cpu_throttle_increment(self) -> int: ...
-    @property
-    def cpu_throttle_tailslow(self) -> bool: ...
-    @property
-    def max_cpu_throttle(self) -> int: ...
     @property
     def multifd_channels(self) -> int: ...
     @property
@@ -141,8 +130,6 @@ class MigrationParametersView(Protocol):
     def x_clear_bitmap_shift(self) -> int: ...
     @property
     def x_return_path_timeout(self) -> int: ...  # ms
-    @property
-    def x_predictive_switchover(self) -> bool: ...
 
 
 class MigrationCapabilitiesView(Protocol):

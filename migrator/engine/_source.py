@@ -435,7 +435,12 @@ class OutgoingMigration:
         t0 = time.perf_counter_ns()
         self._vm_was_running = vm.vcpus.running
         runstate = vm.runstate  # QEMU's global_state_store, before the stop
-        await vm.vm_stop("finish-migrate")
+        # Not cancellable half-way: a cancel while the vCPUs acknowledge the
+        # stop would leave them stopped with nobody to resume them (the stop
+        # is bounded; the cancel is delivered at the next checkpoint, and
+        # _finish resumes).
+        with trio.CancelScope(shield=True):
+            await vm.vm_stop("finish-migrate")
         self._stopped_vm = True
         t1 = time.perf_counter_ns()
         bd.stop_vcpus_ms = (t1 - t0) / 1e6
@@ -455,7 +460,9 @@ class OutgoingMigration:
             for idstr, payload in qdev.sections(ran_ns=vm.ran_ns(), runstate=runstate):
                 await self._send(session.qemu_device(idstr, payload))
         elif session.kind is StreamKind.NATIVE:
-            await self._send(session.device_state(pack_device_state(self._vm_was_running, vm.vcpus.save_state())))
+            await self._send(session.device_state(pack_device_state(
+                self._vm_was_running, vm.vcpus.save_state(),
+                handover=session.return_path is ReturnPath.HANDOVER)))
         rp = session.return_path
         self.owner.eof_due(rp)  # the send may fail after handing the byte over
         await self._send(session.eof())  # EOF, then QEMU's JSON description of every section

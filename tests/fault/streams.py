@@ -57,9 +57,9 @@ def sim_state(workload: str = "ab", *, memory: int = MEMORY, rate: float | None 
     return json.loads(vm.vcpus.save_state())
 
 
-def device_payload(state: dict | bytes, *, running: bool = True) -> bytes:
+def device_payload(state: dict | bytes, *, running: bool = True, handover: bool = False) -> bytes:
     blob = state if isinstance(state, bytes) else json.dumps(state).encode()
-    return pack_device_state(running, blob)
+    return pack_device_state(running, blob, handover=handover)
 
 
 def build_stream(device: bytes | None, *, memory: int = MEMORY, seed: int = 1) -> tuple[bytes, dict]:

@@ -67,6 +67,8 @@ def test_genuine_states_are_accepted():
         assert valid.running is False and json.loads(valid.vcpu_state) == st_
     assert validate(device_payload(kvm_blob()), accel="kvm").running is True
     assert validate(pack_device_state(True, kvm_blob(2)), accel="kvm", nvcpus=2)
+    assert validate(device_payload(sim_state("idle"), handover=True)).handover is True
+    assert validate(device_payload(sim_state("idle"))).handover is False
 
 
 NAMED = {
@@ -91,6 +93,8 @@ NAMED = {
     "no-run-state": lambda s: json.dumps(s).encode(),
     "run-state-int": lambda s: b'{"running": 1}\n' + json.dumps(s).encode(),
     "run-state-extra": lambda s: b'{"running": true, "x": 0}\n' + json.dumps(s).encode(),
+    "handover-false": lambda s: b'{"running": true, "handover": false}\n' + json.dumps(s).encode(),
+    "handover-int": lambda s: b'{"running": true, "handover": 1}\n' + json.dumps(s).encode(),
     "not-utf8": lambda s: b'{"running": true}\n{"kind": "\xff"}',
     "empty": lambda s: b"",
 }

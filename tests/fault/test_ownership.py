@@ -17,6 +17,7 @@ import trio.testing
 
 from memory import GLOBAL_DIRTY_MIGRATION
 from memory.kvm.linux_kvm import KVM_MEM_LOG_DIRTY_PAGES
+from memory.kvm.sim._sim_shm import C_RUN
 from migrator.engine import IncomingMigration, OutgoingMigration
 from migrator.engine._status import MigrationStatus as S
 from transport import (MIG_CMD_X_GO, MIG_CMD_X_NOGO, NEED_DATA, Message, MessageDecoder,
@@ -127,6 +128,37 @@ async def test_destination_of_a_stock_qemu_stream_runs_at_eof_and_sends_nothing(
             await inc.process(chan)
         assert vm.state.status is S.COMPLETED and vm.vcpus.running, inc.error_desc
         assert chan.sent == [] and inc.handover == "" and not inc.undecided
+
+
+async def test_destination_without_handover_refuses_a_hand_over_source():
+    """Capabilities that differ: the source hands over (it resumes the guest
+    unless LOADED and its GO come), this destination would run at EOF and
+    only then say SHUT(0); a SHUT that is late or lost would make two copies.
+    The stream says the source hands over, so the destination refuses: it
+    never runs and says SHUT(1), on which the source resumes.  Broken
+    variant (the header's "handover" ignored): it runs and says SHUT(0)."""
+    async with vcpus_running(destination_vm(memory=SMALL, handover=False)) as vm:
+        inc = _incoming(vm)
+        stream, _ = build_stream(device_payload(sim_state("idle", memory=SMALL), handover=True), memory=SMALL)
+        chan = FakeChannel(stream, close=False)
+        with trio.fail_after(10):
+            await inc.process(chan)
+        assert vm.state.status is S.FAILED and not vm.vcpus.running
+        assert "set x-handover here too" in inc.error_desc
+        assert chan.sent == [encode_shut(1)]
+
+
+async def test_destination_with_handover_takes_a_hand_over_stream():
+    async with vcpus_running(destination_vm(memory=SMALL, handover=True)) as vm:
+        inc = _incoming(vm)
+        stream, _ = build_stream(device_payload(sim_state("idle", memory=SMALL), handover=True), memory=SMALL)
+        chan = FakeChannel(stream, close=False)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(inc.process, chan)
+            await trio.testing.wait_all_tasks_blocked()
+            assert chan.sent == [encode_loaded(len(stream))] and not vm.vcpus.running
+            chan.feed(encode_go(len(stream)))
+        assert vm.state.status is S.COMPLETED and vm.vcpus.running
 
 
 async def test_destination_told_nogo_never_runs():
@@ -308,6 +340,28 @@ async def test_cancel_in_the_device_stage_resumes_the_source(tmp_path, handover)
 
     async with _migrate(tmp_path, "shut0", handover=handover, prepare=prepare) as (vm, mig, seen):
         assert vm.state.status is S.CANCELLED and vm.vcpus.running and vm.runstate == "running"
+        assert "stream_bytes" not in seen
+
+
+async def test_cancel_while_the_vcpus_stop_resumes_the_source(tmp_path):
+    """migrate_cancel lands while vm_stop waits for the vCPUs' acks (the stop
+    epoch is already posted): the stop must finish and the source resume.
+    Broken variant (the stop cancelled half-way): the vCPUs stay stopped
+    while the controller and the runstate still say "running"."""
+    def prepare(vm, mig):
+        real = vm.vcpus._answered
+
+        async def answered(word, values, doing):
+            if doing == "stopping":
+                mig.cancel()
+                await trio.lowlevel.checkpoint()  # the cancel is delivered while waiting
+            await real(word, values, doing)
+        vm.vcpus._answered = answered
+
+    async with _migrate(tmp_path, "shut0", handover=False, prepare=prepare) as (vm, mig, seen):
+        assert vm.state.status is S.CANCELLED and vm.runstate == "running"
+        epochs = {int(vm.vcpus._ctl[v, C_RUN]) for v in range(vm.vcpus.smp)}
+        assert vm.vcpus.running and vm.vcpus._epoch & 1 and epochs == {vm.vcpus._epoch}
         assert "stream_bytes" not in seen
 
 

@@ -157,6 +157,21 @@ async def test_expected_stop_is_the_longest_recent_stop(require_kvm):
         assert len(recent) == STOP_HISTORY and m.vcpus.expected_stop_ns() == max(recent) > 0
 
 
+async def test_a_cancelled_vm_stop_still_waits_for_every_vcpu(require_kvm):
+    """A caller cancelled at vm_stop's wait (a QMP client dropped mid-``stop``)
+    still gets an exact stop: every vCPU thread is out of KVM_RUN and the
+    stop is recorded.  Broken variant (the wait cancellable): it returns
+    before the threads stopped and records nothing."""
+    async with _running(4 << 20) as m:
+        await m.vcpus.vm_start()
+        await _wait_for(lambda: min(m.ctrl.vcpu(i, "pass") for i in range(2)) >= 1)
+        with trio.CancelScope() as cs:
+            cs.cancel()
+            await m.vcpus.vm_stop()
+        assert all(ctl.stopped.is_set() for ctl in m.vcpus._ctls) and len(m.vcpus.stop_ns) == 1
+        assert _bad(m, 2) == [0, 0]
+
+
 async def test_every_vcpu_halts_and_resumes(require_kvm):
     async with _running(4 << 20) as m:
         await m.vcpus.vm_start()

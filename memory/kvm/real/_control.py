@@ -233,9 +233,12 @@ class RealVCPUs:
             self._cond.notify_all()  # wakes halted / throttled threads
         for ctl in self._ctls:
             ctl.kick(stop=True)
-        for ctl in self._ctls:
-            if not ctl.stopped.is_set():
-                await trio.to_thread.run_sync(ctl.stopped.wait, abandon_on_cancel=True)
+        # not cancellable half-way (the kick makes every thread stop soon):
+        # the caller then records the stop (runstate, stop latencies)
+        with trio.CancelScope(shield=True):
+            for ctl in self._ctls:
+                if not ctl.stopped.is_set():
+                    await trio.to_thread.run_sync(ctl.stopped.wait)
         dt = time.perf_counter_ns() - t0
         self._stats["stops"] += 1
         self._stats["stop_ns_total"] += dt

@@ -27,11 +27,12 @@ from __future__ import annotations
 import ctypes
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from .. import linux_kvm as K
+from .._strict import exact_keys, int_in, strict_json
 from .guests import PROGRAMS
 
 __all__ = ["MAX_HEADER_BYTES", "MAX_MP_STATE", "MAX_MSRS", "STATE_FORMAT", "STATE_MAGIC", "STATE_PROGRAMS",
@@ -196,37 +197,12 @@ def _fail(detail: str) -> NoReturn:
 
 
 def _strict_json(raw: bytes) -> object:
-    """JSON without NaN/Infinity, duplicate keys or invalid UTF-8."""
-    def no_constant(name: str) -> NoReturn:
-        raise ValueError(f"{name} is not a number JSON allows")
-
-    def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-        out: dict[str, object] = {}
-        for key, value in pairs:
-            if key in out:
-                raise ValueError(f"duplicate key {key!r}")
-            out[key] = value
-        return out
-
-    try:
-        return json.loads(raw.decode("utf-8"), parse_constant=no_constant, object_pairs_hook=no_duplicates)
-    except (ValueError, RecursionError) as exc:
-        _fail(f"kvm vCPU state header is not valid JSON: {str(exc)[:120]}")
+    return strict_json(raw, "kvm vCPU state header", VCPUStateError)
 
 
 def _int(value: object, lo: int, hi: int, what: str) -> int:
-    if type(value) is not int:  # bool is an int subclass: refuse it too
-        _fail(f"{what} must be an integer, not {type(value).__name__} {str(value)[:40]!r}")
-    if not lo <= value <= hi:
-        _fail(f"{what} {str(value)[:40]} is out of range [{lo}, {hi}]")
-    return value
+    return int_in(value, lo, hi, what, VCPUStateError)
 
 
-def _keys(obj: object, required: Sequence[str] | set[str], what: str) -> dict[str, Any]:
-    if not isinstance(obj, dict):
-        _fail(f"{what} must be an object, not {type(obj).__name__}")
-    if set(obj) != set(required):
-        missing = sorted(set(required) - set(obj))
-        extra = sorted(set(obj) - set(required))
-        _fail(f"{what} has missing fields {missing} / unknown fields {extra}")
-    return obj
+def _keys(obj: object, required: Collection[str], what: str) -> dict[str, Any]:
+    return exact_keys(obj, required, what, VCPUStateError)

@@ -201,8 +201,8 @@ MAX_HOST_BUFS = 16
 
 #: per-vCPU control words (int64)
 #: C_GUEST_SEQ: odd while the vCPU is in guest mode (may store to RAM)
-#: C_RUN: what the VMM wants (1 run, 0 stop); C_ACK: the vCPU's answer
-#: (the C_RUN value it has obeyed; 0 = stopped, nothing in flight)
+#: C_RUN: what the VMM wants, an epoch (odd: run, even: stop); C_ACK: the
+#: vCPU's answer (the C_RUN epoch it has obeyed; even: stopped, nothing in flight)
 #: C_CMD / C_CMD_ACK: mailbox commands while stopped; C_MBOX_LEN: bytes
 #: C_SRCU: memslot generation the vCPU's current access uses (0: none)
 #: C_DOORBELL: bumped by the VMM after every change of C_RUN or C_CMD; the

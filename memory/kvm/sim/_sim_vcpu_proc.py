@@ -38,7 +38,10 @@ or ``C_CMD`` first, then increments ``C_DOORBELL``, then wakes it (all
 sequentially consistent).  Either the loop's reads saw the change, or the
 increment comes after its read of ``bell`` and the futex compares unequal
 (returns at once) or wakes the queued waiter.  The timeouts are only for
-noticing a dead VMM, never for latency.  (Before: a stopped vCPU slept on
+noticing a dead VMM, never for latency -- except two that nobody rings:
+the ring-full wait polls every 0.5 ms for the reaper's reset (which does
+not ring the bell), and a rate-limited vCPU's tick is its pace (a stop
+or a command still rings both awake).  (Before: a stopped vCPU slept on
 ``C_RUN`` while a command changed ``C_CMD``; a command posted between the
 loop's read of ``C_CMD`` and the sleep was noticed only when the 50 ms
 timeout expired -- 51 of the demo's 60 ms of downtime.  The other waits

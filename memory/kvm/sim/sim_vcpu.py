@@ -382,20 +382,28 @@ class SimVCPUs:
         async with self._control:
             if not self.running:
                 return
-            t0 = time.perf_counter_ns()
-            self._epoch += 1  # even: stop
-            for v in range(self.smp):
-                S.store8(self._addr(v, S.C_RUN), self._epoch)
-                ring_doorbell(self._addr(v, S.C_DOORBELL))
-            await self._answered(S.C_ACK, dict.fromkeys(range(self.smp), self._epoch), "stopping")
-            self.running = False
-            # pull the program state back (the vCPUs are stopped: it is final),
-            # from all of them at once
-            save = {v: self._cmd(v, CMD_SAVE) for v in range(self.smp)}
-            await self._answered(S.C_CMD_ACK, save, "saving its state")
-            for v in range(self.smp):
-                self.workloads[v].set_state(self._mbox_get(v)["workload"])
-            self.stop_ns.append(time.perf_counter_ns() - t0)
+            # Once the stop epoch is posted the stop runs to its end, cancelled
+            # or not (the waits are bounded: a dead vCPU raises): half a stop
+            # would leave the vCPUs stopped while ``running`` says otherwise,
+            # and vm_start would then never resume them.
+            with trio.CancelScope(shield=True):
+                await self._stop()
+
+    async def _stop(self) -> None:
+        t0 = time.perf_counter_ns()
+        self._epoch += 1  # even: stop
+        for v in range(self.smp):
+            S.store8(self._addr(v, S.C_RUN), self._epoch)
+            ring_doorbell(self._addr(v, S.C_DOORBELL))
+        await self._answered(S.C_ACK, dict.fromkeys(range(self.smp), self._epoch), "stopping")
+        self.running = False
+        # pull the program state back (the vCPUs are stopped: it is final),
+        # from all of them at once
+        save = {v: self._cmd(v, CMD_SAVE) for v in range(self.smp)}
+        await self._answered(S.C_CMD_ACK, save, "saving its state")
+        for v in range(self.smp):
+            self.workloads[v].set_state(self._mbox_get(v)["workload"])
+        self.stop_ns.append(time.perf_counter_ns() - t0)
 
     def expected_stop_ns(self) -> int:
         """What the next ``vm_stop`` is expected to take (ns): the longest of
