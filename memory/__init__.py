@@ -15,6 +15,7 @@ from ._dirty import (
     GLOBAL_DIRTY_MIGRATION,
     DirtyBitmapSnapshot,
     DirtyMemory,
+    popcount,
 )
 from ._cost import DIRTY_LOG_CAUSES, NO_METER, SYNC_CAUSES, Cause, CostMeter, NullMeter
 from ._errors import KVMListenerError, MemoryAPIError, MemoryRegionError
@@ -40,6 +41,7 @@ __all__ = [
     "GLOBAL_DIRTY_MIGRATION",
     "DirtyBitmapSnapshot",
     "DirtyMemory",
+    "popcount",
     # memory API
     "AddressSpace",
     "FlatRange",

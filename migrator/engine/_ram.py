@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from memory import TARGET_PAGE_BITS, TARGET_PAGE_SIZE
+from memory import TARGET_PAGE_BITS, TARGET_PAGE_SIZE, popcount
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -132,11 +132,11 @@ class RAMSaveState:
             if self.log_keeps_bits:
                 wpc = max(1, (1 << bs.shift) // 64)
                 uncleared = np.repeat(bs.clear_bmap, wpc)[:bs.nwords]
-                found += int(np.bitwise_count(words & ~np.where(uncleared, bs.bmap, 0)).sum())
+                found += popcount(words & ~np.where(uncleared, bs.bmap, 0))
             else:
-                found += int(np.bitwise_count(words).sum())
+                found += popcount(words)
             fresh = words & ~bs.bmap
-            count = int(np.bitwise_count(fresh).sum())
+            count = popcount(fresh)
             if count:
                 bs.bmap |= words
                 new += count

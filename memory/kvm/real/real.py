@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ... import popcount
 from .. import linux_kvm as K
 from .._backend import KvmStatistics, UserMemoryRegion
 
@@ -296,7 +297,7 @@ class RealKVM:
         c = self._counters
         c["fetch_ns"] += time.perf_counter_ns() - t0
         c["fetch_calls"] += 1
-        c["fetch_dirty_pages"] += int(np.bitwise_count(bitmap).sum())
+        c["fetch_dirty_pages"] += popcount(bitmap)
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: np.ndarray) -> None:
         """``KVM_CLEAR_DIRTY_LOG`` (manual protect): clear the set bits of ``bitmap``
