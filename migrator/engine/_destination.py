@@ -171,17 +171,19 @@ class IncomingMigration:
         if loaded and handover:
             loaded = await self._wait_for_go(chan, session)
         if loaded:
-            vm.state.goto(S.COMPLETED)
             # QEMU (process_incoming_migration_bh): start only if the source
             # was running (or sent no run state) and autostart is on; other
             # received run states (globalstate: prelaunch, paused...) are
-            # taken over as they are.  Then migration_incoming_state_destroy
-            # sends SHUT(0).
+            # taken over as they are.  The run state is set BEFORE the
+            # status says completed, as there: a client that sees
+            # "completed" must never read "inmigrate" from query-status.
+            # Then migration_incoming_state_destroy sends SHUT(0).
             if source_running and vm.autostart:
                 await vm.vm_start()
                 self._stamp("resumed_unix_ms")
             else:
                 vm.set_runstate("paused" if source_running else (runstate or "paused"))
+            vm.state.goto(S.COMPLETED)
             if not handover:
                 self._stamp("acknowledged_unix_ms")  # just before the reply goes out
             await self._ack(chan, session.shut(0))

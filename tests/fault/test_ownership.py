@@ -64,6 +64,31 @@ async def test_destination_does_nothing_before_the_last_byte_of_eof():
         assert chan.sent == [encode_shut(0)]
 
 
+@pytest.mark.parametrize("start_paused", [False, True])
+async def test_destination_sets_its_run_state_before_it_says_completed(start_paused):
+    """QEMU's process_incoming_migration_bh: vm_start (or the received run
+    state) first, then COMPLETED, so a client that sees "completed" never
+    reads "inmigrate" from query-status.  The run state is recorded at the
+    instant of each status change (the MIGRATION event's hook)."""
+    async with vcpus_running(destination_vm(memory=SMALL, start_paused=start_paused)) as vm:
+        inc = _incoming(vm)
+        stream, _ = build_stream(device_payload(sim_state("idle", memory=SMALL)), memory=SMALL)
+        seen = []
+        emit = vm.state.on_change
+        assert emit is not None
+
+        def record(new):
+            seen.append((new, vm.runstate))
+            emit(new)
+
+        vm.state.on_change = record
+        chan = FakeChannel(close=False)
+        chan.feed(stream)
+        with trio.fail_after(30):
+            await inc.process(chan)
+    assert (S.COMPLETED, "paused" if start_paused else "running") in seen, seen
+
+
 def _stream(handover_memory=SMALL, running=True):
     return build_stream(device_payload(sim_state("idle", memory=handover_memory), running=running),
                         memory=handover_memory)
