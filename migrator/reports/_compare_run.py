@@ -141,15 +141,6 @@ def _prewrite(vm: VM) -> None:
     vcpus.set_workloads(None)  # pushes the programs' new state to the processes
 
 
-def _vcpu_totals(kvm: SimKVM) -> dict[str, int]:
-    """Every vCPU process's statistics row, summed (the "guest" counters)."""
-    tot: dict[str, int] = {}
-    for v in range(kvm.nr_vcpus):
-        for k, x in kvm.vcpu_statistics(v).items():
-            tot[k] = tot.get(k, 0) + x
-    return tot
-
-
 async def run_case(cfg: CompareConfig, guest: str, wp_all: bool, tmp: Path, *,
                    kvm_hook: Callable[[SimKVM], None] | None = None) -> RunResult:
     """Migrate one guest; returns its history and metrics.
@@ -200,7 +191,7 @@ async def run_case(cfg: CompareConfig, guest: str, wp_all: bool, tmp: Path, *,
             await dest_nursery_start(nursery)
             await nursery.start(vm.run)
             acct.reset()
-            guest0 = _vcpu_totals(kvm)
+            guest0 = vcpus.stats  # every vCPU process's row, summed (the "guest" counters)
             kvm_before = kvm.statistics()
             vm.options.migrate_set_parameters(max_bandwidth=256 << 10)  # see below
             await vm.qmp_migrate(uri)
@@ -233,7 +224,7 @@ async def run_case(cfg: CompareConfig, guest: str, wp_all: bool, tmp: Path, *,
             written = (per_vcpu.pages_written or 0) - written0
             run_ns = (per_vcpu.run_ns or 0) - run_ns0
             kvm_after = kvm.statistics()
-            guest_now = _vcpu_totals(kvm)
+            guest_now = vcpus.stats
             vdelta = {k: v - guest0.get(k, 0) for k, v in guest_now.items()}
             nursery.cancel_scope.cancel()
     vm.ms.cost_meter = NO_METER
