@@ -54,27 +54,6 @@ UNLIMITED = 1 << 40  # bytes/s: the sender never waits for the rate limiter
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _guest_vcpu_pids() -> list[int]:
-    """This process's simulated vCPU children that run the guest (not the
-    destination's idle ones): found through /proc, so the tool needs no
-    private attribute of the controller."""
-    me = os.getpid()
-    pids: list[int] = []
-    for task in os.listdir(f"/proc/{me}/task"):
-        try:
-            children = Path(f"/proc/{me}/task/{task}/children").read_text().split()
-        except OSError:
-            continue
-        for c in children:
-            try:
-                cmd = Path(f"/proc/{c}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"_sim_vcpu_proc" in cmd and b'"workload": "idle"' not in cmd:
-                pids.append(int(c))
-    return pids
-
-
 def _cpu_s(pids: list[int]) -> float:
     """utime + stime of ``pids`` (s)."""
     tot = 0
@@ -113,7 +92,7 @@ async def measure(memory: int, smp: int, fault_cost: str, bandwidth: int, second
         await src.qmp_migrate(uri)
         while src.state.status in (S.NONE, S.SETUP):
             await trio.sleep(0.001)
-        pids = _guest_vcpu_pids()
+        pids = [v.pid for v in src.vcpus.statistics().vcpus]  # the source's vCPU processes
         w0, t0, c0 = src.vcpus.stats["pages_written"], time.perf_counter(), _cpu_s(pids)
         f0 = src.vcpus.stats
         with trio.move_on_after(seconds):
